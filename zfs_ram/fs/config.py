@@ -1,0 +1,34 @@
+"""What a mounted filesystem is told at mount time: limits, ownership, allocator, compaction.
+
+The daemon's option parser produces one FsConfig; the filesystem only reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class FsConfig:
+    """Settings of one mount. Zero means "no limit" for every limit, as on tmpfs and zram."""
+
+    size_bytes: int = 0  # tmpfs size=: cap on logical pages stored (holes excluded)
+    nr_inodes: int = 0  # tmpfs nr_inodes=
+    mode: int = 0o1777  # tmpfs mode=: permissions of the root directory
+    uid: int = os.getuid()  # tmpfs uid=: owner of the root directory
+    gid: int = os.getgid()  # tmpfs gid=
+    mem_limit_bytes: int = 0  # zram mem_limit: cap on the pool's physical frames
+    pool: str = "zsmalloc"  # "zsmalloc" or "zbud"
+    compact: str = "auto"  # "auto": background compactor runs; "off": only the manual trigger
+    # The compactor wakes when at least this many pages are reclaimable ...
+    compact_min_pages: int = 16
+    # ... and moves at most this many objects between two yields to the event loop.
+    compact_batch: int = 64
+    fsname: str = "zfs_ram"
+
+    @property
+    def mem_limit_pages(self) -> int:
+        return self.mem_limit_bytes // PAGE_SIZE
