@@ -1,0 +1,435 @@
+"""Mount lifecycle: check, mount, go to the background once ready, serve, unmount.
+
+The order is s3ql's (mount first, then daemonize, so mount errors reach the terminal) plus the
+readiness handshake of libfuse 3.19's fuse_daemonize_early_*:
+
+1. Check what can be checked without mounting: options, the mountpoint (missing, not a
+   directory, not empty, already a mount point), /dev/fuse. Each failure is one MountError line.
+2. Block SIGINT and SIGTERM. A signal that arrived between the mount and the moment trio's
+   signal receiver exists would otherwise kill the process and leave a dead mount ("Transport
+   endpoint is not connected"); blocked, it stays pending and is delivered to the receiver.
+3. ``pyfuse3.init`` mounts. The kernel queues FUSE_INIT; nobody can use the mount until the
+   main loop answers it.
+4. Background mode forks. The parent waits on a pipe until the child writes ``ok`` (FUSE_INIT
+   handled, ``ops.ready`` set) and exits 0, or prints the child's error line and exits 1 if
+   the child reports an error, dies or stays silent for READY_TIMEOUT. The child calls setsid,
+   points stdio at /dev/null (or ``-o log=PATH``) and serves.
+5. Serving is one trio nursery: a signal watcher that turns SIGINT/SIGTERM into
+   ``pyfuse3.terminate()``, the background compactor, the readiness notifier, and
+   ``pyfuse3.main()``. An unmount from outside (fusermount3 -u, umount) also ends main().
+6. After main() returns: cancel the nursery, ``ops.shutdown()``, unmount if still mounted,
+   exit 0.
+
+If the filesystem crashes (main() raises) after the mount was ready, the mount is left in place,
+dead, as borg and s3ql do: an empty directory in its place could make a running rsync or backup
+conclude that every file was deleted. ``zfs-ram umount`` (fusermount3 -u) removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import faulthandler
+import logging
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from zfs_ram.daemon.options import MountOptions, OptionError, parse_options
+from zfs_ram.fs.config import FsConfig
+
+__all__ = [
+    "MountError",
+    "MountInfo",
+    "check_fuse_device",
+    "check_mountpoint",
+    "find_mount",
+    "is_alive",
+    "mount",
+    "read_mounts",
+    "resolve",
+]
+
+log = logging.getLogger(__name__)
+
+# How long the background parent waits for the child to answer FUSE_INIT. Building the pool and
+# answering INIT takes milliseconds; 30 s only guards against a wedged child.
+READY_TIMEOUT = 30.0
+# The signals that end the daemon cleanly (unmount, exit 0).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Written by the child on the readiness pipe once FUSE_INIT was handled.
+READY_WORD = b"ok\n"
+FUSE_DEVICE = "/dev/fuse"
+LOG_FORMAT = "%(asctime)s zfs_ram[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+class MountError(Exception):
+    """Mounting cannot go ahead. ``str()`` is one line for the user."""
+
+
+class Operations(Protocol):
+    """What the lifecycle needs from the filesystem (zfs_ram.fs.operations.ZfsRamOperations)."""
+
+    ready: Any  # trio.Event, set once FUSE_INIT was handled
+
+    async def serve_background(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo, the fields zfs_ram looks at."""
+
+    mount_id: int
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as \\ooo octal escapes."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
+    """All mounts. Read from the kernel's table, never by stat(): a dead FUSE mount fails stat."""
+    mounts = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            mounts.append(
+                MountInfo(
+                    mount_id=int(fields[0]),
+                    mountpoint=_unescape(fields[4]),
+                    fstype=fields[sep + 1],
+                    source=_unescape(fields[sep + 2]),
+                )
+            )
+    return mounts
+
+
+def find_mount(mountpoint: str) -> MountInfo | None:
+    """The topmost mount on ``mountpoint`` (an absolute, resolved path), or None."""
+    found = None
+    for m in read_mounts():
+        if m.mountpoint == mountpoint:
+            found = m  # later lines are mounted on top of earlier ones
+    return found
+
+
+def resolve(mountpoint: str) -> str:
+    """Absolute path with symlinks resolved, as mountinfo shows it. Never stats a dead mount."""
+    return os.path.realpath(os.path.abspath(mountpoint))
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    """Return the resolved mountpoint, or raise MountError saying why it cannot be used."""
+    path = resolve(mountpoint)
+    existing = find_mount(path)
+    if existing is not None:
+        raise MountError(f"{mountpoint} is already a mount point ({existing.fstype})")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as e:
+        raise MountError(f"cannot use mountpoint {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    try:
+        entries = os.listdir(path)
+    except OSError as e:
+        raise MountError(f"cannot read mountpoint {mountpoint}: {e.strerror}") from None
+    if entries:
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+    return path
+
+
+def check_fuse_device(device: str = FUSE_DEVICE) -> None:
+    """Raise MountError if the FUSE device cannot be opened (missing module, container)."""
+    try:
+        fd = os.open(device, os.O_RDWR)
+    except FileNotFoundError:
+        raise MountError(
+            f"{device} does not exist (load the fuse module; containers need --device {device})"
+        ) from None
+    except OSError as e:
+        raise MountError(f"cannot open {device}: {e.strerror}") from None
+    os.close(fd)
+
+
+def _default_ops_factory(config: FsConfig) -> Operations:
+    from zfs_ram.fs.operations import ZfsRamOperations
+
+    ops: Operations = ZfsRamOperations(config)
+    return ops
+
+
+def setup_logging(debug: bool) -> None:
+    """Log to stderr: the terminal in the foreground, the log file or /dev/null in the back."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT, force=True
+    )
+
+
+def mount(
+    mountpoint: str,
+    options: str = "",
+    *,
+    foreground: bool = False,
+    debug: bool = False,
+    ops_factory: Callable[[FsConfig], Operations] = _default_ops_factory,
+) -> int:
+    """Mount zfs_ram and serve it until unmounted. Returns the exit status.
+
+    In the background the calling process exits (os._exit) once the mount is ready or failed;
+    only the daemon returns from here. Raises MountError for anything found before mounting.
+    """
+    import pyfuse3  # imported here so option parsing and the CLI work without libfuse
+
+    foreground = foreground or debug
+    try:
+        parsed = parse_options(options)
+    except OptionError as e:
+        raise MountError(str(e)) from None
+    path = check_mountpoint(mountpoint)
+    check_fuse_device()
+    fuse_options = set(parsed.fuse_options)
+    if debug:
+        fuse_options.add("debug")  # libfuse prints every request and reply to stderr
+    log_fd = _open_log(parsed)
+
+    setup_logging(debug)
+    faulthandler.enable()
+    with contextlib.suppress(ValueError, RuntimeError):  # not on the main thread (tests)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # dump stacks of a hung daemon
+    log.debug("options: fuse=%s ignored=%s", sorted(fuse_options), parsed.ignored)
+
+    ops = ops_factory(parsed.config)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pyfuse3.init(ops, path, fuse_options)
+    except RuntimeError as e:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        raise MountError(f"mounting {mountpoint} failed: {e}") from None
+    mounted = find_mount(path)
+    mount_id = mounted.mount_id if mounted is not None else None
+
+    if foreground:
+        if log_fd is not None:
+            _redirect_stdio(log_fd, keep_stdin=True)
+        return _serve_mounted(ops, path, mount_id, notify_fd=None)
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:  # the parent: wait for the child's word, then leave without touching the mount
+        os.close(write_fd)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        status = _wait_ready(pid, read_fd, path, mount_id)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    os.close(read_fd)
+    os.setsid()  # leave the terminal's session: no SIGHUP/SIGINT from the shell
+    os.chdir("/")  # do not keep the caller's directory (maybe another mount) busy
+    _redirect_stdio(log_fd if log_fd is not None else os.open(os.devnull, os.O_WRONLY))
+    return _serve_mounted(ops, path, mount_id, notify_fd=write_fd)
+
+
+def _open_log(parsed: MountOptions) -> int | None:
+    """Open ``-o log=PATH`` now, so a bad path is reported before mounting."""
+    if parsed.log_path is None:
+        return None
+    try:
+        return os.open(parsed.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:
+        raise MountError(f"cannot open log file {parsed.log_path}: {e.strerror}") from None
+
+
+def _redirect_stdio(out_fd: int, *, keep_stdin: bool = False) -> None:
+    """Point stdout and stderr (and stdin, unless kept) away from the caller's terminal or pipe.
+
+    A daemon that kept the caller's stdout open would make ``$(zfs-ram mount ...)`` or a
+    subprocess reading its output wait until unmount.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not keep_stdin:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
+
+
+def _wait_ready(pid: int, read_fd: int, path: str, mount_id: int | None) -> int:
+    """Parent side of the handshake: 0 once the child says ok, else report and clean up."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        readable, _, _ = select.select([read_fd], [], [], remaining)
+        if not readable:
+            break
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            break  # the child closed the pipe: it died or exited
+        data += chunk
+    os.close(read_fd)
+    if data == READY_WORD:
+        return 0
+    if data:
+        message = data.decode(errors="replace").strip()
+    elif time.monotonic() >= deadline:
+        message = f"the daemon did not answer FUSE_INIT within {READY_TIMEOUT:.0f} s"
+    else:
+        message = "the daemon exited before the mount was ready"
+    print(f"zfs-ram: mounting {path} failed: {message}", file=sys.stderr)
+    _reap_or_kill(pid)
+    _unmount_if_ours(path, mount_id, lazy=True)
+    return 1
+
+
+def _reap_or_kill(pid: int, timeout: float = 5.0) -> None:
+    """Wait for a failed child briefly, then kill it: it must not keep a half-made mount."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _unmount_if_ours(path: str, mount_id: int | None, *, lazy: bool) -> None:
+    """fusermount3 -u only the mount this process made, never one mounted there since."""
+    current = find_mount(path)
+    if current is None or mount_id is None or current.mount_id != mount_id:
+        return
+    tool = shutil.which("fusermount3") or "fusermount3"
+    cmd = [tool, "-u", "-q"] + (["-z"] if lazy else []) + [path]
+    subprocess.run(cmd, check=False, stderr=subprocess.DEVNULL)
+
+
+def _serve_mounted(ops: Operations, path: str, mount_id: int | None, notify_fd: int | None) -> int:
+    """Run the FUSE main loop until unmount or signal; then shut down. Returns the exit status."""
+    import pyfuse3
+    import trio
+
+    state = _ServeState(notify_fd)
+    try:
+        trio.run(_serve, ops, path, state)
+    except BaseException as exc:  # the filesystem crashed: whatever it is, report and exit 1
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if not state.ready:  # failed before the mount was ready: nobody used it, remove it
+            state.report(f"{type(exc).__name__}: {exc}".splitlines()[0])
+            log.critical("the file system failed before it was ready", exc_info=True)
+            current = find_mount(path)
+            pyfuse3.close(unmount=current is not None and current.mount_id == mount_id)
+        else:
+            log.critical(
+                "the file system crashed; %s stays mounted (dead) until 'zfs-ram umount'",
+                path,
+                exc_info=True,
+            )
+            pyfuse3.close(unmount=False)
+        return 1
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # no KeyboardInterrupt from here on
+    try:
+        ops.shutdown()
+    except Exception:
+        log.exception("dropping the inodes failed; unmounting anyway")
+        status = 1
+    else:
+        status = 0
+    current = find_mount(path)
+    still_ours = current is not None and current.mount_id == mount_id
+    pyfuse3.close(unmount=still_ours)
+    log.info("unmounted %s", path)
+    return status
+
+
+class _ServeState:
+    """The readiness pipe, written exactly once (ok or an error line), then closed."""
+
+    def __init__(self, notify_fd: int | None) -> None:
+        self.notify_fd = notify_fd
+        self.ready = False  # FUSE_INIT was handled: from now on a crash leaves the mount
+
+    def report(self, message: str) -> None:
+        if self.notify_fd is None:
+            return
+        with contextlib.suppress(OSError):  # the parent died or gave up: nobody to tell
+            os.write(self.notify_fd, message.encode(errors="replace") + b"\n")
+        os.close(self.notify_fd)
+        self.notify_fd = None
+
+
+async def _serve(ops: Operations, path: str, state: _ServeState) -> None:
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals)
+        nursery.start_soon(ops.serve_background)
+        nursery.start_soon(_announce_ready, ops, path, state)
+        await pyfuse3.main()
+        log.debug("FUSE main loop returned")
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(task_status: Any) -> None:
+    """SIGINT/SIGTERM end the main loop gracefully; the mount is then removed."""
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        # Signals that arrived while blocked are delivered now, to this receiver.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        task_status.started()
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+
+
+async def _announce_ready(ops: Operations, path: str, state: _ServeState) -> None:
+    await ops.ready.wait()
+    log.info("mounted %s (pid %d)", path, os.getpid())
+    state.ready = True
+    state.report(READY_WORD.decode().strip())
+
+
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` runs. A zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            proc_stat = f.read()
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ESRCH):
+            return False
+        raise
+    run_state = proc_stat.rpartition(")")[2].split()[0]  # the name in (...) may contain spaces
+    return run_state not in ("Z", "X")

@@ -1,0 +1,258 @@
+"""Mount options: one ``-o`` string -> what the filesystem, libfuse and the daemon each need.
+
+A zfs_ram mount is reached three ways: ``zfs-ram mount -o ...``, ``mount -t fuse.zfs_ram`` and
+fstab. The last two go through mount.fuse3, which hands us whatever the user wrote plus mount(8)'s
+generic options (``rw``, ``defaults``, ``dev``, ``suid``, ...). So the parser has three kinds of
+option:
+
+* filesystem options (tmpfs's ``size=``, ``nr_inodes=``, ``mode=``, ``uid=``, ``gid=`` and
+  zfs_ram's own) become one ``FsConfig``;
+* options libfuse 3.14's mount code understands go to ``pyfuse3.init`` unchanged. libfuse >= 3.15
+  rejects any option it does not know, and 3.14 already rejects several generic ones (probed:
+  ``relatime``, ``defaults``, ``nofail``, ``x-*``, ...), so nothing else may reach it;
+* mount(8)/fstab options that make no sense for a FUSE daemon are accepted and dropped.
+
+Anything else is an error whose message is one line naming the option and the reason.
+Parsing is pure: the RAM size and the user/group databases are injectable for tests.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from zfs_ram.fs.config import PAGE_SIZE, FsConfig
+
+__all__ = [
+    "MountOptions",
+    "OptionError",
+    "mem_total_bytes",
+    "parse_bytes",
+    "parse_count",
+    "parse_options",
+]
+
+# Options passed to libfuse as they are. This is exactly the set libfuse 3.14 (Debian 12) accepts
+# among the generic mount(8) flags, checked by mounting with each one.
+FUSE_FLAGS = frozenset(
+    {
+        "rw", "ro", "suid", "nosuid", "dev", "nodev", "exec", "noexec",
+        "async", "sync", "atime", "noatime", "dirsync",
+        "allow_other", "allow_root",
+    }
+)  # fmt: skip
+
+# Generic mount(8) and fstab options that libfuse would refuse: the kernel's FUSE mount either
+# has no use for them (relatime is the kernel default anyway) or they are meant for mount(8)
+# and systemd only (auto, nofail, _netdev, x-*). tmpfs accepts them, so zfs_ram does too.
+IGNORED_FLAGS = frozenset(
+    {
+        "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
+        "relatime", "norelatime", "strictatime", "nostrictatime", "diratime", "nodiratime",
+        "lazytime", "nolazytime", "silent", "loud",
+    }
+)  # fmt: skip
+
+# Added to every mount. default_permissions: the kernel checks modes and owners, so the
+# filesystem does not have to (libfuse's advice for filesystems without their own checks).
+ALWAYS_FUSE_OPTIONS = frozenset({"default_permissions", "subtype=zfs_ram"})
+
+SUBTYPE = "zfs_ram"  # /proc/mounts then shows the type as fuse.zfs_ram
+DEFAULT_FSNAME = "zfs_ram"  # first field of /proc/mounts and df
+DEFAULT_SIZE_PERCENT = 50  # tmpfs: "The default is half of your physical RAM without swap"
+POOLS = ("zsmalloc", "zbud")
+COMPACT_MODES = ("auto", "off")
+MODE_MASK = 0o7777  # tmpfs keeps permission and set-id/sticky bits of mode=, nothing else
+
+# memparse()-style binary suffixes, as tmpfs and zram accept them (case-insensitive).
+_SUFFIX_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+_BYTES_RE = re.compile(r"(\d+)([kmgt]?)", re.IGNORECASE)
+_PERCENT_RE = re.compile(r"(\d+)%")
+_COUNT_RE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)
+
+
+class OptionError(ValueError):
+    """A mount option that cannot be used. ``str()`` is one line for the user."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        super().__init__(f"bad mount option '{option}': {reason}")
+        self.option = option
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """Everything one ``-o`` string says, split by who needs it."""
+
+    config: FsConfig
+    # What pyfuse3.init gets: only options libfuse accepts.
+    fuse_options: frozenset[str]
+    # Daemon-side settings that are neither filesystem nor libfuse options.
+    log_path: str | None = None
+    # Generic options that were accepted and dropped, kept for the debug log.
+    ignored: tuple[str, ...] = field(default=())
+
+
+def mem_total_bytes(meminfo_path: str = "/proc/meminfo") -> int:
+    """Physical RAM as the kernel reports it: what tmpfs's ``%`` and defaults are relative to."""
+    with open(meminfo_path, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no MemTotal line in {meminfo_path}")
+
+
+def _round_up_pages(n: int) -> int:
+    """Limits count whole pages, as tmpfs's DIV_ROUND_UP(size, PAGE_SIZE) and zram's PAGE_ALIGN."""
+    return -(-n // PAGE_SIZE) * PAGE_SIZE
+
+
+def parse_bytes(option: str, value: str, mem_total: int) -> int:
+    """``1g``, ``512M``, ``4096``, ``25%`` -> bytes, rounded up to whole pages."""
+    m = _PERCENT_RE.fullmatch(value)
+    if m:
+        return _round_up_pages(mem_total * int(m.group(1)) // 100)
+    m = _BYTES_RE.fullmatch(value)
+    if not m:
+        raise OptionError(option, "expected bytes with k/m/g/t suffix or N%")
+    return _round_up_pages(int(m.group(1)) << _SUFFIX_SHIFT[m.group(2).lower()])
+
+
+def parse_count(option: str, value: str) -> int:
+    """``10k`` -> 10240: tmpfs's nr_inodes= takes binary k/m/g suffixes."""
+    m = _COUNT_RE.fullmatch(value)
+    if not m:
+        raise OptionError(option, "expected a number with optional k/m/g suffix")
+    return int(m.group(1)) << _SUFFIX_SHIFT[m.group(2).lower()]
+
+
+def _parse_int(option: str, value: str, *, minimum: int) -> int:
+    if not value.isdigit() or int(value) < minimum:
+        raise OptionError(option, f"expected an integer >= {minimum}")
+    return int(value)
+
+
+def _parse_id(option: str, value: str, lookup: Callable[[str], int], what: str) -> int:
+    """A uid/gid given as a number or a name."""
+    if value.isdigit():
+        return int(value)
+    if not value:
+        raise OptionError(option, f"expected a {what} name or number")
+    try:
+        return lookup(value)
+    except KeyError:
+        raise OptionError(option, f"no such {what}") from None
+
+
+def _uid_of(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid_of(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
+
+
+def parse_options(
+    text: str,
+    *,
+    mem_total: int | None = None,
+    uid_of: Callable[[str], int] = _uid_of,
+    gid_of: Callable[[str], int] = _gid_of,
+) -> MountOptions:
+    """Parse a comma-separated mount option string (may be empty). Raises OptionError.
+
+    Later options override earlier ones, as with mount(8) (fstab options come before the
+    command line's).
+    """
+    total = mem_total_bytes() if mem_total is None else mem_total
+    settings: dict[str, object] = {}
+    fuse: set[str] = set()
+    ignored: list[str] = []
+    log_path: str | None = None
+    size_given = inodes_given = False
+
+    for opt in (o for o in text.split(",") if o):
+        key, eq, value = opt.partition("=")
+        if not eq:
+            if opt in FUSE_FLAGS:
+                fuse.add(opt)
+            elif opt in IGNORED_FLAGS or opt.startswith("x-"):
+                ignored.append(opt)
+            elif key in _VALUED:
+                raise OptionError(opt, "needs a value")
+            else:
+                raise OptionError(opt, "unknown option")
+            continue
+        if key == "size":
+            settings["size_bytes"] = parse_bytes(opt, value, total)
+            size_given = True
+        elif key == "nr_inodes":
+            settings["nr_inodes"] = parse_count(opt, value)
+            inodes_given = True
+        elif key == "mode":
+            if not re.fullmatch(r"[0-7]{1,5}", value) or int(value, 8) > MODE_MASK:
+                raise OptionError(opt, "expected octal permissions up to 7777")
+            settings["mode"] = int(value, 8)
+        elif key == "uid":
+            settings["uid"] = _parse_id(opt, value, uid_of, "user")
+        elif key == "gid":
+            settings["gid"] = _parse_id(opt, value, gid_of, "group")
+        elif key == "mem_limit":
+            settings["mem_limit_bytes"] = parse_bytes(opt, value, total)
+        elif key == "pool":
+            if value not in POOLS:
+                raise OptionError(opt, f"expected one of {', '.join(POOLS)}")
+            settings["pool"] = value
+        elif key == "compact":
+            if value not in COMPACT_MODES:
+                raise OptionError(opt, f"expected one of {', '.join(COMPACT_MODES)}")
+            settings["compact"] = value
+        elif key == "compact_min_pages":
+            settings["compact_min_pages"] = _parse_int(opt, value, minimum=1)
+        elif key == "compact_batch":
+            settings["compact_batch"] = _parse_int(opt, value, minimum=1)
+        elif key == "fsname":
+            if not value:
+                raise OptionError(opt, "expected a non-empty name")
+            settings["fsname"] = value
+        elif key == "subtype":
+            # mount.fuse3 never adds it, but a user copying libfuse docs might: only ours fits.
+            if value != SUBTYPE:
+                raise OptionError(opt, f"the subtype is always {SUBTYPE}")
+        elif key == "log":
+            if not value:
+                raise OptionError(opt, "expected a file path")
+            log_path = value
+        elif key == "comment" or key.startswith("x-"):
+            ignored.append(opt)  # fstab annotations for mount(8)/systemd
+        else:
+            raise OptionError(opt, "unknown option")
+
+    if {"allow_other", "allow_root"} <= fuse:
+        raise OptionError("allow_root", "cannot be combined with allow_other")
+    if {"ro", "rw"} <= fuse:
+        fuse.discard("rw")  # both given (fstab "defaults" plus "ro"): read-only is the safe reading
+    if not size_given:
+        settings["size_bytes"] = _round_up_pages(total * DEFAULT_SIZE_PERCENT // 100)
+    if not inodes_given:
+        # tmpfs: "half the number of physical RAM pages"
+        settings["nr_inodes"] = total // PAGE_SIZE // 2
+
+    config = FsConfig(**settings)  # type: ignore[arg-type]
+    fuse |= ALWAYS_FUSE_OPTIONS
+    fuse.add(f"fsname={config.fsname}")
+    return MountOptions(
+        config=config, fuse_options=frozenset(fuse), log_path=log_path, ignored=tuple(ignored)
+    )
+
+
+# Keys that only make sense with "=value": a bare "size" is a missing value, not an unknown option.
+_VALUED = frozenset(
+    {
+        "size", "nr_inodes", "mode", "uid", "gid", "mem_limit", "pool", "compact",
+        "compact_min_pages", "compact_batch", "fsname", "subtype", "log",
+    }
+)  # fmt: skip
