@@ -1,0 +1,149 @@
+"""``zfs-ram experiment``: the fragmentation experiment from the command line.
+
+The CLI module of zfs_ram calls ``add_parser(subparsers)``; ``python -m zfs_ram.experiments``
+runs the same parser on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from zfs_ram.experiments.report import render_table, write_json, write_plot
+from zfs_ram.experiments.runner import DEFAULT_WAIT, Progress, run_experiment
+from zfs_ram.experiments.targets import (
+    KernelZramTarget,
+    Target,
+    ZfsRamTarget,
+    kernel_zram_available,
+)
+from zfs_ram.experiments.workload import MIB, WRITE_ORDERS, WorkloadSpec, build_file_set
+
+DEFAULT_FRACTIONS = "0.25,0.5,0.75,0.9"
+DEFAULT_SIZE_MIB = 200  # big enough for hundreds of zspages per class, small enough for minutes
+KERNEL_ARM = "kernel"
+# Arm name -> (pool, compact mode) of a zfs_ram mount.
+ZFS_RAM_ARMS = {
+    "zsmalloc-off": ("zsmalloc", "off"),
+    "zsmalloc-auto": ("zsmalloc", "auto"),
+    "zbud": ("zbud", "auto"),
+}
+ALL_ARMS = (*ZFS_RAM_ARMS, KERNEL_ARM)
+
+
+def _fractions(text: str) -> list[float]:
+    """"25,50" or "0.25,0.5" -> [0.25, 0.5] (numbers above 1 are percentages)."""
+    out = []
+    for part in text.split(","):
+        value = float(part)
+        value = value / 100 if value > 1 else value
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"fraction {part!r} is not in 0..1 or 0..100")
+        out.append(value)
+    return out
+
+
+def _arms(text: str) -> list[str]:
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    for name in names:
+        if name not in ALL_ARMS:
+            raise argparse.ArgumentTypeError(f"unknown arm {name!r} (use {', '.join(ALL_ARMS)})")
+    return names
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``experiment`` on the zfs-ram command."""
+    p = subparsers.add_parser(
+        "experiment",
+        help="measure fragmentation: fill, delete a fraction, wait, compact; per allocator",
+        description="Fill a fresh filesystem with a seeded mix of real and synthetic files, "
+        "delete a random fraction, wait, compact, and compare memory per compressed byte "
+        "across zfs_ram's allocators and the kernel's zram (as root).",
+    )
+    p.add_argument("--fractions", type=_fractions, default=_fractions(DEFAULT_FRACTIONS),
+                   help=f"delete fractions, comma-separated (default {DEFAULT_FRACTIONS})")
+    p.add_argument("--size-mib", type=float, default=DEFAULT_SIZE_MIB,
+                   help=f"workload size in MiB (default {DEFAULT_SIZE_MIB})")
+    p.add_argument("--arms", type=_arms, default=list(ALL_ARMS),
+                   help=f"arms, comma-separated (default {','.join(ALL_ARMS)})")
+    p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    p.add_argument("--wait", type=float, default=DEFAULT_WAIT,
+                   help=f"seconds to wait idle after the delete (default {DEFAULT_WAIT:g})")
+    p.add_argument("--order", choices=WRITE_ORDERS, default="shuffled",
+                   help="page write order during the fill (default shuffled)")
+    p.add_argument("--out", default="zfs_ram-experiment",
+                   help="directory for experiment.json and experiment.png")
+    p.add_argument("--no-kernel", action="store_true", help="skip the kernel zram arm")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=run_experiment_cli)
+
+
+def run_experiment_cli(args: argparse.Namespace) -> int:
+    """Build the file set once, run every arm and fraction, print and save the results."""
+    progress = Progress(quiet=args.quiet)
+    size = round(args.size_mib * MIB)
+    arms: list[tuple[str, Callable[[], Target]]] = []
+    skipped: dict[str, str] = {}
+    for name in args.arms:
+        if name == KERNEL_ARM:
+            why = "--no-kernel" if args.no_kernel else kernel_zram_available()
+            if why is not None:
+                skipped[name] = why
+                continue
+            arms.append((name, lambda: KernelZramTarget(size)))
+        else:
+            pool, compact = ZFS_RAM_ARMS[name]
+            arms.append((name, lambda p=pool, c=compact, n=name: ZfsRamTarget(p, c, size, n)))
+    for name, why in skipped.items():
+        print(f"experiment: arm {name} skipped: {why}", file=sys.stderr)
+    if not arms:
+        print("experiment: no arm to run", file=sys.stderr)
+        return 2
+
+    started = time.monotonic()
+    progress.start("[workload]")
+    file_set = build_file_set(WorkloadSpec(size_bytes=size, seed=args.seed))
+    summary = file_set.summary()
+    progress.stage(
+        f"{summary['files']} files ({summary['real_files']} real, "
+        f"{summary['synthetic_files']} synthetic), {summary['total_bytes'] / MIB:.1f} MiB, "
+        f"built in {time.monotonic() - started:.1f}s"
+    )
+    params = {
+        "fractions": args.fractions,
+        "size_mib": args.size_mib,
+        "arms": [a for a, _ in arms],
+        "seed": args.seed,
+        "wait": args.wait,
+        "order": args.order,
+        "kernel": os.uname().release,
+    }
+    result = run_experiment(file_set, arms, args.fractions, args.wait, args.order, progress,
+                            params)
+    result.skipped.update(skipped)
+
+    print(render_table(result, markdown=args.markdown))
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "experiment.json")
+    write_json(result, json_path)
+    print(f"samples: {json_path}")
+    try:
+        png_path = os.path.join(args.out, "experiment.png")
+        write_plot(result, png_path)
+        print(f"plot:    {png_path}")
+    except ImportError:
+        print("plot:    skipped (matplotlib is not installed)", file=sys.stderr)
+    return 1 if any(r.error for r in result.runs) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m zfs_ram.experiments``: the experiment without the zfs-ram front end."""
+    parser = argparse.ArgumentParser(prog="python -m zfs_ram.experiments")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["experiment", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args))

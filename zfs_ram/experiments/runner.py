@@ -1,0 +1,265 @@
+"""Run the workload on each arm for each delete fraction and record every sample.
+
+One run = one fresh target, then four stages, each ending with a stage sample:
+  fill     every file written (shuffled page order by default), then sync
+  delete   the chosen files unlinked in shuffled order, then sync (+ fstrim on ext4)
+  wait     idle for ``wait`` seconds: does memory come back on its own?
+  compact  one explicit compaction, timed
+A sampler thread reads mm_stat every ~100 ms during the whole run, for the plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from zfs_ram.experiments.targets import MmStat, Target, read_vmstat
+from zfs_ram.experiments.workload import (
+    FileSet,
+    choose_deletions,
+    delete_files,
+    write_file_set,
+)
+
+STAGES = ("fill", "delete", "wait", "compact")
+# The sampler's period: fine enough to see compaction, coarse enough to cost nothing.
+SAMPLE_INTERVAL = 0.1
+DEFAULT_WAIT = 5.0  # seconds idle after the delete; the kernel research waited 10 s
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading: time since the run started, mm_stat, and the holder's RSS."""
+
+    t: float
+    mm: MmStat
+    rss: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"t": round(self.t, 4), **self.mm.as_dict(), "rss": self.rss}
+
+
+@dataclass
+class RunResult:
+    """Everything measured in one (arm, fraction) run."""
+
+    arm: str
+    fraction: float
+    target: dict[str, Any]
+    stages: dict[str, Sample] = field(default_factory=dict)
+    timeline: list[Sample] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    deleted_files: int = 0
+    deleted_bytes: int = 0
+    vmstat: dict[str, dict[str, int]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        """False if a shrinker or reclaim ran between fill and wait (it compacts zram pools)."""
+        before, after = self.vmstat.get("fill"), self.vmstat.get("wait")
+        if not before or not after:
+            return True
+        return all(before.get(k) == after.get(k) for k in before)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "arm": self.arm,
+            "fraction": self.fraction,
+            "target": self.target,
+            "stages": {k: v.as_dict() for k, v in self.stages.items()},
+            "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
+            "deleted_files": self.deleted_files,
+            "deleted_bytes": self.deleted_bytes,
+            "vmstat": self.vmstat,
+            "clean": self.clean,
+            "error": self.error,
+            "timeline": [s.as_dict() for s in self.timeline],
+        }
+
+
+class Sampler:
+    """A thread reading mm_stat every SAMPLE_INTERVAL until stopped."""
+
+    def __init__(self, target: Target, t0: float, interval: float = SAMPLE_INTERVAL) -> None:
+        self.target = target
+        self.t0 = t0
+        self.interval = interval
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mm_stat-sampler", daemon=True)
+
+    def take(self) -> Sample:
+        return Sample(time.monotonic() - self.t0, self.target.mm_stat(), self.target.rss_bytes())
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            # A read can fail while the target goes away; the stage samples still count.
+            with contextlib.suppress(OSError, ValueError):
+                self.samples.append(self.take())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Progress:
+    """Progress on stderr: a rewritten line on a terminal, one line per stage otherwise."""
+
+    def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = quiet
+        self.tty = self.stream.isatty()
+        self.prefix = ""
+        self._last = 0.0
+
+    def start(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def stage(self, text: str) -> None:
+        """A stage finished: always shown."""
+        if self.quiet:
+            return
+        line = f"{self.prefix} {text}"
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line + "\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def update(self, text: str) -> None:
+        """Transient progress: only on a terminal, at most 10 times a second."""
+        if self.quiet or not self.tty:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        self.stream.write(f"\r\x1b[K{self.prefix} {text}")
+        self.stream.flush()
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+def _describe(s: Sample) -> str:
+    mm = s.mm
+    ratio = mm.mem_used_total / mm.compr_data_size if mm.compr_data_size else float("nan")
+    rss = f" rss={_mib(s.rss)}MiB" if s.rss is not None else ""
+    return (
+        f"orig={_mib(mm.orig_data_size)}MiB compr={_mib(mm.compr_data_size)}MiB "
+        f"mem={_mib(mm.mem_used_total)}MiB mem/compr={ratio:.3f} "
+        f"compacted={mm.pages_compacted}{rss}"
+    )
+
+
+def run_one(
+    target: Target,
+    file_set: FileSet,
+    fraction: float,
+    wait: float = DEFAULT_WAIT,
+    order: str = "shuffled",
+    progress: Progress | None = None,
+) -> RunResult:
+    """Run the four stages on a fresh target; the target is set up and torn down here."""
+    progress = progress or Progress(quiet=True)
+    result = RunResult(arm=target.name, fraction=fraction, target={"name": target.name})
+    progress.start(f"[{target.name} {fraction:.0%}]")
+    with target:
+        result.target = target.describe()
+        t0 = time.monotonic()
+        with Sampler(target, t0) as sampler:
+
+            def stage_done(name: str, started: float) -> None:
+                result.stage_seconds[name] = time.monotonic() - started
+                result.vmstat[name] = read_vmstat()
+                sample = sampler.take()
+                result.stages[name] = sample
+                progress.stage(f"{name:7s} {result.stage_seconds[name]:6.2f}s {_describe(sample)}")
+
+            def on_write(done: int, total: int) -> None:
+                progress.update(f"fill {done}/{total} pages ({done / max(total, 1):.0%})")
+
+            started = time.monotonic()
+            write_file_set(target.root, file_set, order, target.direct_io, on_write)
+            target.after_delete()  # sync (nothing deleted yet; flushes ext4)
+            stage_done("fill", started)
+
+            started = time.monotonic()
+            victims = choose_deletions(file_set, fraction)
+            result.deleted_files = len(victims)
+            result.deleted_bytes = delete_files(target.root, file_set, victims)
+            target.after_delete()
+            stage_done("delete", started)
+
+            started = time.monotonic()
+            deadline = started + wait
+            while (left := deadline - time.monotonic()) > 0:
+                progress.update(f"wait {left:4.1f}s")
+                time.sleep(min(0.1, left))
+            stage_done("wait", started)
+
+            started = time.monotonic()
+            target.compact()
+            stage_done("compact", started)
+            time.sleep(SAMPLE_INTERVAL)  # one more timeline point after compaction
+        result.timeline = sampler.samples
+    return result
+
+
+@dataclass
+class ExperimentResult:
+    """All runs of one experiment plus its parameters."""
+
+    params: dict[str, Any]
+    workload: dict[str, Any]
+    runs: list[RunResult] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "workload": self.workload,
+            "skipped": self.skipped,
+            "runs": [r.as_dict() for r in self.runs],
+        }
+
+
+def run_experiment(
+    file_set: FileSet,
+    arms: Sequence[tuple[str, Callable[[], Target]]],
+    fractions: Sequence[float],
+    wait: float = DEFAULT_WAIT,
+    order: str = "shuffled",
+    progress: Progress | None = None,
+    params: dict[str, Any] | None = None,
+) -> ExperimentResult:
+    """Every arm for every fraction, each on a fresh target built by the arm's factory.
+
+    A run that fails is recorded with its error and the experiment goes on; the target's
+    teardown has already run by then.
+    """
+    progress = progress or Progress(quiet=True)
+    result = ExperimentResult(params=dict(params or {}), workload=file_set.summary())
+    for name, factory in arms:
+        for fraction in fractions:
+            try:
+                run = run_one(factory(), file_set, fraction, wait, order, progress)
+            except Exception as exc:  # record it, keep the other arms going
+                run = RunResult(arm=name, fraction=fraction, target={"name": name})
+                run.error = f"{type(exc).__name__}: {exc}"
+                progress.stage(f"FAILED: {run.error}")
+            run.arm = name
+            result.runs.append(run)
+    return result
