@@ -28,6 +28,7 @@ class FsConfig:
     # ... and moves at most this many objects between two yields to the event loop.
     compact_batch: int = 64
     fsname: str = "zfs_ram"
+    noatime: bool = False  # mount -o noatime: reads never update atime (else relatime rules)
 
     @property
     def mem_limit_pages(self) -> int:

@@ -1,0 +1,86 @@
+"""The background compactor: gives freed memory back while the filesystem keeps serving.
+
+The pool compacts in bounded steps (pool.compact_step moves at most `batch` objects); this task
+runs those steps from the event loop and checkpoints between them, so a FUSE request waits for
+at most one step. Correctness does not depend on where the task yields: each step is one
+synchronous call, and the pool is consistent between calls.
+
+It wakes when the filesystem says space was freed (unlink, truncate, overwrite) and the pool
+could give back at least `min_pages` pages, and works until less than that is left.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import trio
+
+from zfs_ram.pool import Pool
+
+
+@dataclass(frozen=True)
+class CompactorStats:
+    auto: bool
+    runs: int  # passes started (background and on demand)
+    objects_moved: int
+    pages_freed: int
+    seconds: float  # time spent inside compaction steps
+    running: bool
+
+
+class Compactor:
+    def __init__(self, pool: Pool, *, auto: bool, min_pages: int, batch: int) -> None:
+        self.pool = pool
+        self.auto = auto
+        self.min_pages = max(1, min_pages)
+        self.batch = max(1, batch)
+        self._wakeup = trio.Event()
+        self._lock = trio.Lock()
+        self._runs = 0
+        self._moved = 0
+        self._freed = 0
+        self._seconds = 0.0
+
+    def statistics(self) -> CompactorStats:
+        return CompactorStats(
+            auto=self.auto,
+            runs=self._runs,
+            objects_moved=self._moved,
+            pages_freed=self._freed,
+            seconds=self._seconds,
+            running=self._lock.locked(),
+        )
+
+    def notify_freed(self) -> None:
+        """Called (synchronously) after objects were freed; wakes the task if it pays."""
+        if self.auto and not self._wakeup.is_set() and self.pool.can_compact() >= self.min_pages:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        """The background task: sleeps until woken, compacts, sleeps again. Never returns."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            await self._compact(threshold=self.min_pages)
+
+    async def compact_now(self) -> int:
+        """Compact until nothing whole is left to reclaim; returns pages freed by this call."""
+        return await self._compact(threshold=1)
+
+    async def _compact(self, threshold: int) -> int:
+        async with self._lock:
+            self._runs += 1
+            pool = self.pool
+            before = pool.statistics().pages_compacted
+            while pool.can_compact() >= threshold:
+                started = time.perf_counter()
+                moved = pool.compact_step(self.batch)
+                self._seconds += time.perf_counter() - started
+                self._moved += moved
+                if moved == 0:
+                    break
+                await trio.lowlevel.checkpoint()
+            freed = pool.statistics().pages_compacted - before
+            self._freed += freed
+            return freed

@@ -1,0 +1,279 @@
+"""Files as page tables over the pool: write, read, truncate and free, with zram's accounting.
+
+A file's pages live in a two-level table: page number -> 64-bit entry, kept in array('Q')
+chunks of CHUNK_PAGES entries, so that a file costs 8 bytes per page it has and nothing for the
+holes of a sparse file (a write at 2 TiB makes one chunk, not a 4 GiB array).
+
+Entry encoding (one word per page, no Python object per page):
+    0                 a hole: reads as zeros, costs nothing, does not count as used
+    handle << 1 | 1   a pool object (lz4 or raw page, see codec)
+    SAME_ENTRY        a same-filled page; its word is in FileData.same_words unless it is 0
+
+Accounting follows zram's mm_stat: orig_data_size counts every page held (same-filled and
+huge included), compr_data_size the bytes of pool objects (a raw page counts PAGE_SIZE).
+Every change goes through this module, so the counters are exact.
+
+Correctness rule: a write that fails leaves the file as it was for the page that failed; pages
+before it are written (the caller reports a short write). A new object is stored before the old
+one is freed, as zram does, so a failed store never loses the old page.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from zfs_ram.codec import PAGE_SIZE, ZERO_PAGE, decode, encode, fill_page, same_filled_word
+from zfs_ram.pool import Pool, PoolFullError
+
+CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
+CHUNK_PAGES = 1 << CHUNK_SHIFT
+CHUNK_MASK = CHUNK_PAGES - 1
+SAME_ENTRY = 2  # even and non-zero: cannot be a hole (0) or an object (odd)
+# The largest file: the kernel's MAX_LFS_FILESIZE, as tmpfs.
+MAX_FILE_SIZE = (1 << 63) - 1
+
+
+class NoSpaceError(Exception):
+    """A write stopped because a limit was reached; `written` bytes landed before it."""
+
+    def __init__(self, written: int, physical: bool) -> None:
+        kind = "mem_limit" if physical else "size"
+        super().__init__(f"no space ({kind} reached) after {written} bytes")
+        self.written = written
+        self.physical = physical
+
+
+class FileData:
+    """The contents of one regular file: its logical size and its page table."""
+
+    __slots__ = ("size", "chunks", "same_words", "stored_pages", "footprint")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.chunks: dict[int, array[int]] = {}
+        self.same_words: dict[int, int] | None = None  # page -> word, only for words != 0
+        self.stored_pages = 0  # pages that are not holes
+        self.footprint = 0  # bytes of pool objects, for st_blocks
+
+    def entry(self, page: int) -> int:
+        chunk = self.chunks.get(page >> CHUNK_SHIFT)
+        if chunk is None:
+            return 0
+        index = page & CHUNK_MASK
+        return chunk[index] if index < len(chunk) else 0
+
+    def set_entry(self, page: int, value: int) -> None:
+        key = page >> CHUNK_SHIFT
+        index = page & CHUNK_MASK
+        chunk = self.chunks.get(key)
+        if chunk is None:
+            if value == 0:
+                return
+            chunk = self.chunks[key] = array("Q")
+        if index >= len(chunk):
+            if value == 0:
+                return
+            # Grow to the page written, not to a whole chunk: a small file stays small.
+            chunk.frombytes(bytes(8 * (index + 1 - len(chunk))))
+        chunk[index] = value
+
+    def pages(self) -> Iterator[tuple[int, int]]:
+        """(page, entry) for every page that is not a hole, in no particular order."""
+        for key, chunk in self.chunks.items():
+            base = key << CHUNK_SHIFT
+            for index, value in enumerate(chunk):
+                if value:
+                    yield base + index, value
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """zram's mm_stat counters that belong to the data, not to the allocator."""
+
+    orig_data_size: int
+    compr_data_size: int
+    same_pages: int
+    huge_pages: int
+    huge_pages_since: int
+    stored_pages: int
+    page_limit: int
+
+
+class PageStore:
+    """All files' pages over one pool; enforces the logical page limit (tmpfs size=)."""
+
+    def __init__(self, pool: Pool, page_limit: int = 0) -> None:
+        self.pool = pool
+        self.page_limit = page_limit  # 0 = unlimited
+        self._huge_size = pool.huge_class_size
+        self.stored_pages = 0
+        self.compr_bytes = 0
+        self.same_pages = 0
+        self.huge_pages = 0
+        self.huge_pages_since = 0
+
+    # -- statistics -----------------------------------------------------------------------
+
+    def statistics(self) -> StoreStats:
+        return StoreStats(
+            orig_data_size=self.stored_pages * PAGE_SIZE,
+            compr_data_size=self.compr_bytes,
+            same_pages=self.same_pages,
+            huge_pages=self.huge_pages,
+            huge_pages_since=self.huge_pages_since,
+            stored_pages=self.stored_pages,
+            page_limit=self.page_limit,
+        )
+
+    # -- one page ---------------------------------------------------------------------------
+
+    def _page(self, data: FileData, page: int) -> bytes:
+        value = data.entry(page)
+        if value & 1:
+            return decode(self.pool.read(value >> 1))
+        if value == SAME_ENTRY:
+            words = data.same_words
+            return fill_page(words.get(page, 0) if words else 0)
+        return ZERO_PAGE
+
+    def _drop(self, data: FileData, page: int, value: int) -> None:
+        """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
+        if value & 1:
+            handle = value >> 1
+            size = self.pool.object_size(handle)
+            self.pool.free(handle)
+            self.compr_bytes -= size
+            data.footprint -= size
+            if size == PAGE_SIZE:
+                self.huge_pages -= 1
+        elif value == SAME_ENTRY:
+            self.same_pages -= 1
+            if data.same_words:
+                data.same_words.pop(page, None)
+        data.stored_pages -= 1
+        self.stored_pages -= 1
+
+    def _put(self, data: FileData, page: int, content: bytes) -> None:
+        """Make `page` hold `content` (a full page). Raises NoSpaceError(0, ...) and changes
+        nothing if a limit stops it."""
+        old = data.entry(page)
+        if not old and self.page_limit and self.stored_pages >= self.page_limit:
+            raise NoSpaceError(0, physical=False)
+        word = same_filled_word(content)
+        if word is not None:
+            new = SAME_ENTRY
+            size = 0
+        else:
+            stored = encode(content, self._huge_size)
+            try:
+                handle = self.pool.store(stored)
+            except PoolFullError:
+                raise NoSpaceError(0, physical=True) from None
+            new = handle << 1 | 1
+            size = len(stored)
+        if old:
+            self._drop(data, page, old)
+        data.set_entry(page, new)
+        data.stored_pages += 1
+        self.stored_pages += 1
+        if new == SAME_ENTRY:
+            self.same_pages += 1
+            if word:
+                if data.same_words is None:
+                    data.same_words = {}
+                data.same_words[page] = word
+        else:
+            self.compr_bytes += size
+            data.footprint += size
+            if size == PAGE_SIZE:
+                self.huge_pages += 1
+                self.huge_pages_since += 1
+
+    # -- files ------------------------------------------------------------------------------
+
+    def read(self, data: FileData, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset`; short at end of file, empty past it."""
+        end = min(offset + length, data.size)
+        if offset >= end:
+            return b""
+        first = offset // PAGE_SIZE
+        last = (end - 1) // PAGE_SIZE
+        if first == last:
+            start = offset - first * PAGE_SIZE
+            return self._page(data, first)[start : start + end - offset]
+        parts = [self._page(data, page) for page in range(first, last + 1)]
+        joined = b"".join(parts)
+        start = offset - first * PAGE_SIZE
+        return joined[start : start + end - offset]
+
+    def write(self, data: FileData, offset: int, buf: bytes) -> int:
+        """Write buf at offset and grow the file; returns len(buf).
+
+        Raises NoSpaceError with the bytes that landed when a limit stops it part-way.
+        """
+        if offset + len(buf) > MAX_FILE_SIZE:
+            raise OverflowError("file too large")
+        view = memoryview(buf)
+        position = offset
+        end = offset + len(buf)
+        try:
+            while position < end:
+                page = position // PAGE_SIZE
+                page_start = page * PAGE_SIZE
+                start = position - page_start
+                stop = min(end - page_start, PAGE_SIZE)
+                piece = view[position - offset : position - offset + stop - start]
+                if start == 0 and stop == PAGE_SIZE:
+                    self._put(data, page, bytes(piece))
+                else:
+                    # Read-modify-write; a page past the end of file reads as zeros.
+                    old = self._page(data, page) if page_start < data.size else ZERO_PAGE
+                    self._put(data, page, old[:start] + bytes(piece) + old[stop:])
+                position = page_start + stop
+                if position > data.size:
+                    data.size = position
+        except NoSpaceError as error:
+            raise NoSpaceError(position - offset, error.physical) from None
+        return len(buf)
+
+    def truncate(self, data: FileData, size: int) -> None:
+        """Set the file's size; pages past it are freed and the tail of a cut page zeroed."""
+        if size > MAX_FILE_SIZE:
+            raise OverflowError("file too large")
+        if size < data.size:
+            page, cut = divmod(size, PAGE_SIZE)
+            if cut and data.entry(page):
+                content = self._page(data, page)
+                if content[cut:] != ZERO_PAGE[cut:]:
+                    try:
+                        self._put(data, page, content[:cut] + ZERO_PAGE[cut:])
+                    except NoSpaceError:
+                        # Freeing what lies past the cut first may make room for the page.
+                        self._free_from(data, page + 1)
+                        self._put(data, page, content[:cut] + ZERO_PAGE[cut:])
+            self._free_from(data, page + 1 if cut else page)
+        data.size = size
+
+    def _free_from(self, data: FileData, first_page: int) -> None:
+        """Free every page numbered first_page or higher."""
+        for key in sorted(data.chunks):
+            chunk = data.chunks[key]
+            base = key << CHUNK_SHIFT
+            if base + len(chunk) <= first_page:
+                continue
+            start = max(first_page - base, 0)
+            for index in range(start, len(chunk)):
+                value = chunk[index]
+                if value:
+                    self._drop(data, base + index, value)
+            if start == 0:
+                del data.chunks[key]
+            else:
+                del chunk[start:]
+
+    def release(self, data: FileData) -> None:
+        """Free every page of a file that is gone."""
+        self._free_from(data, 0)
+        data.size = 0
