@@ -165,7 +165,7 @@ def parse_options(
     """Parse a comma-separated mount option string (may be empty). Raises OptionError.
 
     Later options override earlier ones, as with mount(8) (fstab options come before the
-    command line's).
+    command line's); that includes opposite flags such as ``rw``/``ro``.
     """
     total = mem_total_bytes() if mem_total is None else mem_total
     settings: dict[str, object] = {}
@@ -177,7 +177,11 @@ def parse_options(
     for opt in (o for o in text.split(",") if o):
         key, eq, value = opt.partition("=")
         if not eq:
+            if opt in _ATIME_FLAGS:
+                settings["noatime"] = opt == "noatime"
+                fuse.discard("atime" if opt == "noatime" else "noatime")
             if opt in FUSE_FLAGS:
+                fuse.discard(_OPPOSITE.get(opt, ""))  # the later of two opposites wins
                 fuse.add(opt)
             elif opt in IGNORED_FLAGS or opt.startswith("x-"):
                 ignored.append(opt)
@@ -233,8 +237,6 @@ def parse_options(
 
     if {"allow_other", "allow_root"} <= fuse:
         raise OptionError("allow_root", "cannot be combined with allow_other")
-    if {"ro", "rw"} <= fuse:
-        fuse.discard("rw")  # both given (fstab "defaults" plus "ro"): read-only is the safe reading
     if not size_given:
         settings["size_bytes"] = _round_up_pages(total * DEFAULT_SIZE_PERCENT // 100)
     if not inodes_given:
@@ -248,6 +250,13 @@ def parse_options(
         config=config, fuse_options=frozenset(fuse), log_path=log_path, ignored=tuple(ignored)
     )
 
+
+# Flag pairs of which only the later may reach libfuse: it gets an unordered set.
+_PAIRS = (("rw", "ro"), ("suid", "nosuid"), ("dev", "nodev"), ("exec", "noexec"),
+          ("async", "sync"), ("atime", "noatime"))  # fmt: skip
+_OPPOSITE = {a: b for a, b in _PAIRS} | {b: a for a, b in _PAIRS}
+# The atime policy the filesystem applies itself (FsConfig.noatime); the last one given wins.
+_ATIME_FLAGS = frozenset({"atime", "noatime", "relatime", "norelatime", "strictatime"})
 
 # Keys that only make sense with "=value": a bare "size" is a missing value, not an unknown option.
 _VALUED = frozenset(
