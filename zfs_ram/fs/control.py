@@ -80,12 +80,12 @@ def classes_table(rows: list[ClassStats]) -> bytes:
     lines = [header]
     totals = [0] * (len(buckets) + 4)
     for row in rows:
-        values = list(row.fullness) + [
+        values = list(row.inuse_histogram) + [
             row.obj_allocated, row.obj_used, row.pages_used, row.freeable,
         ]
         for i, value in enumerate(values):
             totals[i] += value
-        line = f"{row.index:5d} {row.size:5d} " + " ".join(f"{v:6d}" for v in row.fullness)
+        line = f"{row.index:5d} {row.size:5d} " + " ".join(f"{v:6d}" for v in row.inuse_histogram)
         line += (
             f" {row.obj_allocated:13d} {row.obj_used:10d} {row.pages_used:10d}"
             f" {row.pages_per_zspage:16d} {row.freeable:8d}"
