@@ -1,0 +1,68 @@
+"""The compressed-object pool: zsmalloc (and zbud, its baseline) over an mmap frame arena.
+
+Pure and synchronous: nothing here imports trio, pyfuse3 or any layer above. Callers store
+objects of 1..4096 bytes and keep the integer handle; objects may move (compaction) but handles
+stay valid until freed. See zsmalloc.py for the design and its invariants.
+"""
+
+from __future__ import annotations
+
+from .base import BytesLike, Pool
+from .classes import PAGE_SIZE, SizeClass, build_classes
+from .errors import (
+    InvalidHandleError,
+    InvalidSizeError,
+    PoolCorruptionError,
+    PoolError,
+    PoolFullError,
+)
+from .frames import FrameArena, all_arenas_rss_bytes
+from .stats import ClassStats, PoolStats
+from .zbud import ZbudPool
+from .zsmalloc import ZsmallocPool
+
+#: The allocators create_pool() knows, by the name mount options and the CLI use.
+POOL_KINDS: dict[str, type[Pool]] = {"zsmalloc": ZsmallocPool, "zbud": ZbudPool}
+
+
+def create_pool(kind: str = "zsmalloc", page_limit: int = 0) -> Pool:
+    """A new, empty pool of the given kind ("zsmalloc" or "zbud"); page_limit 0 = unlimited."""
+    try:
+        cls = POOL_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown pool kind {kind!r} (choose from {', '.join(POOL_KINDS)})")
+    return cls(page_limit=page_limit)
+
+
+def arena_rss_bytes(target: Pool | FrameArena | None = None) -> int:
+    """Resident bytes of a pool's (or an arena's) mappings, from /proc/self/smaps.
+
+    With no argument: of every live pool arena in this process.
+    """
+    if target is None:
+        return all_arenas_rss_bytes()
+    if isinstance(target, Pool):
+        return target.arena_rss_bytes()
+    return target.rss_bytes()
+
+
+__all__ = [
+    "POOL_KINDS",
+    "PAGE_SIZE",
+    "BytesLike",
+    "ClassStats",
+    "FrameArena",
+    "InvalidHandleError",
+    "InvalidSizeError",
+    "Pool",
+    "PoolCorruptionError",
+    "PoolError",
+    "PoolFullError",
+    "PoolStats",
+    "SizeClass",
+    "ZbudPool",
+    "ZsmallocPool",
+    "arena_rss_bytes",
+    "build_classes",
+    "create_pool",
+]

@@ -1,0 +1,241 @@
+"""What every pool shares: the frame arena, the handle table, the page limit and the counters.
+
+The handle table `hloc` is one `array('Q')` indexed by handle. A live entry has bit 0 set and
+encodes where the object is (the layout belongs to the subclass). A free entry has bit 0 clear
+and holds the next free handle shifted left by one, forming an intrusive LIFO free list whose
+head is `hfree` (0 = empty). Entry 0 is never used, so handle 0 is always invalid.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from array import array
+
+from .classes import PAGE_SIZE
+from .errors import InvalidHandleError, PoolCorruptionError, PoolFullError
+from .frames import FrameArena
+from .stats import ClassStats, PoolStats
+
+#: What store() and write() accept (Python 3.11 has no collections.abc.Buffer).
+BytesLike = bytes | bytearray | memoryview
+
+#: Live handle-table entries carry this bit, like the kernel's OBJ_ALLOCATED_TAG.
+LIVE = 1
+#: Handles are kept below 2**31 so that an out-of-line reverse map fits in 4 bytes per slot
+#: (handle << 1 | LIVE in an array('I')); that is still 8 TiB of 4 KiB objects.
+MAX_HANDLE = (1 << 31) - 1
+
+
+class Pool(ABC):
+    """A compressed-object pool: malloc/store objects of 1..4096 bytes, get stable int handles.
+
+    Pure and synchronous. Not thread-safe: one caller at a time (the filesystem's trio loop).
+    """
+
+    kind: str = "?"
+
+    def __init__(self, page_limit: int = 0) -> None:
+        if page_limit < 0:
+            raise ValueError("page_limit must be >= 0 (0 = unlimited)")
+        #: Frames the pool may hold at most; 0 = unlimited. May be changed at any time; lowering
+        #: it below pages_used only makes new allocations fail.
+        self.page_limit = page_limit
+        self.arena = FrameArena()
+        self.hloc = array("Q", [0])
+        self.hfree = 0
+        self.pages_used = 0
+        self.max_pages_used = 0
+        self.objects = 0
+        self.bytes_stored = 0
+        self.huge_objects = 0
+        self.pages_compacted = 0
+        self.objects_moved = 0
+        self.bytes_moved = 0
+
+    # -- handles ----------------------------------------------------------------------------
+
+    def _check_handle_room(self) -> None:
+        """Raise before any change if no handle can be issued."""
+        if not self.hfree and len(self.hloc) > MAX_HANDLE:
+            raise PoolFullError("out of handles")
+
+    def _take_handle(self, word: int) -> int:
+        """Issue a handle for `word` (call `_check_handle_room` first)."""
+        h = self.hfree
+        hloc = self.hloc
+        if h:
+            self.hfree = hloc[h] >> 1
+            hloc[h] = word
+        else:
+            h = len(hloc)
+            hloc.append(word)
+        return h
+
+    def _release_handle(self, h: int) -> None:
+        self.hloc[h] = self.hfree << 1
+        self.hfree = h
+
+    def _word(self, h: int) -> int:
+        """The live table entry of handle `h`, or InvalidHandleError."""
+        try:
+            w = self.hloc[h] if h > 0 else 0
+        except (IndexError, TypeError):
+            raise InvalidHandleError(f"unknown handle {h!r}") from None
+        if not w & LIVE:
+            raise InvalidHandleError(f"handle {h!r} is not allocated")
+        return w
+
+    def _check_handle_table(self) -> int:
+        """Walk the free-handle list; return the number of live handles."""
+        hloc = self.hloc
+        if hloc[0] != 0:
+            raise PoolCorruptionError("handle table entry 0 is used")
+        seen: set[int] = set()
+        h = self.hfree
+        while h:
+            if h in seen or not 0 < h < len(hloc):
+                raise PoolCorruptionError(f"free-handle list broken at {h}")
+            if hloc[h] & LIVE:
+                raise PoolCorruptionError(f"live handle {h} on the free-handle list")
+            seen.add(h)
+            h = hloc[h] >> 1
+        live = sum(1 for w in hloc if w & LIVE)
+        if live + len(seen) + 1 != len(hloc):
+            raise PoolCorruptionError(
+                f"{len(hloc) - 1 - live - len(seen)} handles neither live nor free"
+            )
+        if live != self.objects:
+            raise PoolCorruptionError(f"{live} live handles but objects == {self.objects}")
+        return live
+
+    # -- the public interface ---------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def huge_class_size(self) -> int:
+        """Objects at least this long take a frame of their own (store a page raw instead)."""
+
+    @abstractmethod
+    def malloc(self, size: int) -> int:
+        """Allocate an object of `size` bytes (1..4096); its contents are undefined."""
+
+    @abstractmethod
+    def store(self, data: BytesLike) -> int:
+        """malloc(len(data)) and write data: the hot path. Raises PoolFullError."""
+
+    @abstractmethod
+    def write(self, h: int, data: BytesLike) -> None:
+        """Write `data` at the start of object `h` (len(data) <= object size)."""
+
+    @abstractmethod
+    def read(self, h: int) -> bytes:
+        """The object's bytes, exactly object_size(h) of them."""
+
+    @abstractmethod
+    def object_size(self, h: int) -> int:
+        """The size the object was allocated with."""
+
+    @abstractmethod
+    def free(self, h: int) -> None:
+        """Free object `h`; the handle becomes invalid (and may be reissued later)."""
+
+    def can_compact(self) -> int:
+        """Frames compaction could free now."""
+        return 0
+
+    def compact_step(self, max_objects: int = 64) -> int:
+        """Move at most `max_objects` objects; return how many moved (0 = nothing left)."""
+        return 0
+
+    def compact(self) -> int:
+        """Compact to completion; return the number of frames freed."""
+        before = self.pages_compacted
+        while self.compact_step(1 << 16):
+            pass
+        return self.pages_compacted - before
+
+    @abstractmethod
+    def class_statistics(self) -> list[ClassStats]:
+        """One row per distinct size class (zsmalloc's debugfs `classes` table)."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Verify every structure; raise PoolCorruptionError on any inconsistency."""
+
+    @abstractmethod
+    def _structures(self) -> list[object]:
+        """Every Python object the pool keeps its bookkeeping in (for metadata_bytes)."""
+
+    @abstractmethod
+    def _zspage_count(self) -> int: ...
+
+    def metadata_bytes(self) -> int:
+        """Bytes of Python bookkeeping: sys.getsizeof summed over every structure held."""
+        return (
+            sys.getsizeof(self)
+            + sys.getsizeof(self.__dict__)
+            + sys.getsizeof(self.hloc)
+            + sum(sys.getsizeof(s) for s in self._structures())
+            + self.arena.metadata_bytes()
+        )
+
+    def statistics(self) -> PoolStats:
+        return PoolStats(
+            kind=self.kind,
+            pages_used=self.pages_used,
+            max_pages_used=self.max_pages_used,
+            page_limit=self.page_limit,
+            objects=self.objects,
+            bytes_stored=self.bytes_stored,
+            pages_compacted=self.pages_compacted,
+            objects_moved=self.objects_moved,
+            bytes_moved=self.bytes_moved,
+            huge_objects=self.huge_objects,
+            freeable_pages=self.can_compact(),
+            metadata_bytes=self.metadata_bytes(),
+            zspages=self._zspage_count(),
+            free_frames=len(self.arena.free_frames),
+            mapped_bytes=self.arena.mapped_bytes,
+        )
+
+    def reset_max_pages(self) -> None:
+        """Restart the high-water mark from the current use (zram: echo 0 > mem_used_max)."""
+        self.max_pages_used = self.pages_used
+
+    def arena_rss_bytes(self) -> int:
+        """Resident bytes of this pool's arena, from /proc/self/smaps."""
+        return self.arena.rss_bytes()
+
+    def close(self) -> None:
+        """Unmap all memory. The pool must not be used afterwards (handles become invalid)."""
+        self.arena.close()
+        self.hloc = array("Q", [0])
+        self.hfree = 0
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_common(self) -> None:
+        """Checks that hold for every pool kind; subclasses call this from check()."""
+        self._check_handle_table()
+        arena = self.arena
+        free = arena.free_frames
+        if len(set(free)) != len(free):
+            raise PoolCorruptionError("a frame is on the free-frame list twice")
+        if free and max(free) >= arena.frames_created:
+            raise PoolCorruptionError("a never-created frame is on the free-frame list")
+        if arena.frames_in_use != self.pages_used:
+            raise PoolCorruptionError(
+                f"pages_used {self.pages_used} != frames in use {arena.frames_in_use}"
+            )
+        if self.max_pages_used < self.pages_used:
+            raise PoolCorruptionError("max_pages_used below pages_used")
+        if self.page_limit < 0:
+            raise PoolCorruptionError("negative page_limit")
+
+
+__all__ = ["Pool", "BytesLike", "PAGE_SIZE", "LIVE", "MAX_HANDLE"]

@@ -1,0 +1,224 @@
+"""Physical memory for the pools: 4 KiB frames carved out of anonymous private mmap segments.
+
+Invariants:
+  * A frame number `f` lives in segment `f >> SEGMENT_SHIFT` at byte `(f & SEGMENT_MASK) << 12`.
+    Segments are never unmapped before `close()`, so frame numbers stay valid.
+  * Every frame below `frames_created` is either in use (owned by exactly one zspage or zbud
+    page of the owning pool) or on `free_frames`; never both. Frames at or above it were never
+    touched and cost no memory.
+  * A frame on `free_frames` has been `madvise(MADV_DONTNEED)`-ed: it is not resident, and reads
+    as zeros when reused. That is how freed memory goes back to the OS at once.
+
+The arena grows by whole segments instead of one mmap per zspage, because Linux caps the number
+of mappings per process (vm.max_map_count, 65530 by default) and because a zspage never needs
+contiguous frames (objects straddling two frames are copied in two pieces).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import weakref
+from array import array
+from collections.abc import Iterable, Iterator
+
+from .classes import PAGE_SHIFT, PAGE_SIZE
+from .errors import PoolFullError
+
+#: 2**14 frames = 64 MiB of address space per segment: few mappings, cheap to reserve
+#: (untouched pages cost nothing) and small enough that a tiny pool stays tiny in smaps.
+SEGMENT_SHIFT = 14
+SEGMENT_FRAMES = 1 << SEGMENT_SHIFT
+SEGMENT_MASK = SEGMENT_FRAMES - 1
+SEGMENT_BYTES = SEGMENT_FRAMES * PAGE_SIZE
+
+#: /proc/self/pagemap entry bit 63: the page is present in RAM (readable without privileges).
+_PAGEMAP_PRESENT = 1 << 63
+
+_live_arenas: weakref.WeakSet[FrameArena] = weakref.WeakSet()
+
+
+def _mapping_address(m: mmap.mmap) -> int:
+    """Start address of an mmap; the temporary buffer export is dropped before returning so
+    that the mmap can still be closed."""
+    probe = ctypes.c_char.from_buffer(m)
+    try:
+        return ctypes.addressof(probe)
+    finally:
+        del probe
+
+
+class FrameArena:
+    """A growable set of 4 KiB frames with immediate return of freed frames to the OS."""
+
+    __slots__ = (
+        "segments",
+        "addresses",
+        "free_frames",
+        "frames_created",
+        "__weakref__",
+    )
+
+    def __init__(self) -> None:
+        #: One mmap per 64 MiB segment; pools index these directly on their hot paths.
+        self.segments: list[mmap.mmap] = []
+        #: Start address of each segment, for the smaps/pagemap accounting.
+        self.addresses: list[int] = []
+        #: LIFO stack of freed (DONTNEED-ed) frame numbers, reused before fresh ones.
+        self.free_frames = array("I")
+        self.frames_created = 0
+        _live_arenas.add(self)
+
+    # -- allocation -------------------------------------------------------------------------
+
+    def alloc(self) -> int:
+        """Return a frame number. Raises PoolFullError if the OS refuses a new segment."""
+        if self.free_frames:
+            return self.free_frames.pop()
+        f = self.frames_created
+        if f >> SEGMENT_SHIFT == len(self.segments):
+            self._grow()
+        self.frames_created = f + 1
+        return f
+
+    def alloc_many(self, n: int) -> list[int]:
+        """Return `n` frames, or none at all (PoolFullError) so no zspage is ever half made."""
+        got: list[int] = []
+        try:
+            for _ in range(n):
+                got.append(self.alloc())
+        except PoolFullError:
+            for f in reversed(got):
+                self.free_frames.append(f)  # untouched or already DONTNEED-ed: no madvise
+            raise
+        return got
+
+    def free(self, f: int) -> None:
+        """Give frame `f` back to the OS now and keep its number for reuse."""
+        self.segments[f >> SEGMENT_SHIFT].madvise(
+            mmap.MADV_DONTNEED, (f & SEGMENT_MASK) << PAGE_SHIFT, PAGE_SIZE
+        )
+        self.free_frames.append(f)
+
+    def _grow(self) -> None:
+        try:
+            m = mmap.mmap(
+                -1,
+                SEGMENT_BYTES,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except OSError as e:
+            raise PoolFullError(f"cannot map another {SEGMENT_BYTES >> 20} MiB segment: {e}") from e
+        # Transparent huge pages would make one touched frame cost 2 MiB of Rss, and DONTNEED of
+        # 4 KiB inside a huge page would not free anything until khugepaged splits it.
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+        self.segments.append(m)
+        self.addresses.append(_mapping_address(m))
+
+    # -- facts ------------------------------------------------------------------------------
+
+    @property
+    def frames_in_use(self) -> int:
+        return self.frames_created - len(self.free_frames)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return len(self.segments) * SEGMENT_BYTES
+
+    def metadata_bytes(self) -> int:
+        import sys
+
+        return (
+            sys.getsizeof(self)
+            + sys.getsizeof(self.segments)
+            + sum(sys.getsizeof(m) for m in self.segments)
+            + sys.getsizeof(self.addresses)
+            + sys.getsizeof(self.free_frames)
+        )
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The address ranges [start, end) of the segments."""
+        return [(a, a + SEGMENT_BYTES) for a in self.addresses]
+
+    def rss_bytes(self) -> int:
+        """Resident bytes of this arena's segments, from /proc/self/smaps."""
+        return _rss_of_ranges(self.ranges())
+
+    def close(self) -> None:
+        """Unmap every segment; the arena is empty afterwards."""
+        for m in self.segments:
+            m.close()
+        self.segments.clear()
+        self.addresses.clear()
+        self.free_frames = array("I")
+        self.frames_created = 0
+        _live_arenas.discard(self)
+
+
+def _smaps_vmas() -> Iterator[tuple[int, int, int]]:
+    """Yield (start, end, rss_bytes) for every mapping in /proc/self/smaps."""
+    start = end = -1
+    with open("/proc/self/smaps", "rb") as fh:
+        for line in fh:
+            head = line[:1]
+            if head in b"0123456789abcdef" and b"-" in line.split(b" ", 1)[0]:
+                lo, hi = line.split(b" ", 1)[0].split(b"-")
+                start, end = int(lo, 16), int(hi, 16)
+            elif line.startswith(b"Rss:") and start >= 0:
+                yield start, end, int(line.split()[1]) * 1024
+                start = -1
+
+
+def _pagemap_present_bytes(start: int, end: int) -> int:
+    """Resident bytes in [start, end) counted page by page from /proc/self/pagemap."""
+    n = (end - start) >> PAGE_SHIFT
+    entries = array("Q")
+    with open("/proc/self/pagemap", "rb") as fh:
+        fh.seek((start >> PAGE_SHIFT) * 8)
+        entries.frombytes(fh.read(n * 8))
+    return sum(1 for e in entries if e & _PAGEMAP_PRESENT) * PAGE_SIZE
+
+
+def _rss_of_ranges(ranges: Iterable[tuple[int, int]]) -> int:
+    """Rss of exactly the given address ranges.
+
+    Adjacent anonymous mappings with the same flags may be merged by the kernel into one VMA
+    (two of our segments, or a segment and a neighbour's memory). A VMA that lies wholly inside
+    our ranges contributes its smaps Rss; one that only partly overlaps (merged with foreign
+    memory) is counted page by page from /proc/self/pagemap over the overlap.
+    """
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    if not merged:
+        return 0
+    starts = [lo for lo, _ in merged]
+    total = 0
+    for vstart, vend, rss in _smaps_vmas():
+        i = bisect.bisect_right(starts, vstart) - 1
+        candidates = range(max(i, 0), len(merged))
+        for j in candidates:
+            lo, hi = merged[j]
+            if lo >= vend:
+                break
+            if hi <= vstart:
+                continue
+            if lo <= vstart and vend <= hi:
+                total += rss
+            else:
+                total += _pagemap_present_bytes(max(lo, vstart), min(hi, vend))
+    return total
+
+
+def all_arenas_rss_bytes() -> int:
+    """Resident bytes of every live arena in this process."""
+    ranges: list[tuple[int, int]] = []
+    for arena in list(_live_arenas):
+        ranges.extend(arena.ranges())
+    return _rss_of_ranges(ranges)

@@ -1,0 +1,612 @@
+"""zsmalloc in userspace: size classes, zspages, stable handles, fullness groups, compaction.
+
+A re-implementation of Linux 6.18 mm/zsmalloc.c (4 KiB pages, chain size 8) over the frames of a
+`FrameArena`. What follows the kernel: the 255 size classes merged into 119, the chain length of
+each class, objects laid back to back over a zspage's frames (so an object may straddle two
+frames that need not be adjacent), handle indirection so objects can move, the 12 fullness
+groups, "allocate into the fullest non-full zspage", "free a zspage when its last object dies",
+and __zs_compact's policy (pour the emptiest zspage into the fullest, classes from the largest
+down, huge class skipped, stop when zs_can_compact() is 0).
+
+What differs, because userspace allows it:
+  * No 8-byte handle header inside objects: the reverse map slot -> handle lives out of line,
+    so requests are not inflated and the huge watermark is 3633 instead of 3625.
+  * Huge objects (>= huge_class_size) have no zspage at all: the handle names its frame.
+  * Compaction is incremental (`compact_step(max_objects)`) so an async caller can yield.
+  * Every byte of bookkeeping is in packed arrays, measured by metadata_bytes().
+
+Data layout. Each distinct non-huge class owns parallel arrays indexed by a class-local zspage
+number L (reused through `free_zs`):
+    frames[L*pages + k]   frame number of the zspage's k-th frame
+    slots[L*objs + s]     slot s: (handle << 1) | 1 if allocated, else (next_free + 1) << 1
+                          (0 ends the zspage's free-slot list); kernel: struct link_free
+    inuse[L], freeobj[L]  live objects, head of the free-slot list (-1 = full)
+    group[L]              fullness group 0..11, or UNUSED if L is not a live zspage
+    prev[L], next[L]      intrusive doubly-linked fullness list (-1 = none)
+The handle table entry of a live object (see base.py) is
+    L << 31 | slot << 21 | class id << 13 | (size - 1) << 1 | 1
+and for a huge object `frame << 31` replaces L and slot (class id HUGE_CID).
+
+Invariants (all verified by check()):
+  * A live zspage has 1 <= inuse <= objs and sits on exactly the fullness list
+    heads[group_of[inuse]]; `mask` has bit g set iff heads[g] != -1. A zspage whose inuse drops
+    to 0 is freed at once, its frames given back to the OS.
+  * Slot s of zspage L is allocated iff its word has bit 0; then hloc[handle] decodes to
+    (class, L, s) and the object's size belongs to this class. The free slots form one acyclic
+    list from freeobj[L] of length objs - inuse.
+  * Every frame is owned by exactly one live zspage, one huge object, or the arena's free list;
+    pages_used counts the owned ones.
+  * obj_used == sum(inuse) and zspages == number of live L, per class.
+Concurrency: none. Calls are synchronous and run to completion; a compact_step() is atomic
+with respect to the caller, so readers never see a half-moved object.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from .base import LIVE, BytesLike, Pool
+from .classes import PAGE_SIZE, SizeClass, build_classes, class_index
+from .errors import InvalidSizeError, PoolCorruptionError, PoolFullError
+from .frames import SEGMENT_MASK, SEGMENT_SHIFT
+from .stats import ClassStats
+
+# Handle-table word fields (bit 0 is LIVE).
+_SIZE_SHIFT = 1
+_SIZE_MASK = 0xFFF  #: size - 1 in 12 bits: sizes 1..4096
+_CID_SHIFT = 13
+_CID_MASK = 0xFF  #: distinct-class id, at most 255 classes
+_SLOT_SHIFT = 21
+_SLOT_MASK = 0x3FF  #: slot index in 10 bits: at most 256 objects per zspage (class 48, chain 8)
+_ZS_SHIFT = 31  #: class-local zspage number (or frame number for huge objects) above this
+_LOW_MASK = (1 << _SLOT_SHIFT) - 1  #: size, class id and tag: what a move keeps
+
+#: The distinct classes are numbered from the largest down, so the huge (4096 B) class is 0.
+HUGE_CID = 0
+#: Number of fullness groups: empty, ten 10% buckets, full (kernel NR_FULLNESS_GROUPS).
+NR_GROUPS = 12
+FULL_GROUP = NR_GROUPS - 1
+#: group[L] of a class-local zspage number that is not in use.
+UNUSED = 0xFF
+#: Mask of groups 1..10 in a class's `mask`: the partly used zspages.
+_PARTIAL = ((1 << FULL_GROUP) - 1) & ~1
+
+_PAGE_MASK = PAGE_SIZE - 1
+
+
+def fullness_group(inuse: int, objs: int) -> int:
+    """Kernel get_fullness_group(): 0 empty, 11 full, else 100*inuse/objs in 10% buckets + 1."""
+    if inuse == 0:
+        return 0
+    if inuse == objs:
+        return FULL_GROUP
+    return 100 * inuse // objs // 10 + 1
+
+
+class _Class:
+    """Bookkeeping of one distinct size class (see the module comment for the arrays)."""
+
+    __slots__ = (
+        "cid", "index", "size", "pages", "objs", "huge", "group_of", "chain_init",
+        "frames", "slots", "inuse", "freeobj", "group", "prev", "next",
+        "heads", "mask", "free_zs", "zspages", "obj_used",
+    )  # fmt: skip
+
+    def __init__(self, cid: int, sc: SizeClass) -> None:
+        self.cid = cid
+        self.index = sc.index
+        self.size = sc.size
+        self.pages = sc.pages_per_zspage
+        self.objs = n = sc.objs_per_zspage
+        self.huge = sc.huge
+        #: inuse -> fullness group, so regrouping is one lookup.
+        self.group_of = bytes(fullness_group(i, n) for i in range(n + 1))
+        #: Slot words of a fresh zspage: every slot free, chained in slot order.
+        self.chain_init = array("I", [(s + 2) << 1 for s in range(n - 1)] + [0])
+        self.frames = array("I")
+        self.slots = array("I")
+        self.inuse = array("H")
+        self.freeobj = array("h")
+        self.group = array("B")
+        self.prev = array("i")
+        self.next = array("i")
+        self.heads = [-1] * NR_GROUPS
+        self.mask = 0
+        self.free_zs = array("i")
+        self.zspages = 0
+        self.obj_used = 0
+
+    def can_compact(self) -> int:
+        """Kernel zs_can_compact(): frames that whole zspages' worth of free slots would free."""
+        n = self.objs
+        return (self.zspages * n - self.obj_used) // n * self.pages
+
+    def unlink(self, z: int) -> None:
+        p = self.prev[z]
+        x = self.next[z]
+        if p >= 0:
+            self.next[p] = x
+        else:
+            g = self.group[z]
+            self.heads[g] = x
+            if x < 0:
+                self.mask &= ~(1 << g)
+        if x >= 0:
+            self.prev[x] = p
+
+    def link(self, z: int, g: int) -> None:
+        """Put zspage z at the head of group g's list (LIFO, like list_add)."""
+        x = self.heads[g]
+        self.prev[z] = -1
+        self.next[z] = x
+        if x >= 0:
+            self.prev[x] = z
+        else:
+            self.mask |= 1 << g
+        self.heads[g] = z
+        self.group[z] = g
+
+    def structures(self) -> list[object]:
+        return [
+            self, self.group_of, self.chain_init, self.frames, self.slots, self.inuse,
+            self.freeobj, self.group, self.prev, self.next, self.heads, self.free_zs,
+        ]  # fmt: skip
+
+
+class ZsmallocPool(Pool):
+    """The zsmalloc allocator (see the module comment)."""
+
+    kind = "zsmalloc"
+
+    def __init__(self, page_limit: int = 0) -> None:
+        super().__init__(page_limit)
+        distinct, _table, watermark = build_classes()
+        self._classes = [_Class(cid, sc) for cid, sc in enumerate(distinct)]
+        assert self._classes[HUGE_CID].huge and self._classes[HUGE_CID].size == PAGE_SIZE
+        cid_of_index = {sc.index: cid for cid, sc in enumerate(distinct)}
+        #: Request size -> distinct class id, for sizes 0..4096 (0 is rejected before lookup).
+        self._cid_of_size = bytes(
+            cid_of_index[_table[class_index(max(size, 1))].index] for size in range(PAGE_SIZE + 1)
+        )
+        self._huge_size = watermark
+        assert all(self._cid_of_size[s] == HUGE_CID for s in range(watermark, PAGE_SIZE + 1))
+        assert self._cid_of_size[watermark - 1] != HUGE_CID
+        #: Non-huge classes from the largest down: __zs_compact's visiting order.
+        self._compact_order = [c for c in self._classes if not c.huge]
+
+    @property
+    def huge_class_size(self) -> int:
+        return self._huge_size
+
+    # -- zspage alloc/free --------------------------------------------------------------------
+
+    def _new_zspage(self, c: _Class) -> int:
+        """Create an empty zspage in class c, linked into group 0; return its local number."""
+        p = c.pages
+        if self.page_limit and self.pages_used + p > self.page_limit:
+            raise PoolFullError(
+                f"page limit {self.page_limit} reached ({self.pages_used} used, {p} needed)"
+            )
+        frames = self.arena.alloc_many(p)
+        n = c.objs
+        if c.free_zs:
+            z = c.free_zs.pop()
+            c.frames[z * p : z * p + p] = array("I", frames)
+            c.slots[z * n : z * n + n] = c.chain_init
+            c.inuse[z] = 0
+            c.freeobj[z] = 0
+        else:
+            z = len(c.inuse)
+            c.frames.extend(frames)
+            c.slots.extend(c.chain_init)
+            c.inuse.append(0)
+            c.freeobj.append(0)
+            c.group.append(UNUSED)
+            c.prev.append(-1)
+            c.next.append(-1)
+        c.link(z, 0)
+        c.zspages += 1
+        self.pages_used += p
+        if self.pages_used > self.max_pages_used:
+            self.max_pages_used = self.pages_used
+        return z
+
+    def _free_zspage(self, c: _Class, z: int) -> None:
+        """Unlink an empty zspage and give its frames back to the OS at once."""
+        c.unlink(z)
+        c.group[z] = UNUSED
+        p = c.pages
+        free = self.arena.free
+        for f in c.frames[z * p : z * p + p]:
+            free(f)
+        c.free_zs.append(z)
+        c.zspages -= 1
+        self.pages_used -= p
+
+    # -- object alloc/free --------------------------------------------------------------------
+
+    def _alloc(self, size: int) -> int:
+        """Allocate an object of `size` bytes and issue its handle (the kernel's zs_malloc)."""
+        if not 0 < size <= PAGE_SIZE:
+            raise InvalidSizeError(f"object size {size} outside 1..{PAGE_SIZE}")
+        self._check_handle_room()
+        cid = self._cid_of_size[size]
+        if cid == HUGE_CID:
+            if self.page_limit and self.pages_used >= self.page_limit:
+                raise PoolFullError(f"page limit {self.page_limit} reached")
+            frame = self.arena.alloc()
+            self.pages_used += 1
+            if self.pages_used > self.max_pages_used:
+                self.max_pages_used = self.pages_used
+            self.huge_objects += 1
+            c = self._classes[HUGE_CID]
+            c.obj_used += 1
+            c.zspages += 1
+            word = frame << _ZS_SHIFT | (size - 1) << _SIZE_SHIFT | LIVE
+            h = self._take_handle(word)
+        else:
+            c = self._classes[cid]
+            # find_get_zspage(): the fullest non-full zspage, scanning groups 10 down to 0.
+            m = c.mask & (_PARTIAL | 1)
+            z = c.heads[m.bit_length() - 1] if m else self._new_zspage(c)
+            s = c.freeobj[z]
+            base = z * c.objs
+            slots = c.slots
+            c.freeobj[z] = (slots[base + s] >> 1) - 1
+            word = z << _ZS_SHIFT | s << _SLOT_SHIFT | cid << _CID_SHIFT
+            word |= (size - 1) << _SIZE_SHIFT | LIVE
+            h = self._take_handle(word)
+            slots[base + s] = h << 1 | LIVE
+            inuse = c.inuse[z] + 1
+            c.inuse[z] = inuse
+            g = c.group_of[inuse]
+            if g != c.group[z]:
+                c.unlink(z)
+                c.link(z, g)
+            c.obj_used += 1
+        self.objects += 1
+        self.bytes_stored += size
+        return h
+
+    def malloc(self, size: int) -> int:
+        return self._alloc(size)
+
+    def store(self, data: BytesLike) -> int:
+        h = self._alloc(len(data))
+        self._put(self.hloc[h], data, len(data))
+        return h
+
+    def free(self, h: int) -> None:
+        w = self._word(h)
+        cid = w >> _CID_SHIFT & _CID_MASK
+        c = self._classes[cid]
+        if cid == HUGE_CID:
+            self.arena.free(w >> _ZS_SHIFT)
+            self.pages_used -= 1
+            self.huge_objects -= 1
+            c.obj_used -= 1
+            c.zspages -= 1
+        else:
+            z = w >> _ZS_SHIFT
+            s = w >> _SLOT_SHIFT & _SLOT_MASK
+            c.slots[z * c.objs + s] = (c.freeobj[z] + 1) << 1
+            c.freeobj[z] = s
+            inuse = c.inuse[z] - 1
+            c.inuse[z] = inuse
+            c.obj_used -= 1
+            if inuse == 0:
+                self._free_zspage(c, z)
+            else:
+                g = c.group_of[inuse]
+                if g != c.group[z]:
+                    c.unlink(z)
+                    c.link(z, g)
+        self._release_handle(h)
+        self.objects -= 1
+        self.bytes_stored -= (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+
+    # -- object access ------------------------------------------------------------------------
+
+    def _put(self, w: int, data: BytesLike, n: int) -> None:
+        """Copy n bytes of data to the start of the object that handle word w locates."""
+        cid = w >> _CID_SHIFT & _CID_MASK
+        if cid == HUGE_CID:
+            frame = w >> _ZS_SHIFT
+            inoff = 0
+        else:
+            c = self._classes[cid]
+            off = (w >> _SLOT_SHIFT & _SLOT_MASK) * c.size
+            fi = (w >> _ZS_SHIFT) * c.pages + (off >> 12)
+            frame = c.frames[fi]
+            inoff = off & _PAGE_MASK
+            if inoff + n > PAGE_SIZE:  # straddles into the zspage's next frame
+                head = PAGE_SIZE - inoff
+                mv = memoryview(data)
+                nxt = c.frames[fi + 1]
+                seg = self.arena.segments[frame >> SEGMENT_SHIFT]
+                pos = ((frame & SEGMENT_MASK) << 12) + inoff
+                seg[pos : pos + head] = mv[:head]
+                seg = self.arena.segments[nxt >> SEGMENT_SHIFT]
+                pos = (nxt & SEGMENT_MASK) << 12
+                seg[pos : pos + n - head] = mv[head:]
+                return
+        seg = self.arena.segments[frame >> SEGMENT_SHIFT]
+        pos = ((frame & SEGMENT_MASK) << 12) + inoff
+        seg[pos : pos + n] = data
+
+    def _get(self, w: int) -> bytes:
+        """The bytes of the object that handle word w locates."""
+        n = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+        cid = w >> _CID_SHIFT & _CID_MASK
+        if cid == HUGE_CID:
+            frame = w >> _ZS_SHIFT
+            pos = (frame & SEGMENT_MASK) << 12
+            return self.arena.segments[frame >> SEGMENT_SHIFT][pos : pos + n]
+        c = self._classes[cid]
+        off = (w >> _SLOT_SHIFT & _SLOT_MASK) * c.size
+        fi = (w >> _ZS_SHIFT) * c.pages + (off >> 12)
+        frame = c.frames[fi]
+        inoff = off & _PAGE_MASK
+        pos = ((frame & SEGMENT_MASK) << 12) + inoff
+        seg = self.arena.segments[frame >> SEGMENT_SHIFT]
+        if inoff + n <= PAGE_SIZE:
+            return seg[pos : pos + n]
+        head = PAGE_SIZE - inoff
+        nxt = c.frames[fi + 1]
+        pos2 = (nxt & SEGMENT_MASK) << 12
+        return seg[pos : pos + head] + self.arena.segments[nxt >> SEGMENT_SHIFT][
+            pos2 : pos2 + n - head
+        ]
+
+    def read(self, h: int) -> bytes:
+        try:
+            w = self.hloc[h] if h > 0 else 0
+        except (IndexError, TypeError):
+            w = 0
+        if not w & LIVE:
+            self._word(h)  # raises the right InvalidHandleError
+        return self._get(w)
+
+    def write(self, h: int, data: BytesLike) -> None:
+        w = self._word(h)
+        n = len(data)
+        size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+        if n > size:
+            raise InvalidSizeError(f"write of {n} bytes into a {size}-byte object")
+        self._put(w, data, n)
+
+    def object_size(self, h: int) -> int:
+        return (self._word(h) >> _SIZE_SHIFT & _SIZE_MASK) + 1
+
+    # -- compaction ---------------------------------------------------------------------------
+
+    def can_compact(self) -> int:
+        return sum(c.can_compact() for c in self._compact_order)
+
+    def compact_step(self, max_objects: int = 64) -> int:
+        """One bounded slice of zs_compact(): classes from the largest down, each drained while
+        zs_can_compact() says a whole zspage could be freed."""
+        if max_objects <= 0:
+            return 0
+        moved = 0
+        for c in self._compact_order:
+            n = c.objs
+            while moved < max_objects and (c.zspages * n - c.obj_used) >= n:
+                part = c.mask & _PARTIAL
+                # src: the emptiest non-empty zspage; dst: the fullest non-full one. Free slots
+                # worth a whole zspage imply two partly used zspages, so they differ.
+                src = c.heads[(part & -part).bit_length() - 1]
+                dst = c.heads[part.bit_length() - 1]
+                if dst == src:
+                    dst = c.next[src]
+                if dst < 0:  # cannot happen while the invariants hold
+                    raise PoolCorruptionError(f"class {c.size}: can_compact>0, one partial zspage")
+                moved += self._migrate(c, src, dst, max_objects - moved)
+            if moved >= max_objects:
+                break
+        self.objects_moved += moved
+        return moved
+
+    def _migrate(self, c: _Class, src: int, dst: int, budget: int) -> int:
+        """Kernel migrate_zspage(): move objects from src to dst in slot order until dst is full,
+        src is empty, or the budget is spent; then regroup both (and free src if emptied)."""
+        n = c.objs
+        slots, inuse, freeobj, hloc = c.slots, c.inuse, c.freeobj, self.hloc
+        sbase, dbase = src * n, dst * n
+        s = 0
+        moved = 0
+        nbytes = 0
+        while moved < budget and inuse[src] and inuse[dst] < n:
+            while not slots[sbase + s] & LIVE:
+                s += 1
+            sw = slots[sbase + s]
+            h = sw >> 1
+            w = hloc[h]
+            data = self._get(w)
+            d = freeobj[dst]
+            freeobj[dst] = (slots[dbase + d] >> 1) - 1
+            slots[dbase + d] = sw
+            inuse[dst] += 1
+            nw = w & _LOW_MASK | d << _SLOT_SHIFT | dst << _ZS_SHIFT
+            self._put(nw, data, len(data))
+            hloc[h] = nw  # the handle now names the new location: the move is complete
+            slots[sbase + s] = (freeobj[src] + 1) << 1
+            freeobj[src] = s
+            inuse[src] -= 1
+            moved += 1
+            nbytes += len(data)
+            s += 1
+        self.bytes_moved += nbytes
+        g = c.group_of[inuse[dst]]
+        if g != c.group[dst]:
+            c.unlink(dst)
+            c.link(dst, g)
+        if inuse[src] == 0:
+            self._free_zspage(c, src)
+            self.pages_compacted += c.pages
+        else:
+            g = c.group_of[inuse[src]]
+            if g != c.group[src]:
+                c.unlink(src)
+                c.link(src, g)
+        return moved
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def class_statistics(self) -> list[ClassStats]:
+        rows = []
+        for c in self._classes:
+            hist = [0] * NR_GROUPS
+            if c.huge:
+                hist[FULL_GROUP] = c.zspages
+            else:
+                for g in range(NR_GROUPS):
+                    z = c.heads[g]
+                    while z >= 0:
+                        hist[g] += 1
+                        z = c.next[z]
+            rows.append(
+                ClassStats(
+                    index=c.index,
+                    size=c.size,
+                    inuse_histogram=tuple(hist[1:]),
+                    obj_allocated=c.zspages * c.objs,
+                    obj_used=c.obj_used,
+                    pages_used=c.zspages * c.pages,
+                    pages_per_zspage=c.pages,
+                    objs_per_zspage=c.objs,
+                    freeable=0 if c.huge else c.can_compact(),
+                )
+            )
+        rows.sort(key=lambda r: r.index)
+        return rows
+
+    def _zspage_count(self) -> int:
+        return sum(c.zspages for c in self._classes)
+
+    def _structures(self) -> list[object]:
+        out: list[object] = [self._classes, self._cid_of_size, self._compact_order]
+        for c in self._classes:
+            out.extend(c.structures())
+        return out
+
+    # -- the invariant checker ----------------------------------------------------------------
+
+    def check(self) -> None:
+        """Verify every zspage, list, slot and handle; raise PoolCorruptionError if any is off."""
+        self._check_common()
+        hloc = self.hloc
+        owner: dict[int, str] = {}
+        used_handles = 0
+        total_bytes = 0
+        pages = 0
+
+        def own(frame: int, who: str) -> None:
+            if frame >= self.arena.frames_created:
+                raise PoolCorruptionError(f"{who} owns never-created frame {frame}")
+            if frame in owner:
+                raise PoolCorruptionError(f"frame {frame} owned by {owner[frame]} and {who}")
+            owner[frame] = who
+
+        for f in self.arena.free_frames:
+            own(f, "the free list")
+        for c in self._classes:
+            if c.huge:
+                continue
+            n, p = c.objs, c.pages
+            nz = len(c.inuse)
+            for arr in (c.freeobj, c.group, c.prev, c.next):
+                if len(arr) != nz:
+                    raise PoolCorruptionError(f"class {c.size}: per-zspage arrays differ in length")
+            if len(c.frames) != nz * p or len(c.slots) != nz * n:
+                raise PoolCorruptionError(f"class {c.size}: frame/slot arrays have wrong length")
+            # fullness lists
+            on_list: set[int] = set()
+            for g in range(NR_GROUPS):
+                z = c.heads[g]
+                if (z >= 0) != bool(c.mask >> g & 1):
+                    raise PoolCorruptionError(f"class {c.size}: mask bit {g} wrong")
+                prev = -1
+                while z >= 0:
+                    if z in on_list or z >= nz:
+                        raise PoolCorruptionError(f"class {c.size}: list {g} broken at {z}")
+                    if c.prev[z] != prev:
+                        raise PoolCorruptionError(f"class {c.size}: zspage {z} bad prev link")
+                    if c.group[z] != g:
+                        raise PoolCorruptionError(f"class {c.size}: zspage {z} on wrong list")
+                    on_list.add(z)
+                    prev, z = z, c.next[z]
+            free_zs = set(c.free_zs)
+            if len(free_zs) != len(c.free_zs):
+                raise PoolCorruptionError(f"class {c.size}: zspage number freed twice")
+            live = {z for z in range(nz) if c.group[z] != UNUSED}
+            if live != on_list or free_zs != set(range(nz)) - live:
+                raise PoolCorruptionError(f"class {c.size}: live zspages, lists, free set differ")
+            if len(live) != c.zspages:
+                raise PoolCorruptionError(f"class {c.size}: zspages counter wrong")
+            used = 0
+            for z in live:
+                k = c.inuse[z]
+                if not 0 < k <= n or c.group[z] != c.group_of[k]:
+                    raise PoolCorruptionError(f"class {c.size}: zspage {z} inuse {k} bad")
+                for f in c.frames[z * p : z * p + p]:
+                    own(f, f"class {c.size} zspage {z}")
+                # free-slot list
+                seen: set[int] = set()
+                s = c.freeobj[z]
+                while s >= 0:
+                    if s >= n or s in seen:
+                        raise PoolCorruptionError(f"class {c.size}: zspage {z} free list broken")
+                    sw = c.slots[z * n + s]
+                    if sw & LIVE:
+                        raise PoolCorruptionError(f"class {c.size}: allocated slot on free list")
+                    seen.add(s)
+                    s = (sw >> 1) - 1
+                if len(seen) != n - k:
+                    raise PoolCorruptionError(f"class {c.size}: zspage {z} free-slot count wrong")
+                for s in range(n):
+                    sw = c.slots[z * n + s]
+                    if not sw & LIVE:
+                        if s not in seen:
+                            raise PoolCorruptionError(f"class {c.size}: slot neither used nor free")
+                        continue
+                    h = sw >> 1
+                    w = hloc[h] if h < len(hloc) else 0
+                    expect = z << _ZS_SHIFT | s << _SLOT_SHIFT | c.cid << _CID_SHIFT | LIVE
+                    if w & ~(_SIZE_MASK << _SIZE_SHIFT) != expect:
+                        raise PoolCorruptionError(
+                            f"class {c.size}: slot ({z},{s}) -> handle {h} does not map back"
+                        )
+                    size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+                    if self._cid_of_size[size] != c.cid:
+                        raise PoolCorruptionError(f"handle {h}: size {size} not in class {c.size}")
+                    total_bytes += size
+                used += k
+            if used != c.obj_used:
+                raise PoolCorruptionError(f"class {c.size}: obj_used {c.obj_used} != {used}")
+            used_handles += used
+            pages += len(live) * p
+        huge = 0
+        for h in range(1, len(hloc)):
+            w = hloc[h]
+            if w & LIVE and (w >> _CID_SHIFT & _CID_MASK) == HUGE_CID:
+                if w >> _SLOT_SHIFT & _SLOT_MASK:
+                    raise PoolCorruptionError(f"huge handle {h} has a slot")
+                size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+                if size < self._huge_size:
+                    raise PoolCorruptionError(f"huge handle {h} of {size} bytes")
+                own(w >> _ZS_SHIFT, f"huge handle {h}")
+                huge += 1
+                total_bytes += size
+        hc = self._classes[HUGE_CID]
+        if not huge == self.huge_objects == hc.obj_used == hc.zspages:
+            raise PoolCorruptionError(f"huge object counters disagree ({huge} found)")
+        if used_handles + huge != self.objects:
+            raise PoolCorruptionError("live handles not all reachable from zspages")
+        if pages + huge != self.pages_used:
+            raise PoolCorruptionError(f"pages_used {self.pages_used} != {pages + huge} owned")
+        if len(owner) != self.arena.frames_created:
+            raise PoolCorruptionError("a frame is neither in use nor free")
+        if total_bytes != self.bytes_stored:
+            raise PoolCorruptionError(f"bytes_stored {self.bytes_stored} != {total_bytes}")
+
