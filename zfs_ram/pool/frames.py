@@ -7,7 +7,8 @@ Invariants:
     page of the owning pool) or on `free_frames`; never both. Frames at or above it were never
     touched and cost no memory.
   * A frame on `free_frames` has been `madvise(MADV_DONTNEED)`-ed: it is not resident, and reads
-    as zeros when reused. That is how freed memory goes back to the OS at once.
+    as zeros when reused. That is how freed memory goes back to the OS at once. A frame handed
+    out by alloc() is made resident, so Rss of the arena == frames in use * PAGE_SIZE.
 
 The arena grows by whole segments instead of one mmap per zspage, because Linux caps the number
 of mappings per process (vm.max_map_count, 65530 by default) and because a zspage never needs
@@ -73,13 +74,20 @@ class FrameArena:
     # -- allocation -------------------------------------------------------------------------
 
     def alloc(self) -> int:
-        """Return a frame number. Raises PoolFullError if the OS refuses a new segment."""
+        """Return a frame number, resident. Raises PoolFullError if the OS refuses a segment.
+
+        The frame is faulted in at once (one byte written) because the kernel's zspages are
+        made of real pages too: pages_used * PAGE_SIZE then equals the arena's Rss, instead of
+        running ahead of it by the untouched tail frames of fresh zspages.
+        """
         if self.free_frames:
-            return self.free_frames.pop()
-        f = self.frames_created
-        if f >> SEGMENT_SHIFT == len(self.segments):
-            self._grow()
-        self.frames_created = f + 1
+            f = self.free_frames.pop()
+        else:
+            f = self.frames_created
+            if f >> SEGMENT_SHIFT == len(self.segments):
+                self._grow()
+            self.frames_created = f + 1
+        self.segments[f >> SEGMENT_SHIFT][(f & SEGMENT_MASK) << PAGE_SHIFT] = 0
         return f
 
     def alloc_many(self, n: int) -> list[int]:
@@ -90,7 +98,7 @@ class FrameArena:
                 got.append(self.alloc())
         except PoolFullError:
             for f in reversed(got):
-                self.free_frames.append(f)  # untouched or already DONTNEED-ed: no madvise
+                self.free(f)
             raise
         return got
 

@@ -1,0 +1,432 @@
+"""Unit tests of the zsmalloc pool: class table, layout, fullness, limits, compaction, check()."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from zfs_ram.pool import (
+    PAGE_SIZE,
+    InvalidHandleError,
+    InvalidSizeError,
+    PoolCorruptionError,
+    PoolError,
+    PoolFullError,
+    ZsmallocPool,
+    build_classes,
+    create_pool,
+)
+from zfs_ram.pool.classes import NUM_CLASSES, chain_size, class_index
+from zfs_ram.pool.zsmalloc import fullness_group
+
+
+@pytest.fixture
+def pool() -> Iterator[ZsmallocPool]:
+    p = create_pool("zsmalloc")
+    assert isinstance(p, ZsmallocPool)
+    yield p
+    p.close()
+
+
+def payload(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def class_row(pool: ZsmallocPool, size: int):  # noqa: ANN201 - a ClassStats
+    """The class_statistics() row of the class that a request of `size` bytes lands in."""
+    rows = [r for r in pool.class_statistics() if r.size >= size]
+    return min(rows, key=lambda r: r.size)
+
+
+# -- the class table ---------------------------------------------------------------------------
+
+
+def test_class_table_matches_the_kernel_with_chain_8() -> None:
+    distinct, table, huge = build_classes()
+    assert NUM_CLASSES == 255 and len(table) == 255
+    assert len(distinct) == 119
+    assert huge == 3633  # kernel: 3625, plus the 8-byte in-object header we do not keep
+    pages = sorted({c.pages_per_zspage for c in distinct})
+    assert pages == list(range(1, 9))
+
+
+@pytest.mark.parametrize(("chain", "count"), [(4, 69), (8, 119), (16, 192)])
+def test_class_count_for_other_chain_sizes(chain: int, count: int) -> None:
+    assert len(build_classes(chain)[0]) == count
+
+
+@pytest.mark.parametrize(
+    ("size", "pages", "objs"),
+    [(1568, 5, 13), (4096, 1, 1), (2048, 1, 2), (32, 1, 128), (48, 3, 256), (3632, 8, 9)],
+)
+def test_class_spot_checks(size: int, pages: int, objs: int) -> None:
+    _, table, _ = build_classes()
+    c = table[class_index(size)]
+    assert (c.size, c.pages_per_zspage, c.objs_per_zspage) == (size, pages, objs)
+
+
+def test_small_requests_round_up_to_32_and_merged_classes_round_up() -> None:
+    _, table, _ = build_classes()
+    assert table[class_index(1)].size == 32
+    # Everything from the watermark up is one merged 4096-byte huge class.
+    assert {table[class_index(s)].size for s in range(3633, 4097)} == {4096}
+    assert chain_size(1568) == 5 and chain_size(1024) == 1
+
+
+def test_fullness_groups_follow_the_kernel() -> None:
+    assert fullness_group(0, 13) == 0
+    assert fullness_group(13, 13) == 11
+    assert fullness_group(1, 127) == 1  # 0.8% is in the first 10% bucket, not "empty"
+    assert fullness_group(12, 13) == 10  # 92%
+    assert fullness_group(5, 10) == 6  # exactly 50% -> 50..60% bucket
+
+
+def test_huge_class_size_and_huge_objects(pool: ZsmallocPool) -> None:
+    assert pool.huge_class_size == 3633
+    a = pool.store(payload(3632, 1))
+    assert pool.statistics().huge_objects == 0
+    b = pool.store(payload(3633, 2))
+    c = pool.store(payload(4096, 3))
+    s = pool.statistics()
+    assert s.huge_objects == 2
+    assert class_row(pool, 4096).obj_used == 2 and class_row(pool, 4096).pages_used == 2
+    assert pool.read(b) == payload(3633, 2) and pool.read(c) == payload(4096, 3)
+    pool.free(b)
+    pool.free(c)
+    assert pool.statistics().pages_used == 8  # the 3632-byte class has 8-page zspages
+    pool.free(a)
+    assert pool.statistics().pages_used == 0
+    pool.check()
+
+
+def test_class_statistics_has_one_row_per_distinct_class(pool: ZsmallocPool) -> None:
+    rows = pool.class_statistics()
+    assert len(rows) == 119
+    assert [r.index for r in rows] == sorted(r.index for r in rows)
+    assert all(len(r.inuse_histogram) == 11 for r in rows)  # 10%..90%, 99%, 100%
+
+
+# -- storage and layout ------------------------------------------------------------------------
+
+
+def test_store_read_round_trip_all_sizes(pool: ZsmallocPool) -> None:
+    sizes = range(1, PAGE_SIZE + 1, 7)  # 1, 8, ..., 4096: every class, huge included
+    assert sizes[-1] == PAGE_SIZE
+    handles = {pool.store(payload(n, n)): n for n in sizes}
+    pool.check()
+    for h, n in handles.items():
+        assert pool.object_size(h) == n
+        assert pool.read(h) == payload(n, n)
+    assert min(handles) >= 1
+
+
+def test_malloc_then_partial_and_full_writes(pool: ZsmallocPool) -> None:
+    h = pool.malloc(100)
+    pool.write(h, b"x" * 100)
+    pool.write(h, b"abc")
+    assert pool.read(h) == b"abc" + b"x" * 97
+    pool.write(h, bytearray(b"z" * 100))
+    pool.write(h, memoryview(b"q" * 10))
+    assert pool.read(h) == b"q" * 10 + b"z" * 90
+
+
+def test_objects_straddle_non_adjacent_frames(pool: ZsmallocPool) -> None:
+    # Scatter the free-frame list: huge objects in frames 0..19, free every other one, so the
+    # next 5-frame zspage is built from frames that are not neighbours in the arena.
+    huge = [pool.store(bytes([i]) * PAGE_SIZE) for i in range(20)]
+    for h in huge[::2]:
+        pool.free(h)
+    objs = {pool.store(payload(1568, i)): i for i in range(13)}  # one full 5-page zspage
+    c = pool._classes[pool._cid_of_size[1568]]
+    frames = list(c.frames[0:5])
+    assert all(abs(a - b) > 1 for a, b in zip(frames, frames[1:], strict=False))
+    # Slot 2 spans bytes 3136..4704 of the zspage: it straddles frames 0 and 1.
+    assert (2 * 1568) // PAGE_SIZE != (3 * 1568 - 1) // PAGE_SIZE
+    pool.check()
+    for h, i in objs.items():
+        assert pool.read(h) == payload(1568, i)
+    for h in huge[1::2]:
+        assert pool.read(h)[0] == huge.index(h)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, -1, PAGE_SIZE + 1, 1 << 20])
+def test_bad_sizes_are_refused(pool: ZsmallocPool, size: int) -> None:
+    with pytest.raises(InvalidSizeError):
+        pool.malloc(size)
+    with pytest.raises(ValueError):
+        pool.malloc(size)
+    pool.check()
+
+
+def test_empty_and_oversized_store_refused(pool: ZsmallocPool) -> None:
+    with pytest.raises(InvalidSizeError):
+        pool.store(b"")
+    with pytest.raises(InvalidSizeError):
+        pool.store(bytes(PAGE_SIZE + 1))
+    assert pool.statistics().objects == 0
+
+
+def test_bad_handles_are_refused(pool: ZsmallocPool) -> None:
+    h = pool.store(b"hello")
+    for bad in (0, -1, h + 1, 1 << 40):
+        for op in (pool.read, pool.free, pool.object_size):
+            with pytest.raises(InvalidHandleError):
+                op(bad)
+    pool.free(h)
+    with pytest.raises(InvalidHandleError):
+        pool.free(h)
+    with pytest.raises(InvalidHandleError):
+        pool.read(h)
+    with pytest.raises(InvalidHandleError):
+        pool.write(h, b"x")
+    assert issubclass(InvalidHandleError, PoolError)
+    pool.check()
+
+
+def test_write_longer_than_object_refused(pool: ZsmallocPool) -> None:
+    h = pool.store(b"0123456789")
+    with pytest.raises(InvalidSizeError):
+        pool.write(h, b"x" * 11)
+    with pytest.raises(ValueError):
+        pool.write(h, b"x" * 11)
+    assert pool.read(h) == b"0123456789"
+
+
+def test_unknown_kind_refused() -> None:
+    with pytest.raises(ValueError, match="unknown pool kind"):
+        create_pool("z3fold")
+    with pytest.raises(ValueError):
+        ZsmallocPool(page_limit=-1)
+
+
+# -- page limit --------------------------------------------------------------------------------
+
+
+def test_page_limit_refuses_without_damage(pool: ZsmallocPool) -> None:
+    pool.page_limit = 20
+    stored: dict[int, bytes] = {}
+    with pytest.raises(PoolFullError):
+        for i in range(10_000):
+            d = payload(1568, i)
+            stored[pool.store(d)] = d
+    s = pool.statistics()
+    assert s.pages_used == 20 == s.max_pages_used  # four whole 5-page zspages, nothing half made
+    assert s.objects == len(stored) == 4 * 13
+    pool.check()
+    # A 3632-byte object needs a fresh 8-page zspage: refused; a 1-page class cannot fit either.
+    with pytest.raises(PoolFullError):
+        pool.malloc(3632)
+    with pytest.raises(PoolFullError):
+        pool.store(bytes(PAGE_SIZE))
+    pool.check()
+    assert all(pool.read(h) == d for h, d in stored.items())
+    pool.page_limit = 0  # unlimited again, at runtime
+    pool.store(bytes(PAGE_SIZE))
+    assert pool.statistics().pages_used == 21
+
+
+def test_page_limit_still_fills_partial_zspages(pool: ZsmallocPool) -> None:
+    first = pool.store(payload(1568, 0))
+    pool.page_limit = pool.statistics().pages_used
+    more = [pool.store(payload(1568, i)) for i in range(1, 13)]  # the zspage's other 12 slots
+    with pytest.raises(PoolFullError):
+        pool.store(payload(1568, 13))
+    assert len(more) == 12 and pool.read(first) == payload(1568, 0)
+    pool.check()
+
+
+def test_max_pages_and_reset(pool: ZsmallocPool) -> None:
+    hs = [pool.store(bytes(PAGE_SIZE)) for _ in range(10)]
+    for h in hs[:7]:
+        pool.free(h)
+    s = pool.statistics()
+    assert (s.pages_used, s.max_pages_used) == (3, 10)
+    pool.reset_max_pages()
+    assert pool.statistics().max_pages_used == 3
+
+
+# -- fullness and allocation policy ------------------------------------------------------------
+
+
+def test_allocation_goes_to_the_fullest_non_full_zspage(pool: ZsmallocPool) -> None:
+    hs = [pool.store(payload(1568, i)) for i in range(39)]  # three full 13-object zspages
+    a, b, c = hs[0:13], hs[13:26], hs[26:39]
+    for h in a[:10]:
+        pool.free(h)  # zspage A: 3/13 = 23% -> group 3 (20-30%)
+    for h in b[:3]:
+        pool.free(h)  # zspage B: 10/13 = 76% -> group 8 (70-80%)
+    for h in c[:6]:
+        pool.free(h)  # zspage C: 7/13 = 53% -> group 6
+    row = class_row(pool, 1568)
+    assert row.inuse_histogram == (0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 0)
+    pool.store(payload(1568, 99))  # must land in B: 11/13 = 84% -> group 9
+    row = class_row(pool, 1568)
+    assert row.inuse_histogram == (0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0)
+    assert row.obj_used == 3 + 11 + 7 and row.obj_allocated == 39
+    pool.check()
+
+
+def test_zspage_is_freed_with_its_last_object(pool: ZsmallocPool) -> None:
+    hs = [pool.store(payload(1568, i)) for i in range(14)]  # 1 full zspage + 1 object
+    assert pool.statistics().pages_used == 10
+    pool.free(hs[13])
+    assert pool.statistics().pages_used == 5
+    for h in hs[:12]:
+        pool.free(h)
+        assert pool.statistics().pages_used == 5
+    rss_before = pool.arena_rss_bytes()
+    pool.free(hs[12])
+    s = pool.statistics()
+    assert s.pages_used == 0 and s.free_frames == 10
+    assert pool.arena_rss_bytes() == rss_before - 5 * PAGE_SIZE
+    pool.check()
+
+
+# -- compaction --------------------------------------------------------------------------------
+
+
+def test_compaction_frees_the_emptiest_zspages(pool: ZsmallocPool) -> None:
+    hs = [pool.store(payload(1568, i)) for i in range(39)]
+    keep = {h: payload(1568, i) for i, h in enumerate(hs)}
+    c = pool._classes[pool._cid_of_size[1568]]
+    frames_of = [set(c.frames[z * 5 : z * 5 + 5]) for z in range(3)]
+    for h in hs[0:11] + hs[13:18] + hs[26:30]:  # A: 2 left, B: 8 left, C: 9 left
+        pool.free(h)
+        del keep[h]
+    assert pool.can_compact() == 5  # 20 free slots: one whole zspage's worth
+    assert class_row(pool, 1568).freeable == 5
+    freed = pool.compact()
+    assert freed == 5
+    s = pool.statistics()
+    assert s.pages_compacted == 5 and s.objects_moved == 2 and s.pages_used == 10
+    assert s.bytes_moved == 2 * 1568 and s.freeable_pages == 0
+    assert frames_of[0] <= set(pool.arena.free_frames)  # A, the emptiest, is gone
+    assert pool.compact() == 0
+    pool.check()
+    assert all(pool.read(h) == d for h, d in keep.items())
+
+
+def test_compact_step_is_bounded_and_ends_with_zero(pool: ZsmallocPool) -> None:
+    rng = random.Random(7)
+    keep: dict[int, bytes] = {}
+    for i in range(3000):
+        d = payload(rng.randint(40, 3600), i)
+        keep[pool.store(d)] = d
+    for h in rng.sample(sorted(keep), 2200):
+        pool.free(h)
+        del keep[h]
+    before = pool.statistics()
+    assert before.freeable_pages > 0
+    total = 0
+    while True:
+        n = pool.compact_step(17)
+        assert 0 <= n <= 17
+        pool.check()
+        if n == 0:
+            break
+        total += n
+    after = pool.statistics()
+    assert after.objects_moved == total and after.freeable_pages == 0
+    assert after.pages_used == before.pages_used - after.pages_compacted
+    assert after.pages_compacted >= before.freeable_pages
+    assert pool.compact_step() == 0 and pool.compact_step(0) == 0
+    assert all(pool.read(h) == d for h, d in keep.items())
+
+
+def test_compaction_skips_the_huge_class(pool: ZsmallocPool) -> None:
+    hs = [pool.store(bytes(PAGE_SIZE)) for _ in range(50)]
+    for h in hs[::2]:
+        pool.free(h)
+    assert pool.can_compact() == 0
+    assert pool.compact() == 0
+    assert pool.statistics().objects_moved == 0
+
+
+# -- the invariant checker ---------------------------------------------------------------------
+
+
+def filled(seed: int = 3) -> ZsmallocPool:
+    p = ZsmallocPool()
+    rng = random.Random(seed)
+    hs = [p.store(payload(rng.choice([100, 1568, 3000, 4096]), i)) for i in range(200)]
+    for h in hs[::3]:
+        p.free(h)
+    p.check()
+    return p
+
+
+def _corrupt_slot_word(p: ZsmallocPool) -> None:
+    c = p._classes[p._cid_of_size[1568]]
+    z = c.heads[c.mask.bit_length() - 1]
+    s = next(s for s in range(c.objs) if c.slots[z * c.objs + s] & 1)
+    c.slots[z * c.objs + s] ^= 2  # the slot now names another handle
+
+
+def _corrupt_handle(p: ZsmallocPool) -> None:
+    h = next(h for h in range(1, len(p.hloc)) if p.hloc[h] & 1 and p.hloc[h] >> 13 & 0xFF)
+    p.hloc[h] ^= 1 << 21  # the handle now points at the neighbouring slot
+
+
+def _corrupt_inuse(p: ZsmallocPool) -> None:
+    c = p._classes[p._cid_of_size[100]]
+    z = c.heads[c.mask.bit_length() - 1]
+    c.inuse[z] -= 1
+
+
+def _corrupt_frames(p: ZsmallocPool) -> None:
+    c = p._classes[p._cid_of_size[3000]]
+    live = [z for z in range(len(c.group)) if c.group[z] != 0xFF]
+    c.frames[live[0] * c.pages] = c.frames[live[1] * c.pages]  # one frame owned twice
+
+
+def _corrupt_list(p: ZsmallocPool) -> None:
+    c = p._classes[p._cid_of_size[100]]
+    g = c.mask.bit_length() - 1
+    c.next[c.heads[g]] = c.heads[g]  # a cycle
+
+
+def _corrupt_free_handles(p: ZsmallocPool) -> None:
+    p.hloc[p.hfree] = p.hfree << 1  # the free-handle list loops on itself
+
+
+def _corrupt_counter(p: ZsmallocPool) -> None:
+    p.pages_used += 1
+
+
+def _corrupt_bytes(p: ZsmallocPool) -> None:
+    p.bytes_stored -= 1
+
+
+def _corrupt_free_frame(p: ZsmallocPool) -> None:
+    c = p._classes[p._cid_of_size[100]]
+    z = c.heads[c.mask.bit_length() - 1]
+    p.arena.free_frames.append(c.frames[z * c.pages])
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        _corrupt_slot_word,
+        _corrupt_handle,
+        _corrupt_inuse,
+        _corrupt_frames,
+        _corrupt_list,
+        _corrupt_free_handles,
+        _corrupt_counter,
+        _corrupt_bytes,
+        _corrupt_free_frame,
+    ],
+)
+def test_check_catches_corruption(corrupt) -> None:  # noqa: ANN001
+    p = filled()
+    try:
+        corrupt(p)
+        with pytest.raises(PoolCorruptionError):
+            p.check()
+    finally:
+        p.close()
