@@ -183,30 +183,34 @@ def _is_daemon(pid: int) -> bool:
     return b"zfs_ram" in cmdline or b"zfs-ram" in cmdline
 
 
-# Columns of `zfs-ram stat`: (header, mm_stat field or computed key, is a byte count).
-STAT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
-    ("DATA", "orig_data_size", True),
-    ("COMPR", "compr_data_size", True),
-    ("TOTAL", "mem_used_total", True),
-    ("MEM-LIMIT", "mem_limit", True),
-    ("MEM-USED", "mem_used_max", True),
-    ("COMPACTED", "pages_compacted", False),
-    ("COMP-RATIO", "comp_ratio", False),
-    ("SAME", "same_pages", False),
-    ("HUGE", "huge_pages", False),
+# Columns of `zfs-ram stat`, zramctl's where zram has the same thing:
+# (header, section of stats.json, field, is a byte count).
+STAT_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
+    ("POOL", "fs", "pool", False),
+    ("SIZE", "fs", "size_bytes", True),  # zramctl's DISKSIZE: the logical limit, size=
+    ("DATA", "mm_stat", "orig_data_size", True),
+    ("COMPR", "mm_stat", "compr_data_size", True),
+    ("TOTAL", "mm_stat", "mem_used_total", True),
+    ("MEM-LIMIT", "mm_stat", "mem_limit", True),
+    ("MEM-USED", "mm_stat", "mem_used_max", True),
+    ("COMPACTED", "mm_stat", "pages_compacted", False),  # zramctl's MIGRATED, in pages
+    ("COMP-RATIO", "", "comp_ratio", False),
+    ("SAME", "mm_stat", "same_pages", False),
+    ("HUGE", "mm_stat", "huge_pages", False),
+    ("FILES", "fs", "inodes_used", False),
 )
 
 
 def stat_row(stats: dict[str, Any], *, raw_bytes: bool) -> dict[str, str]:
-    """The zramctl-like columns of one mount, rendered as text."""
+    """The zramctl-like columns of one mount, rendered as text; "-" where a field is missing."""
     mm = stats.get("mm_stat", {})
     row: dict[str, str] = {}
-    for header, key, is_bytes in STAT_COLUMNS:
+    for header, section, key, is_bytes in STAT_COLUMNS:
         if key == "comp_ratio":
             data, compr = mm.get("orig_data_size"), mm.get("compr_data_size")
             row[header] = f"{data / compr:.2f}" if data and compr else "-"
             continue
-        value = mm.get(key)
+        value = stats.get(section, {}).get(key)
         if value is None:
             row[header] = "-"
         elif is_bytes and not raw_bytes:
@@ -224,9 +228,16 @@ def cmd_stat(args: argparse.Namespace) -> int:
         return 0
     row = {"MOUNTPOINT": path, **stat_row(stats, raw_bytes=args.bytes)}
     widths = {k: max(len(k), len(v)) for k, v in row.items()}
-    print(" ".join(k.rjust(widths[k]) if k != "MOUNTPOINT" else k.ljust(widths[k]) for k in row))
-    print(" ".join(v.rjust(widths[k]) if k != "MOUNTPOINT" else v.ljust(widths[k])
-                   for k, v in row.items()))  # fmt: skip
+
+    def line(cells: dict[str, str]) -> str:
+        # Text columns left-aligned, numbers right-aligned, as zramctl does.
+        return " ".join(
+            v.ljust(widths[k]) if k in ("MOUNTPOINT", "POOL") else v.rjust(widths[k])
+            for k, v in cells.items()
+        ).rstrip()
+
+    print(line({k: k for k in row}))
+    print(line(row))
     return 0
 
 

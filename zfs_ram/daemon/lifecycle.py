@@ -223,7 +223,11 @@ def mount(
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # dump stacks of a hung daemon
     log.debug("options: fuse=%s ignored=%s", sorted(fuse_options), parsed.ignored)
 
-    ops = ops_factory(parsed.config)
+    try:
+        ops = ops_factory(parsed.config)
+    except Exception as e:
+        log.debug("setting up the file system failed", exc_info=True)  # shown with -d
+        raise MountError(f"cannot set up the file system: {type(e).__name__}: {e}") from None
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pyfuse3.init(ops, path, fuse_options)
