@@ -133,13 +133,15 @@ def list_real_candidates(roots: Sequence[str], max_size: int = REAL_MAX_FILE) ->
 
 
 def synthetic_page(rng: random.Random, random_share: float, length: int = PAGE_SIZE) -> bytes:
-    """A page whose first ``random_share`` is random bytes and the rest compressible filler.
+    """A page of compressible filler followed by ``random_share`` of random bytes.
 
-    lz4 cannot shrink the random part and reduces the filler to a few bytes, so the compressed
-    size is about random_share * 4096.
+    lz4 cannot shrink the random part and reduces the filler to about 100 bytes, so the
+    compressed size is about random_share * 4096 + 100. The filler comes first because lz4
+    skips ahead ever faster after failing to match, and would step over filler placed after
+    a long random run.
     """
     nr_random = round(min(1.0, max(0.0, random_share)) * length)
-    return rng.randbytes(nr_random) + _FILLER[: length - nr_random]
+    return _FILLER[: length - nr_random] + rng.randbytes(nr_random)
 
 
 def synthetic_file_data(seed: int, index: int, size: int, random_share: float) -> bytes:

@@ -1,0 +1,438 @@
+"""The fragmentation experiment: workload generator, runner, rendering, and one real run."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from types import TracebackType
+
+import lz4.block
+import pytest
+
+from zfs_ram.experiments import cli as exp_cli
+from zfs_ram.experiments.report import render_table, summarize, write_json, write_plot
+from zfs_ram.experiments.runner import (
+    STAGES,
+    ExperimentResult,
+    Progress,
+    RunResult,
+    Sample,
+    run_experiment,
+    run_one,
+)
+from zfs_ram.experiments.targets import MmStat, Target, ZfsRamTarget
+from zfs_ram.experiments.workload import (
+    PAGE_SIZE,
+    SYNTH_MAX_SIZE,
+    SYNTH_MIN_SIZE,
+    FileSet,
+    WorkloadSpec,
+    build_file_set,
+    choose_deletions,
+    delete_files,
+    list_real_candidates,
+    page_order,
+    synthetic_page,
+    write_file_set,
+)
+
+KIB = 1024
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A small stand-in for /usr: 40 files of 1 B..40 KiB with text and binary content."""
+    root = tmp_path_factory.mktemp("usr")
+    paths = []
+    for i in range(40):
+        path = root / f"f{i:02d}"
+        body = (f"line {i} of a text file\n" * (i * 40 + 1)).encode() if i % 2 else os.urandom(
+            i * 1000 + 1
+        )
+        path.write_bytes(body)
+        paths.append(str(path))
+    return paths
+
+
+def small_set(real: list[str], seed: int = 1, size: int = 2 * MIB) -> FileSet:
+    return build_file_set(WorkloadSpec(size_bytes=size, seed=seed), candidates=real)
+
+
+# --- workload generator -----------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_file_set(real_dir: list[str]) -> None:
+    a, b = small_set(real_dir), small_set(real_dir)
+    assert [(f.name, f.data) for f in a.files] == [(f.name, f.data) for f in b.files]
+
+
+def test_other_seed_gives_other_files(real_dir: list[str]) -> None:
+    a, b = small_set(real_dir, seed=1), small_set(real_dir, seed=2)
+    assert [f.data for f in a.files] != [f.data for f in b.files]
+
+
+def test_file_set_hits_size_and_real_share(real_dir: list[str]) -> None:
+    fs = small_set(real_dir, size=2 * MIB)
+    summary = fs.summary()
+    assert summary["total_bytes"] == 2 * MIB  # synthetic files fill exactly to the target
+    # The stand-in /usr holds only ~0.8 MiB, less than the 70% real share asks for.
+    assert summary["real_bytes"] == sum(os.path.getsize(p) for p in real_dir)
+    fs = build_file_set(WorkloadSpec(size_bytes=MIB, seed=3), candidates=real_dir)
+    assert 0.6 * MIB < fs.summary()["real_bytes"] <= 0.7 * MIB + PAGE_SIZE
+
+
+def test_synthetic_sizes_in_range(real_dir: list[str]) -> None:
+    fs = build_file_set(WorkloadSpec(size_bytes=16 * MIB, seed=5, real_share=0), candidates=[])
+    sizes = [len(f.data) for f in fs.files]
+    assert all(f.random_share is not None for f in fs.files)
+    assert all(s <= SYNTH_MAX_SIZE for s in sizes)
+    # Only the last file may be cut below the minimum to hit the total exactly.
+    assert all(s >= SYNTH_MIN_SIZE for s in sizes[:-1])
+    assert sum(sizes) == 16 * MIB
+    assert len({s // (64 * KIB) for s in sizes}) > 3  # log-uniform: spread, not one size
+
+
+@pytest.mark.parametrize("share", [0.05, 0.3, 0.6, 0.9])
+def test_synthetic_page_compresses_to_its_random_share(share: float) -> None:
+    import random
+
+    page = synthetic_page(random.Random(7), share)
+    assert len(page) == PAGE_SIZE
+    compressed = len(lz4.block.compress(page, store_size=False))
+    assert abs(compressed - share * PAGE_SIZE) < 0.05 * PAGE_SIZE + 64
+
+
+def test_synthetic_files_cover_many_compressed_sizes(real_dir: list[str]) -> None:
+    fs = build_file_set(WorkloadSpec(size_bytes=4 * MIB, seed=1, real_share=0), candidates=[])
+    sizes = set()
+    for f in fs.files:
+        for off in range(0, len(f.data) - PAGE_SIZE + 1, PAGE_SIZE):
+            page = f.data[off : off + PAGE_SIZE]
+            sizes.add(len(lz4.block.compress(page, store_size=False)) // 256)
+    assert len(sizes) >= 12  # spread over most of the 16 buckets of 256 B
+
+
+def test_list_real_candidates_skips_links_empty_and_big(tmp_path: os.PathLike[str]) -> None:
+    root = str(tmp_path)
+    for name, size in (("small", 10), ("empty", 0), ("big", 5000)):
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(b"x" * size)
+    os.symlink(os.path.join(root, "small"), os.path.join(root, "link"))
+    assert list_real_candidates([root], max_size=4096) == [os.path.join(root, "small")]
+
+
+def test_deletions_are_seeded_and_sized(real_dir: list[str]) -> None:
+    fs = small_set(real_dir)
+    half = choose_deletions(fs, 0.5)
+    assert half == choose_deletions(fs, 0.5)
+    assert len(half) == round(0.5 * len(fs.files)) == len(set(half))
+    assert half != sorted(half)  # shuffled order
+    assert choose_deletions(fs, 0.0) == []
+    assert sorted(choose_deletions(fs, 1.0)) == list(range(len(fs.files)))
+    with pytest.raises(ValueError):
+        choose_deletions(fs, 1.5)
+
+
+@pytest.mark.parametrize("order", ["sequential", "interleaved", "shuffled"])
+def test_page_order_writes_every_page_once(real_dir: list[str], order: str) -> None:
+    fs = small_set(real_dir)
+    pairs = list(page_order(fs, order))
+    assert len(pairs) == len(set(pairs)) == fs.nr_pages
+    if order == "shuffled":
+        assert pairs != sorted(pairs)
+    else:
+        assert pairs == sorted(pairs) if order == "sequential" else pairs != sorted(pairs)
+
+
+def test_page_order_rejects_unknown(real_dir: list[str]) -> None:
+    with pytest.raises(ValueError, match="unknown write order"):
+        list(page_order(small_set(real_dir), "backwards"))
+
+
+@pytest.mark.parametrize("order", ["sequential", "shuffled"])
+def test_write_then_delete_on_a_plain_directory(
+    real_dir: list[str], tmp_path: os.PathLike[str], order: str
+) -> None:
+    fs = small_set(real_dir, size=MIB)
+    root = str(tmp_path)
+    write_file_set(root, fs, order=order, direct=True)  # tmpfs refuses O_DIRECT: falls back
+    for f in fs.files:
+        with open(os.path.join(root, f.name), "rb") as fh:
+            assert fh.read() == f.data, f.name
+    victims = choose_deletions(fs, 0.25)
+    assert delete_files(root, fs, victims) == sum(len(fs.files[i].data) for i in victims)
+    left = sum(len(files) for _, _, files in os.walk(root))
+    assert left == len(fs.files) - len(victims)
+
+
+# --- mm_stat and rendering --------------------------------------------------------------------
+
+
+def test_mm_stat_parse() -> None:
+    mm = MmStat.parse("  4096 1000 8192 0 8192 3 7 1 2\n")
+    assert (mm.orig_data_size, mm.compr_data_size, mm.mem_used_total) == (4096, 1000, 8192)
+    assert (mm.pages_compacted, mm.huge_pages, mm.huge_pages_since) == (7, 1, 2)
+    assert MmStat.parse("1 2 3").same_pages == 0  # old kernels: fewer columns
+    with pytest.raises(ValueError):
+        MmStat.parse("1 2")
+
+
+def _mm(compr: int, mem: int, compacted: int = 0) -> MmStat:
+    return MmStat(compr * 2, compr, mem, 0, mem, 0, compacted, 0, 0)
+
+
+def fake_run(arm: str = "zsmalloc-off", fraction: float = 0.5) -> RunResult:
+    """fill: 100 MiB compr in 102 MiB; delete frees 50 compr but only 20 mem; compact fixes it."""
+    run = RunResult(arm=arm, fraction=fraction, target={"name": arm})
+    figures = {"fill": (100, 102, 0), "delete": (50, 82, 0), "wait": (50, 82, 0),
+               "compact": (50, 52, 30 * 256)}
+    for i, stage in enumerate(STAGES):
+        compr, mem, compacted = figures[stage]
+        sample = Sample(float(i), _mm(compr * MIB, mem * MIB, compacted), 200 * MIB - i * MIB)
+        run.stages[stage] = sample
+        run.timeline.append(sample)
+        run.stage_seconds[stage] = 0.25
+    return run
+
+
+def test_summarize_ratios_and_freed_share() -> None:
+    s = summarize(fake_run())
+    assert s.ratio["fill"] == pytest.approx(1.02)
+    assert s.ratio["delete"] == pytest.approx(82 / 50)
+    assert s.ratio["compact"] == pytest.approx(52 / 50)
+    assert s.freed_share["wait"] == pytest.approx(20 / 50)
+    assert s.freed_share["compact"] == pytest.approx(50 / 50)
+    assert s.compact_ms == pytest.approx(250)
+    assert s.pages_compacted == 30 * 256
+
+
+def test_render_table_plain_and_markdown() -> None:
+    result = ExperimentResult(params={}, workload={}, runs=[fake_run(), fake_run("zbud", 0.9)])
+    result.skipped["kernel"] = "not root"
+    text = render_table(result)
+    lines = text.splitlines()
+    assert lines[0].startswith("arm")
+    assert "1.020" in lines[1] and "1.640" in lines[1] and "0.40" in lines[1]
+    assert lines[2].startswith("zbud") and "  90  " in lines[2]
+    assert "kernel: skipped (not root)" in text
+    md = render_table(result, markdown=True).splitlines()
+    assert md[0].startswith("| arm |") and md[1].startswith("|---|")
+    assert md[2].count("|") == md[0].count("|")
+
+
+def test_render_table_marks_failed_and_unclean_runs() -> None:
+    failed = RunResult(arm="zbud", fraction=0.25, target={}, error="RuntimeError: boom")
+    unclean = fake_run("kernel")
+    unclean.vmstat = {"fill": {"drop_slab": 1}, "wait": {"drop_slab": 2}}
+    text = render_table(ExperimentResult(params={}, workload={}, runs=[failed, unclean]))
+    assert "FAILED: RuntimeError: boom" in text
+    assert "kernel *" in text and "shrinker" in text
+
+
+def test_json_holds_every_sample(tmp_path: os.PathLike[str]) -> None:
+    result = ExperimentResult(params={"seed": 1}, workload={"files": 3}, runs=[fake_run()])
+    path = os.path.join(tmp_path, "e.json")
+    write_json(result, path)
+    with open(path) as f:
+        doc = json.load(f)
+    run = doc["runs"][0]
+    assert list(run["stages"]) == list(STAGES)
+    assert len(run["timeline"]) == 4 and run["timeline"][0]["compr_data_size"] == 100 * MIB
+    assert doc["summary"][0]["freed_share"]["wait"] == pytest.approx(0.4)
+    assert doc["params"] == {"seed": 1}
+
+
+def test_plot_is_a_png(tmp_path: os.PathLike[str]) -> None:
+    pytest.importorskip("matplotlib")
+    result = ExperimentResult(params={}, workload={}, runs=[fake_run(), fake_run("zbud")])
+    path = os.path.join(tmp_path, "e.png")
+    write_plot(result, path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --- runner, with a target that is a plain directory ------------------------------------------
+
+
+class DirTarget(Target):
+    """A directory whose "mm_stat" counts the bytes of its files; compaction makes it dense."""
+
+    def __init__(self, root: str, fail_on: str | None = None) -> None:
+        self.name = "dir"
+        self.base = root
+        self.fail_on = fail_on
+        self.entered = self.exited = 0
+        self.mem = 0
+        self.compactions = 0
+
+    def __enter__(self) -> DirTarget:
+        self.entered += 1
+        self.root = os.path.join(self.base, f"run{self.entered}")
+        os.mkdir(self.root)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.exited += 1
+
+    def _stored(self) -> int:
+        return sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.root) for f in files
+        )
+
+    def mm_stat(self) -> MmStat:
+        stored = self._stored()
+        self.mem = max(self.mem, stored)  # memory never shrinks by itself ...
+        return _mm(stored, self.mem, self.compactions)
+
+    def compact(self) -> None:
+        if self.fail_on == "compact":
+            raise RuntimeError("compaction failed")
+        self.mem = self._stored()  # ... only compaction gives it back
+        self.compactions += 1
+
+
+def test_run_one_records_stages_and_timeline(
+    real_dir: list[str], tmp_path: os.PathLike[str]
+) -> None:
+    fs = small_set(real_dir, size=MIB)
+    target = DirTarget(str(tmp_path))
+    run = run_one(target, fs, 0.5, wait=0.3)
+    assert target.entered == target.exited == 1
+    assert list(run.stages) == list(STAGES)
+    assert run.stages["fill"].mm.compr_data_size == fs.total_bytes
+    assert run.deleted_files == round(len(fs.files) / 2)
+    assert run.stages["delete"].mm.compr_data_size == fs.total_bytes - run.deleted_bytes
+    assert run.stages["wait"].mm.mem_used_total == fs.total_bytes  # nothing came back idle
+    assert run.stages["compact"].mm.mem_used_total == fs.total_bytes - run.deleted_bytes
+    assert run.stage_seconds["wait"] >= 0.3
+    assert len(run.timeline) >= 3  # the sampler ran during the wait
+    times = [s.t for s in run.timeline]
+    assert times == sorted(times)
+
+
+def test_run_experiment_records_failures_and_tears_down(
+    real_dir: list[str], tmp_path: os.PathLike[str]
+) -> None:
+    fs = small_set(real_dir, size=MIB // 2)
+    good, bad = DirTarget(str(tmp_path)), DirTarget(str(tmp_path), fail_on="compact")
+    bad.base = os.path.join(str(tmp_path), "bad")
+    os.mkdir(bad.base)
+    result = run_experiment(fs, [("good", lambda: good), ("bad", lambda: bad)], [0.25, 0.75],
+                            wait=0.0)
+    assert [(r.arm, r.fraction) for r in result.runs] == [
+        ("good", 0.25), ("good", 0.75), ("bad", 0.25), ("bad", 0.75)
+    ]
+    assert [r.error for r in result.runs[:2]] == [None, None]
+    assert all("compaction failed" in (r.error or "") for r in result.runs[2:])
+    assert bad.entered == bad.exited == 2
+
+
+def test_progress_one_line_per_stage_when_not_a_tty() -> None:
+    import io
+
+    out = io.StringIO()
+    p = Progress(out)
+    p.start("[arm 50%]")
+    p.update("fill 10/100")  # transient: not shown off a terminal
+    p.stage("fill done")
+    assert out.getvalue() == "[arm 50%] fill done\n"
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    exp_cli.add_parser(sub)
+    return parser.parse_args(["experiment", *argv])
+
+
+def test_cli_options() -> None:
+    args = _parse("--fractions", "25,50", "--arms", "zbud,kernel", "--size-mib", "8")
+    assert args.fractions == [0.25, 0.5]
+    assert args.arms == ["zbud", "kernel"]
+    assert args.size_mib == 8 and args.func is exp_cli.run_experiment_cli
+    assert _parse().fractions == [0.25, 0.5, 0.75, 0.9]
+    with pytest.raises(SystemExit):
+        _parse("--arms", "zsmalloc,zswap")
+
+
+def test_cli_without_runnable_arm_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parse("--arms", "kernel", "--no-kernel")
+    assert exp_cli.run_experiment_cli(args) == 2
+    assert "kernel skipped: --no-kernel" in capsys.readouterr().err
+
+
+def test_zfs_ram_target_options() -> None:
+    t = ZfsRamTarget("zbud", "off", size_bytes=100 * MIB)
+    assert t.options() == f"size={200 * MIB},pool=zbud,compact=off"
+    assert t.name == "zbud-off"
+
+
+# --- one real run -----------------------------------------------------------------------------
+
+
+def _experiment_mounts() -> list[str]:
+    """Mounts made by ZfsRamTarget (its temp dirs are named zfs_ram-exp-*), nobody else's."""
+    with open("/proc/mounts") as f:
+        return [line for line in f if "/zfs_ram-exp-" in line.split()[1]]
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(90)
+def test_real_run_zsmalloc_arms(real_dir: list[str], tmp_path: os.PathLike[str]) -> None:
+    """A few MiB on zfs_ram, compaction off and auto: compaction must give memory back."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing")
+    before = _experiment_mounts()
+    fs = build_file_set(WorkloadSpec(size_bytes=6 * MIB, seed=1), candidates=real_dir)
+    arms = [
+        (name, lambda p=pool, c=mode, n=name: ZfsRamTarget(p, c, fs.total_bytes, n))
+        for name, (pool, mode) in exp_cli.ZFS_RAM_ARMS.items()
+        if pool == "zsmalloc"
+    ]
+    try:
+        result = run_experiment(fs, arms, [0.5], wait=1.0)
+    finally:
+        leftover = [m for m in _experiment_mounts() if m not in before]
+        for line in leftover:  # never leave a stale mount, even when the test fails
+            mnt = line.split()[1]
+            for cmd in (["fusermount3", "-u", mnt], ["fusermount3", "-u", "-z", mnt]):
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    subprocess.run(cmd, capture_output=True, timeout=30)
+    assert leftover == []
+    assert [r.error for r in result.runs] == [None, None]
+    for run in result.runs:
+        s = summarize(run)
+        fill, compact = run.stages["fill"].mm, run.stages["compact"].mm
+        assert fill.orig_data_size >= fs.total_bytes - 64 * KIB  # same pages may not count
+        assert compact.compr_data_size < fill.compr_data_size
+        assert compact.mem_used_total < fill.mem_used_total
+        assert s.freed_share["compact"] is not None and s.freed_share["compact"] > 0.5
+        ratio_compact = s.ratio["compact"]
+        assert ratio_compact is not None and ratio_compact <= (s.ratio["delete"] or 0) + 1e-9
+    off = summarize(result.runs[0])
+    auto = summarize(result.runs[1])
+    # With compact=off nothing moves until asked; auto may already have compacted by the wait.
+    assert result.runs[0].stages["wait"].mm.pages_compacted == 0
+    assert auto.ratio["wait"] is not None and off.ratio["wait"] is not None
+    assert auto.ratio["wait"] <= off.ratio["wait"] + 0.05
+
+
+def test_module_runs_as_script() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "zfs_ram.experiments", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0 and "--fractions" in proc.stdout
