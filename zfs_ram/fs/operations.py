@@ -208,11 +208,20 @@ class ZfsRamOperations(pyfuse3.Operations):
         return inode
 
     def _maybe_free(self, inode: Inode) -> None:
-        if inode.unused and inode.ino != ROOT_INODE:
+        """Free what nobody can reach any more.
+
+        The pages go as soon as the last name and the last open handle are gone: the kernel
+        may still know the inode (and send forget much later), but without a name or a handle
+        it cannot reach the data, and tmpfs too gives the space back at once. The inode itself
+        lives until the kernel has forgotten it.
+        """
+        if inode.nlink or inode.opens or inode.ino == ROOT_INODE:
+            return
+        if inode.data is not None and inode.data.stored_pages:
+            self.store.release(inode.data)
+            self.compactor.notify_freed()
+        if inode.lookups == 0:
             del self.inodes[inode.ino]
-            if inode.data is not None:
-                self.store.release(inode.data)
-                self.compactor.notify_freed()
 
     def _check_writable(self) -> None:
         if self.failsafe_reason is not None:
