@@ -1,0 +1,143 @@
+"""Property-based tests: random operation sequences against a dict model, for both pools.
+
+After every step, check() must pass and every live object must read back as the model says.
+"""
+
+from __future__ import annotations
+
+import random
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+)
+
+from zfs_ram.pool import PAGE_SIZE, InvalidSizeError, PoolFullError, create_pool
+
+#: Sizes that hit the edges (class bounds, straddling, the huge watermark) plus anything else.
+SIZES = st.one_of(
+    st.sampled_from([1, 31, 32, 33, 48, 1568, 2048, 2049, 3632, 3633, 4095, 4096]),
+    st.integers(1, 300),
+    st.integers(1, PAGE_SIZE),
+)
+
+
+def make_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+_settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+@_settings
+class PoolMachine(RuleBasedStateMachine):
+    kind = "zsmalloc"
+    handles = Bundle("handles")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = create_pool(self.kind)
+        self.model: dict[int, bytes] = {}
+
+    def teardown(self) -> None:
+        self.pool.close()
+
+    @rule(target=handles, size=SIZES, seed=st.integers(0, 2**16))
+    def store(self, size: int, seed: int) -> int:
+        data = make_bytes(size, seed)
+        try:
+            h = self.pool.store(data)
+        except PoolFullError:
+            assert self.pool.page_limit > 0
+            return 0
+        assert h >= 1 and h not in self.model
+        self.model[h] = data
+        return h
+
+    @rule(target=handles, size=SIZES, seed=st.integers(0, 2**16), partial=st.integers(0, 4096))
+    def malloc_and_write(self, size: int, seed: int, partial: int) -> int:
+        try:
+            h = self.pool.malloc(size)
+        except PoolFullError:
+            return 0
+        data = make_bytes(size, seed)
+        self.pool.write(h, data)
+        k = min(partial, size)
+        head = make_bytes(k, seed + 1)
+        self.pool.write(h, head)  # a partial overwrite of the start
+        self.model[h] = head + data[k:]
+        return h
+
+    @rule(h=handles, seed=st.integers(0, 2**16))
+    def overwrite(self, h: int, seed: int) -> None:
+        if h not in self.model:
+            return
+        size = len(self.model[h])
+        data = make_bytes(size, seed)
+        self.pool.write(h, data)
+        self.model[h] = data
+        try:
+            self.pool.write(h, data + b"!")
+        except InvalidSizeError:
+            pass
+        else:
+            raise AssertionError("an overlong write was accepted")
+
+    @rule(h=consumes(handles))
+    def free(self, h: int) -> None:
+        if h in self.model:
+            self.pool.free(h)
+            del self.model[h]
+
+    @rule(n=st.integers(1, 40))
+    def compact_step(self, n: int) -> None:
+        before = self.pool.statistics()
+        moved = self.pool.compact_step(n)
+        assert 0 <= moved <= n
+        after = self.pool.statistics()
+        assert after.objects_moved == before.objects_moved + moved
+        if moved == 0:
+            assert after.freeable_pages == 0
+
+    @rule()
+    def compact(self) -> None:
+        before = self.pool.statistics()
+        freed = self.pool.compact()
+        after = self.pool.statistics()
+        assert after.pages_used == before.pages_used - freed
+        assert freed >= before.freeable_pages
+        assert after.freeable_pages == 0
+
+    @precondition(lambda self: len(self.model) > 0)
+    @rule(extra=st.integers(-2, 3))
+    def set_page_limit(self, extra: int) -> None:
+        self.pool.page_limit = max(self.pool.statistics().pages_used + extra, 0)
+
+    @rule()
+    def unlimit(self) -> None:
+        self.pool.page_limit = 0
+
+    @invariant()
+    def consistent(self) -> None:
+        self.pool.check()
+        for h, data in self.model.items():
+            assert self.pool.object_size(h) == len(data)
+            assert self.pool.read(h) == data
+        s = self.pool.statistics()
+        assert s.objects == len(self.model)
+        assert s.bytes_stored == sum(len(d) for d in self.model.values())
+        assert s.pages_used <= s.max_pages_used
+
+
+class ZbudMachine(PoolMachine):  # inherits the settings
+    kind = "zbud"
+
+
+TestZsmallocStateMachine = PoolMachine.TestCase
+TestZbudStateMachine = ZbudMachine.TestCase
