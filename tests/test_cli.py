@@ -1,0 +1,389 @@
+"""The zfs-ram command and the zfs_ram mount helper, run as a user would: by subprocess."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, one_error_line, requires_fuse, zfs_ram_cli
+
+from zfs_ram.daemon.lifecycle import find_mount, is_alive
+from zfs_ram.testing import MM_STAT_FIELDS
+
+MIB = 1 << 20
+
+
+def mounted(path: Path) -> bool:
+    """From the kernel's table: works for dead mounts, never blocks."""
+    return find_mount(os.path.realpath(path)) is not None
+
+
+def daemon_pid(path: Path) -> int:
+    return int((path / ".zfs_ram" / "pid").read_text())
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not is_alive(pid)
+
+
+def mount_ok(path: Path, *options: str) -> None:
+    args = ["mount", str(path)] + (["-o", ",".join(options)] if options else [])
+    result = zfs_ram_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert mounted(path)
+
+
+# ---- errors: one line, exit status 2 for usage and 1 otherwise
+
+
+@pytest.mark.parametrize("args", [[], ["mount"], ["frobnicate"], ["stat"], ["mount", "-x", "d"]])
+def test_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
+    result = zfs_ram_cli(*args)
+    assert result.returncode == 2
+    one_error_line(result)
+
+
+def test_missing_mountpoint(tmp_path: Path) -> None:
+    result = zfs_ram_cli("mount", str(tmp_path / "nope"))
+    assert result.returncode == 1
+    assert one_error_line(result) == f"zfs-ram: mountpoint {tmp_path}/nope does not exist"
+
+
+def test_mountpoint_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    result = zfs_ram_cli("mount", str(tmp_path / "file"))
+    assert result.returncode == 1
+    assert one_error_line(result).endswith("is not a directory")
+
+
+def test_non_empty_mountpoint(tmp_path: Path) -> None:
+    (tmp_path / "precious").write_text("x")
+    result = zfs_ram_cli("mount", str(tmp_path))
+    assert result.returncode == 1
+    assert one_error_line(result) == f"zfs-ram: mountpoint {tmp_path} is not empty"
+    assert not mounted(tmp_path)
+
+
+def test_bad_option(mountpoint: Path) -> None:
+    result = zfs_ram_cli("mount", str(mountpoint), "-o", "size=12q")
+    assert result.returncode == 1
+    assert one_error_line(result) == (
+        "zfs-ram: bad mount option 'size=12q': expected bytes with k/m/g/t suffix or N%"
+    )
+    assert not mounted(mountpoint)
+
+
+def test_unknown_option(mountpoint: Path) -> None:
+    result = zfs_ram_cli("mount", str(mountpoint), "-o", "size=1m,turbo")
+    assert result.returncode == 1
+    assert one_error_line(result) == "zfs-ram: bad mount option 'turbo': unknown option"
+
+
+@pytest.mark.parametrize("command", ["stat", "compact", "umount"])
+def test_commands_on_a_plain_directory_fail(command: str, tmp_path: Path) -> None:
+    result = zfs_ram_cli(command, str(tmp_path))
+    assert result.returncode == 1
+    assert one_error_line(result) == f"zfs-ram: {tmp_path} is not mounted"
+
+
+def test_umount_refuses_other_filesystems() -> None:
+    result = zfs_ram_cli("umount", "/proc")
+    assert result.returncode == 1
+    assert one_error_line(result) == "zfs-ram: /proc is not a zfs_ram mount (it is proc)"
+
+
+def test_python_dash_m_and_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "zfs_ram", "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("zfs-ram ")
+
+
+def test_help_lists_subcommands() -> None:
+    result = zfs_ram_cli("--help")
+    assert result.returncode == 0
+    for command in ("mount", "umount", "stat", "compact"):
+        assert command in result.stdout
+
+
+# ---- a real mount
+
+
+@requires_fuse
+def test_already_mounted(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    result = zfs_ram_cli("mount", str(mountpoint))
+    assert result.returncode == 1
+    assert one_error_line(result) == (
+        f"zfs-ram: {mountpoint} is already a mount point (fuse.zfs_ram)"
+    )
+
+
+@requires_fuse
+def test_mount_returns_once_ready_and_in_the_background(mountpoint: Path) -> None:
+    started = time.monotonic()
+    mount_ok(mountpoint, "size=8m,mode=700")
+    assert time.monotonic() - started < 10
+    # Ready: the control directory answers at once, the daemon is detached from us.
+    pid = daemon_pid(mountpoint)
+    assert os.getsid(pid) == pid  # setsid: its own session, no terminal signals
+    assert os.readlink(f"/proc/{pid}/fd/1") == "/dev/null"
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert oct(os.stat(mountpoint).st_mode & 0o7777) == oct(0o700)
+    info = find_mount(str(mountpoint))
+    assert info is not None
+    assert (info.fstype, info.source) == ("fuse.zfs_ram", "zfs_ram")
+
+
+@requires_fuse
+def test_stat_compact_umount(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=64m,compact=off")
+    # Half-compressible pages (~2 KiB each once compressed) in many files, then every other
+    # file deleted: the pool is left with half-empty zspages that only compaction frees.
+    half_random = os.urandom(2048) + bytes(2048)
+    for i in range(600):
+        (mountpoint / f"f{i}").write_bytes(half_random)
+    for i in range(0, 600, 2):
+        (mountpoint / f"f{i}").unlink()
+
+    result = zfs_ram_cli("stat", "--json", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert set(MM_STAT_FIELDS) <= set(stats["mm_stat"])
+    assert stats["mm_stat"]["orig_data_size"] == 300 * 4096
+
+    result = zfs_ram_cli("stat", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()
+    columns = dict(zip(header.split(), row.split(), strict=True))
+    assert columns["MOUNTPOINT"] == str(mountpoint)
+    assert columns["DATA"] == "1.2M"  # 300 pages, human-readable
+    assert columns["SIZE"] == "64M"
+    assert columns["POOL"] == "zsmalloc"
+    for name in ("COMPR", "TOTAL", "MEM-LIMIT", "MEM-USED", "COMPACTED", "COMP-RATIO"):
+        assert name in columns
+
+    result = zfs_ram_cli("stat", "--bytes", str(mountpoint))
+    columns = dict(zip(*(line.split() for line in result.stdout.splitlines()), strict=True))
+    assert columns["DATA"] == str(300 * 4096)
+
+    result = zfs_ram_cli("compact", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    freed = int(result.stdout.split()[0])
+    assert freed > 0, result.stdout
+    after = json.loads(zfs_ram_cli("stat", "--json", str(mountpoint)).stdout)
+    assert after["mm_stat"]["pages_compacted"] >= freed
+
+    pid = daemon_pid(mountpoint)
+    result = zfs_ram_cli("umount", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert not mounted(mountpoint)
+    assert not is_alive(pid)  # umount waited for the daemon
+
+
+@requires_fuse
+def test_umount_busy_says_so(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    with open(mountpoint / "open", "w") as f:
+        f.write("x")
+        result = zfs_ram_cli("umount", str(mountpoint))
+        assert result.returncode == 1
+        assert "is busy" in one_error_line(result)
+        assert mounted(mountpoint)
+    result = zfs_ram_cli("umount", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert not mounted(mountpoint)
+
+
+@requires_fuse
+def test_umount_lazy_while_busy(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    pid = daemon_pid(mountpoint)
+    f = open(mountpoint / "open", "w")  # noqa: SIM115 - held open across the unmount
+    try:
+        result = zfs_ram_cli("umount", "-z", str(mountpoint))
+        assert result.returncode == 0, result.stderr
+        assert not mounted(mountpoint)
+    finally:
+        f.close()
+    assert wait_gone(pid)  # the last reference gone, the daemon ends
+
+
+@requires_fuse
+def test_umount_after_sigkill_then_mount_again(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    pid = daemon_pid(mountpoint)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    with pytest.raises(OSError) as info:
+        os.listdir(mountpoint)
+    assert info.value.errno == errno.ENOTCONN
+    result = zfs_ram_cli("stat", str(mountpoint))
+    assert result.returncode == 1
+    assert "is gone" in one_error_line(result)
+
+    result = zfs_ram_cli("umount", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert not mounted(mountpoint)
+    mount_ok(mountpoint, "size=8m")
+    (mountpoint / "again").write_text("works")
+    assert (mountpoint / "again").read_text() == "works"
+
+
+@requires_fuse
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_writes_unmounts_and_exits_0(mountpoint: Path, signum: int) -> None:
+    log = mountpoint.parent / "daemon.log"
+    with open(log, "wb") as log_file:
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "zfs-ram"), "mount", "-f", str(mountpoint),
+             "-o", "size=256m"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=cli_env(),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (mounted(mountpoint) and os.path.ismount(mountpoint)):
+            assert daemon.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+
+        stop = threading.Event()
+        written = [0]
+
+        def writer() -> None:
+            block = os.urandom(MIB // 2) + bytes(MIB // 2)
+            i = 0
+            while not stop.is_set():
+                try:
+                    with open(mountpoint / f"w{i % 8}", "wb") as f:
+                        f.write(block)
+                    written[0] += 1
+                except OSError:
+                    return  # the mount went away under us: expected
+                i += 1
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        while written[0] < 3:
+            assert thread.is_alive()
+            time.sleep(0.01)
+        daemon.send_signal(signum)
+        status = daemon.wait(30)
+        stop.set()
+        thread.join(30)
+        assert status == 0, log.read_text()
+        assert not mounted(mountpoint)
+        text = log.read_text()
+        assert f"{signal.Signals(signum).name} received" in text
+        assert "Traceback" not in text
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+# ---- mount(8) and fstab through mount.fuse3
+
+
+def _statvfs_size(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+# mount(8) runs its helpers with PATH removed from the environment, so mount.fuse3's
+# `/bin/sh -c 'zfs_ram ...'` searches only the shell's default PATH (/usr/local/sbin, ...).
+# Rather than install zfs_ram there, the test runs mount(8) in a private mount namespace in which
+# a directory holding only a zfs_ram symlink is bind-mounted over /usr/local/sbin. The FUSE mount
+# is then visible only inside, so the script checks, prints and unmounts it there; its trap
+# removes it if anything fails.
+NAMESPACE_SCRIPT = """
+set -eu
+trap 'fusermount3 -u -z "$MNT" 2>/dev/null || true' EXIT
+mount --bind "$BIN" /usr/local/sbin
+{mount_command}
+stat -f -c 'blocks=%b bsize=%S files=%c' "$MNT"
+stat -c 'mode=%a' "$MNT"
+grep " $MNT " /proc/self/mountinfo | sed 's/.* - /fstype=/'
+pid=$(cat "$MNT/.zfs_ram/pid")
+umount "$MNT"
+i=0
+while kill -0 "$pid" 2>/dev/null; do i=$((i+1)); [ $i -lt 200 ] || exit 3; sleep 0.05; done
+echo daemon-exited
+"""
+
+
+def run_mount8(mount_command: str, mountpoint: Path, tmp_path: Path) -> dict[str, str]:
+    """Run a mount(8) command as described above; return the key=value facts it printed."""
+    bindir = tmp_path / "sbin"
+    bindir.mkdir()
+    (bindir / "zfs_ram").symlink_to(Path(sys.executable).parent / "zfs_ram")
+    env = dict(os.environ, MNT=str(mountpoint), BIN=str(bindir))
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         NAMESPACE_SCRIPT.format(mount_command=mount_command)],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "daemon-exited"
+    facts = {}
+    for word in result.stdout.split():
+        key, _, value = word.partition("=")
+        facts.setdefault(key, value)
+    return facts
+
+
+@requires_fuse
+def test_mount_dash_t_fuse_zfs_ram(mountpoint: Path, tmp_path: Path) -> None:
+    facts = run_mount8(
+        'mount -t fuse.zfs_ram zfs_ram "$MNT" -o size=8m,nr_inodes=1k', mountpoint, tmp_path
+    )
+    assert facts["fstype"] == "fuse.zfs_ram"
+    assert int(facts["blocks"]) * int(facts["bsize"]) == 8 * MIB
+    assert facts["files"] == "1024"
+
+
+@requires_fuse
+def test_fstab_line(mountpoint: Path, tmp_path: Path) -> None:
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        f"zfs_ram {mountpoint} fuse.zfs_ram defaults,size=16m,mode=700,noauto,nofail 0 0\n"
+    )
+    facts = run_mount8(f'mount --fstab "{fstab}" "$MNT"', mountpoint, tmp_path)
+    assert facts["fstype"] == "fuse.zfs_ram"
+    assert int(facts["blocks"]) * int(facts["bsize"]) == 16 * MIB
+    assert facts["mode"] == "700"
+
+
+@requires_fuse
+def test_mount_helper_without_source_and_options_first(mountpoint: Path) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "zfs_ram"), "-o", "size=4m", str(mountpoint)],
+        capture_output=True, text=True, env=cli_env(), timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert _statvfs_size(mountpoint) == 4 * MIB
+
+
+def test_mount_helper_errors_are_one_line(tmp_path: Path) -> None:
+    helper = str(Path(sys.executable).parent / "zfs_ram")
+    result = subprocess.run(
+        [helper, "zfs_ram", str(tmp_path / "missing"), "-o", "size=1m"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert one_error_line(result).endswith("does not exist")
+    result = subprocess.run([helper, "a", "b", "c"], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    one_error_line(result)
