@@ -310,18 +310,20 @@ def _wait_ready(pid: int, read_fd: int, path: str, mount_id: int | None) -> int:
     else:
         message = "the daemon exited before the mount was ready"
     print(f"zfs-ram: mounting {path} failed: {message}", file=sys.stderr)
-    _reap_or_kill(pid)
+    _reap_or_kill(pid, timeout=0.0 if not data and time.monotonic() >= deadline else 5.0)
     _unmount_if_ours(path, mount_id, lazy=True)
     return 1
 
 
-def _reap_or_kill(pid: int, timeout: float = 5.0) -> None:
+def _reap_or_kill(pid: int, timeout: float) -> None:
     """Wait for a failed child briefly, then kill it: it must not keep a half-made mount."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done:
             return
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
