@@ -230,7 +230,7 @@ def test_render_table_marks_failed_and_unclean_runs() -> None:
     unclean = fake_run("kernel")
     unclean.vmstat = {"fill": {"drop_slab": 1}, "wait": {"drop_slab": 2}}
     text = render_table(ExperimentResult(params={}, workload={}, runs=[failed, unclean]))
-    assert "FAILED: RuntimeError: boom" in text
+    assert "FAILED zbud at 25%: RuntimeError: boom" in text
     assert "kernel *" in text and "shrinker" in text
 
 
@@ -327,13 +327,14 @@ def test_run_experiment_records_failures_and_tears_down(
     good, bad = DirTarget(str(tmp_path)), DirTarget(str(tmp_path), fail_on="compact")
     bad.base = os.path.join(str(tmp_path), "bad")
     os.mkdir(bad.base)
-    result = run_experiment(fs, [("good", lambda: good), ("bad", lambda: bad)], [0.25, 0.75],
+    result = run_experiment(fs, [("good", lambda f: good), ("bad", lambda f: bad)], [0.25, 0.75],
                             wait=0.0)
     assert [(r.arm, r.fraction) for r in result.runs] == [
         ("good", 0.25), ("good", 0.75), ("bad", 0.25), ("bad", 0.75)
     ]
     assert [r.error for r in result.runs[:2]] == [None, None]
     assert all("compaction failed" in (r.error or "") for r in result.runs[2:])
+    assert "in stage 'compact' of dir at 25%" in (result.runs[2].error or "")
     assert bad.entered == bad.exited == 2
 
 
@@ -398,7 +399,7 @@ def test_real_run_zsmalloc_arms(real_dir: list[str], tmp_path: os.PathLike[str])
     before = _experiment_mounts()
     fs = build_file_set(WorkloadSpec(size_bytes=6 * MIB, seed=1), candidates=real_dir)
     arms = [
-        (name, lambda p=pool, c=mode, n=name: ZfsRamTarget(p, c, fs.total_bytes, n))
+        (name, lambda f, p=pool, c=mode, n=name: ZfsRamTarget(p, c, fs.total_bytes, n))
         for name, (pool, mode) in exp_cli.ZFS_RAM_ARMS.items()
         if pool == "zsmalloc"
     ]

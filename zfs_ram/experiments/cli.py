@@ -7,6 +7,7 @@ runs the same parser on its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -82,11 +83,26 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=run_experiment_cli)
 
 
+def _zfs_ram_factory(name: str, size: int, log_dir: str) -> Callable[[float], Target]:
+    """A fresh mount per run; the daemon logs to LOG_DIR/ARM-PERCENT.log (kept for failures)."""
+    pool, compact = ZFS_RAM_ARMS[name]
+
+    def factory(fraction: float) -> Target:
+        os.makedirs(log_dir, exist_ok=True)
+        log = os.path.join(log_dir, f"{name}-{fraction * 100:.0f}.log")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log)  # the daemon appends; one run per file
+        return ZfsRamTarget(pool, compact, size, name, log_path=log)
+
+    return factory
+
+
 def run_experiment_cli(args: argparse.Namespace) -> int:
     """Build the file set once, run every arm and fraction, print and save the results."""
     progress = Progress(quiet=args.quiet)
     size = round(args.size_mib * MIB)
-    arms: list[tuple[str, Callable[[], Target]]] = []
+    log_dir = os.path.join(args.out, "logs")
+    arms: list[tuple[str, Callable[[float], Target]]] = []
     skipped: dict[str, str] = {}
     for name in args.arms:
         if name == KERNEL_ARM:
@@ -94,10 +110,9 @@ def run_experiment_cli(args: argparse.Namespace) -> int:
             if why is not None:
                 skipped[name] = why
                 continue
-            arms.append((name, lambda: KernelZramTarget(size)))
+            arms.append((name, lambda fraction: KernelZramTarget(size)))
         else:
-            pool, compact = ZFS_RAM_ARMS[name]
-            arms.append((name, lambda p=pool, c=compact, n=name: ZfsRamTarget(p, c, size, n)))
+            arms.append((name, _zfs_ram_factory(name, size, log_dir)))
     for name, why in skipped.items():
         print(f"experiment: arm {name} skipped: {why}", file=sys.stderr)
     if not arms:
@@ -131,6 +146,8 @@ def run_experiment_cli(args: argparse.Namespace) -> int:
     json_path = os.path.join(args.out, "experiment.json")
     write_json(result, json_path)
     print(f"samples: {json_path}")
+    if any(r.error for r in result.runs) and os.path.isdir(log_dir):
+        print(f"daemon logs: {log_dir}")
     try:
         png_path = os.path.join(args.out, "experiment.png")
         write_plot(result, png_path)

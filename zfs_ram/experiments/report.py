@@ -111,7 +111,7 @@ def table_rows(result: ExperimentResult) -> list[tuple[str, ...]]:
         s = summarize(run)
         arm = s.arm + ("" if s.clean else " *")
         if s.error is not None:
-            rows.append((arm, f"{s.fraction:.0%}", f"FAILED: {s.error}") + ("",) * 8)
+            rows.append((arm, f"{s.fraction * 100:.0f}", "FAILED") + ("-",) * 8)
             continue
         rows.append(
             (
@@ -151,6 +151,9 @@ def render_table(result: ExperimentResult, markdown: bool = False) -> str:
     ]
     if any(not r.clean for r in result.runs):
         notes.append("*: a shrinker or reclaim ran during the run (it compacts zram pools).")
+    for run in result.runs:
+        if run.error is not None:
+            notes.append(f"FAILED {run.arm} at {run.fraction:.0%}: {run.error}")
     for arm, why in result.skipped.items():
         notes.append(f"{arm}: skipped ({why}).")
     return text + "\n\n" + "\n".join(notes) + "\n"

@@ -176,6 +176,25 @@ def run_one(
     progress = progress or Progress(quiet=True)
     result = RunResult(arm=target.name, fraction=fraction, target={"name": target.name})
     progress.start(f"[{target.name} {fraction:.0%}]")
+    try:
+        _run_stages(target, file_set, fraction, wait, order, progress, result)
+    except Exception as exc:
+        stage = next((s for s in STAGES if s not in result.stages), "teardown")
+        exc.add_note(f"in stage {stage!r} of {target.name} at {fraction:.0%}")
+        raise
+    return result
+
+
+def _run_stages(
+    target: Target,
+    file_set: FileSet,
+    fraction: float,
+    wait: float,
+    order: str,
+    progress: Progress,
+    result: RunResult,
+) -> None:
+    """The body of run_one: fills ``result`` as the stages complete."""
     with target:
         result.target = target.describe()
         t0 = time.monotonic()
@@ -215,7 +234,6 @@ def run_one(
             stage_done("compact", started)
             time.sleep(SAMPLE_INTERVAL)  # one more timeline point after compaction
         result.timeline = sampler.samples
-    return result
 
 
 @dataclass
@@ -238,14 +256,14 @@ class ExperimentResult:
 
 def run_experiment(
     file_set: FileSet,
-    arms: Sequence[tuple[str, Callable[[], Target]]],
+    arms: Sequence[tuple[str, Callable[[float], Target]]],
     fractions: Sequence[float],
     wait: float = DEFAULT_WAIT,
     order: str = "shuffled",
     progress: Progress | None = None,
     params: dict[str, Any] | None = None,
 ) -> ExperimentResult:
-    """Every arm for every fraction, each on a fresh target built by the arm's factory.
+    """Every arm for every fraction, each on a fresh target built by ``factory(fraction)``.
 
     A run that fails is recorded with its error and the experiment goes on; the target's
     teardown has already run by then.
@@ -255,10 +273,11 @@ def run_experiment(
     for name, factory in arms:
         for fraction in fractions:
             try:
-                run = run_one(factory(), file_set, fraction, wait, order, progress)
+                run = run_one(factory(fraction), file_set, fraction, wait, order, progress)
             except Exception as exc:  # record it, keep the other arms going
                 run = RunResult(arm=name, fraction=fraction, target={"name": name})
-                run.error = f"{type(exc).__name__}: {exc}"
+                where = "; ".join(getattr(exc, "__notes__", []))
+                run.error = f"{type(exc).__name__}: {exc}" + (f" ({where})" if where else "")
                 progress.stage(f"FAILED: {run.error}")
             run.arm = name
             result.runs.append(run)

@@ -153,18 +153,22 @@ class ZfsRamTarget(Target):
         size_bytes: int = 0,
         name: str | None = None,
         extra_options: str = "",
+        log_path: str | None = None,
     ) -> None:
         self.pool = pool
         self.compact_mode = compact
         self.size_bytes = size_bytes
         self.name = name or f"{pool}-{compact}"
         self.extra_options = extra_options
+        self.log_path = log_path  # the daemon's log (-o log=), kept after the run
         self.tmpdir = ""
         self.pid: int | None = None
 
     def options(self) -> str:
         size = max(ZFS_RAM_SIZE_MIN, ZFS_RAM_SIZE_FACTOR * self.size_bytes)
         opts = f"size={size},pool={self.pool},compact={self.compact_mode}"
+        if self.log_path is not None:
+            opts += f",log={os.path.abspath(self.log_path)}"
         return f"{opts},{self.extra_options}" if self.extra_options else opts
 
     def __enter__(self) -> ZfsRamTarget:
