@@ -24,7 +24,13 @@ from zfs_ram.experiments.runner import (
     run_experiment,
     run_one,
 )
-from zfs_ram.experiments.targets import MmStat, Target, ZfsRamTarget
+from zfs_ram.experiments.targets import (
+    KernelZramTarget,
+    MmStat,
+    Target,
+    ZfsRamTarget,
+    kernel_zram_available,
+)
 from zfs_ram.experiments.workload import (
     PAGE_SIZE,
     SYNTH_MAX_SIZE,
@@ -437,3 +443,23 @@ def test_module_runs_as_script() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0 and "--fractions" in proc.stdout
+
+
+@pytest.mark.timeout(90)
+def test_kernel_arm_creates_and_removes_its_own_device(
+    real_dir: list[str], tmp_path: os.PathLike[str]
+) -> None:
+    """Root on a zram kernel only: a tiny run on the kernel arm, and no device left behind."""
+    why = kernel_zram_available()
+    if why is not None:
+        pytest.skip(f"kernel zram arm unavailable: {why}")
+    devices_before = set(os.listdir("/sys/block"))
+    fs = build_file_set(WorkloadSpec(size_bytes=4 * MIB, seed=1), candidates=real_dir)
+    target = KernelZramTarget(fs.total_bytes)
+    run = run_one(target, fs, 0.5, wait=0.2)
+    assert target.device is None
+    assert set(os.listdir("/sys/block")) == devices_before
+    s = summarize(run)
+    assert run.stages["fill"].mm.orig_data_size >= fs.total_bytes
+    assert s.freed_share["compact"] is not None and s.freed_share["compact"] > 0.5
+    assert run.stages["wait"].rss is None  # kernel memory: no process to measure

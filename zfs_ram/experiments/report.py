@@ -173,7 +173,8 @@ def write_json(result: ExperimentResult, path: str) -> None:
 def write_plot(result: ExperimentResult, path: str) -> None:
     """Memory used over each run, one panel per arm, one line per delete fraction.
 
-    Solid: mem_used_total; dashed: compr_data_size; dots mark the stage samples.
+    Solid: mem_used_total; dashed: compr_data_size; dotted: the daemon's RSS (zfs_ram arms);
+    dots mark the stage samples.
     """
     import matplotlib
 
@@ -196,15 +197,22 @@ def write_plot(result: ExperimentResult, path: str) -> None:
                     label=f"delete {run.fraction:.0%}: mem_used")
             ax.plot(t, [s.mm.compr_data_size / MIB for s in run.timeline], color=color,
                     linestyle="--", linewidth=0.8)
+            rss = [(s.t, s.rss / MIB) for s in run.timeline if s.rss is not None]
+            if rss:
+                ax.plot([t for t, _ in rss], [r for _, r in rss], color=color, linestyle=":",
+                        linewidth=0.8)
             stages = [run.stages[s] for s in STAGES if s in run.stages]
             ax.plot([s.t for s in stages], [s.mm.mem_used_total / MIB for s in stages], "o",
                     color=color, markersize=3)
-        ax.set_title(arm)
+        failed = [f"{r.fraction:.0%}" for r in result.runs if r.arm == arm and r.error]
+        ax.set_title(arm + (f" (failed: {', '.join(failed)})" if failed else ""))
         ax.set_ylabel("MiB")
         ax.grid(True, alpha=0.3)
         if runs:
             ax.legend(fontsize="small", loc="upper right")
-    axes[-1, 0].set_xlabel("seconds since mount (dashed: compr_data_size; dots: stage ends)")
+    axes[-1, 0].set_xlabel(
+        "seconds since mount (dashed: compr_data_size; dotted: daemon RSS; dots: stage ends)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
