@@ -32,7 +32,7 @@ def make_bytes(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-_settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+_settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
 
 
 @_settings
@@ -95,6 +95,29 @@ class PoolMachine(RuleBasedStateMachine):
             self.pool.free(h)
             del self.model[h]
 
+    @rule(
+        size=st.sampled_from([40, 300, 1568, 2049, 3632]),
+        count=st.integers(5, 60),
+        seed=st.integers(0, 2**16),
+    )
+    def store_burst(self, size: int, count: int, seed: int) -> None:
+        """Many objects of one class: several zspages, so compaction has work to do."""
+        for i in range(count):
+            data = make_bytes(size, seed + i)
+            try:
+                h = self.pool.store(data)
+            except PoolFullError:
+                return
+            self.model[h] = data
+
+    @precondition(lambda self: len(self.model) > 0)
+    @rule(share=st.floats(0.1, 0.9), seed=st.integers(0, 2**16))
+    def free_random_share(self, share: float, seed: int) -> None:
+        victims = random.Random(seed).sample(sorted(self.model), int(len(self.model) * share))
+        for h in victims:
+            self.pool.free(h)
+            del self.model[h]
+
     @rule(n=st.integers(1, 40))
     def compact_step(self, n: int) -> None:
         before = self.pool.statistics()
@@ -110,6 +133,8 @@ class PoolMachine(RuleBasedStateMachine):
         before = self.pool.statistics()
         freed = self.pool.compact()
         after = self.pool.statistics()
+        if before.freeable_pages:
+            assert after.objects_moved > before.objects_moved
         assert after.pages_used == before.pages_used - freed
         assert freed >= before.freeable_pages
         assert after.freeable_pages == 0
