@@ -1,0 +1,833 @@
+"""fsx for zfs_ram: seeded random file operations checked against an in-memory model.
+
+In the spirit of fsx (Apple's, then xfstests' ltp/fsx.c): one random number generator drives
+every choice, so a seed replays a run exactly. Each step is one operation on one of a fixed set
+of paths spread over three directories: writes at random offsets and lengths, O_APPEND writes,
+truncates up and down, sparse writes far past the end (up to 1 TiB), reads, mmap reads and
+writes, renames (which may replace), hard links, unlinks, and writes through a handle whose last
+name was just removed. The model holds each inode's bytes as a sparse page map; after every step
+the files touched are read back whole (first dropped from the kernel's page cache with
+posix_fadvise(DONTNEED), so the bytes come from the daemon, not the kernel) and compared.
+
+Every ``compact_every`` steps it writes 1 to MOUNT/.zfs_ram/compact and then verifies every
+file, and, when it owns the mount (``check_accounting``), that mm_stat's orig_data_size is
+exactly the pages the model says are held: a leak or a lost page shows up at once. At the end it
+deletes everything and checks that the pool is empty again.
+
+A failure raises FsxFailure, whose text has the seed, the failing step and the last steps of the
+log; the command line writes the whole log to a file. The same seed and ``--ops`` replay it.
+
+Command line (a mount made for the run and removed after it, compaction forced)::
+
+    python -m zfs_ram.testing.fsx --new-mount pool=zbud,compact_min_pages=1,compact_batch=4 \\
+        --ops 200000 --seed 1
+
+or ``--mount DIR`` for a mount that already exists (the run works in DIR/fsx-SEED). The soak
+used by the integrity tests is the same with a larger ``--ops``; ``--churn N`` instead starts N
+processes that publish, read, rename and delete checksummed files in one shared directory
+(see ``run_churn``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import mmap
+import os
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "FsxConfig",
+    "FsxFailure",
+    "FsxResult",
+    "Fsx",
+    "ChurnResult",
+    "run_churn",
+    "verify_churn_tree",
+    "main",
+]
+
+PAGE = 4096
+CONTROL_DIR = ".zfs_ram"
+# Directories the paths are spread over: renames and links cross them.
+DIRS = ("", "a", "a/b")
+# Files this big or smaller are read back whole; larger (sparse) ones by their data pages plus
+# samples of the holes, since reading 1 TiB of zeros would take hours.
+FULL_VERIFY_LIMIT = 4 << 20
+# Sparse writes land anywhere below this: 1 TiB spans many page-table chunks and costs one page.
+SPARSE_LIMIT = 1 << 40
+# Hole samples read in a large file on each verification.
+HOLE_SAMPLES = 4
+# Log lines shown in a failure's message (the CLI writes all of them to a file).
+LOG_TAIL = 40
+# How long --new-mount waits for the daemon; mounting takes well under a second.
+MOUNT_TIMEOUT = 30.0
+
+
+class FsxFailure(AssertionError):
+    """The filesystem disagreed with the model; the message says how to replay it."""
+
+
+@dataclass
+class FsxConfig:
+    """One run. The defaults are the CI run's; a soak raises ``ops``."""
+
+    root: Path  # an empty or missing directory on the mount under test
+    seed: int = 1
+    ops: int = 1000
+    files_per_dir: int = 4  # the fixed set of paths: DIRS x files_per_dir
+    max_len: int = 256 << 10  # ordinary writes and truncates stay below this offset
+    max_write: int = 64 << 10  # bytes per write
+    compact_every: int = 25  # 0: never write to .zfs_ram/compact
+    control: Path | None = None  # MOUNT/.zfs_ram, found above root when None
+    check_accounting: bool = False  # the run owns the mount: mm_stat must match the model
+    use_mmap: bool = True
+    cleanup: bool = True  # delete everything at the end (and check the pool is empty)
+
+
+@dataclass
+class FsxResult:
+    ops: int
+    compactions: int
+    pages_compacted: int  # growth of mm_stat's pages_compacted during the run, -1 if unknown
+    bytes_written: int
+    bytes_verified: int
+    seconds: float
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+
+class FileModel:
+    """What one inode must contain: its size and its written pages (absent pages are holes).
+
+    Invariant: bytes past ``size`` in the last page are zero, and no page lies past the end.
+    ``pages`` is also what the page store must hold: a page exists once any byte of it was
+    written and until a truncate cuts it off.
+    """
+
+    __slots__ = ("size", "pages", "names")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.pages: dict[int, bytearray] = {}
+        self.names = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            page, start = divmod(offset + pos, PAGE)
+            n = min(PAGE - start, len(data) - pos)
+            buf = self.pages.get(page)
+            if buf is None:
+                buf = self.pages[page] = bytearray(PAGE)
+            buf[start : start + n] = data[pos : pos + n]
+            pos += n
+        self.size = max(self.size, offset + len(data))
+
+    def truncate(self, size: int) -> None:
+        if size < self.size:
+            keep = (size + PAGE - 1) // PAGE
+            for page in [p for p in self.pages if p >= keep]:
+                del self.pages[page]
+            last, tail = divmod(size, PAGE)
+            if tail and last in self.pages:
+                self.pages[last][tail:] = bytes(PAGE - tail)
+        self.size = size
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            page, start = divmod(pos, PAGE)
+            n = min(PAGE - start, end - pos)
+            buf = self.pages.get(page)
+            out += buf[start : start + n] if buf is not None else bytes(n)
+            pos += n
+        return bytes(out)
+
+
+def make_data(rng: random.Random, length: int, tag: int) -> tuple[str, bytes]:
+    """Bytes of one of the kinds the page store treats differently, and the kind's name."""
+    kind = rng.choice(("random", "text", "zeros", "fill", "word", "mixed"))
+    if kind == "random":  # incompressible: stored raw (huge pages)
+        data = rng.randbytes(length)
+    elif kind == "text":  # compressible and unique to this step
+        unit = f"step {tag:08d} of zfs_ram fsx; ".encode()
+        data = (unit * (length // len(unit) + 1))[:length]
+    elif kind == "zeros":  # same-filled with word 0
+        data = bytes(length)
+    elif kind == "fill":  # same-filled with a non-zero byte
+        data = bytes([rng.randrange(1, 256)]) * length
+    elif kind == "word":  # same-filled with an 8-byte word when page-aligned
+        word = struct.pack("<Q", rng.getrandbits(64))
+        data = (word * (length // 8 + 1))[:length]
+    else:  # a partly compressible page: the odd size classes
+        cut = rng.randrange(length + 1)
+        data = bytes(cut) + rng.randbytes(length - cut)
+    return kind, data
+
+
+def _fail_errno(code: int) -> Callable[[OSError], bool]:
+    return lambda error: error.errno == code
+
+
+class Fsx:
+    """One seeded run; ``run()`` returns an FsxResult or raises FsxFailure."""
+
+    def __init__(self, config: FsxConfig) -> None:
+        self.cfg = config
+        self.rng = random.Random(config.seed)
+        self.root = config.root
+        self.paths = [
+            f"{d}/f{i}" if d else f"f{i}" for d in DIRS for i in range(config.files_per_dir)
+        ]
+        self.names: dict[str, int] = {}  # path -> inode key
+        self.inodes: dict[int, FileModel] = {}
+        self._next_key = 1
+        self.log: list[str] = []
+        self.step = 0
+        self.control = config.control if config.control is not None else _find_control(self.root)
+        self.counts: dict[str, int] = {}
+        self.compactions = 0
+        self.written = 0
+        self.verified = 0
+        ops: list[tuple[Callable[[], None], int]] = [
+            (self.op_write, 20), (self.op_append, 8), (self.op_truncate, 8),
+            (self.op_sparse_write, 2), (self.op_read, 12), (self.op_rename, 5),
+            (self.op_link, 3), (self.op_unlink, 4), (self.op_write_unlinked, 2),
+        ]  # fmt: skip
+        if config.use_mmap:
+            ops += [(self.op_mmap_read, 5), (self.op_mmap_write, 5)]
+        self._ops = [op for op, _ in ops]
+        self._weights = [w for _, w in ops]
+
+    # -- driving -------------------------------------------------------------------------------
+
+    def run(self) -> FsxResult:
+        started = time.monotonic()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for d in DIRS[1:]:
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        compacted_before = self._pages_compacted()
+        try:
+            for self.step in range(1, self.cfg.ops + 1):
+                op = self.rng.choices(self._ops, self._weights)[0]
+                self.counts[op.__name__[3:]] = self.counts.get(op.__name__[3:], 0) + 1
+                op()
+                if self.cfg.compact_every and self.step % self.cfg.compact_every == 0:
+                    self.compact_and_verify_all()
+            self.step += 1
+            self.compact_and_verify_all()
+            if self.cfg.cleanup:
+                self.cleanup()
+        except FsxFailure:
+            raise
+        except Exception as error:  # an unexpected OSError is a failure like any other
+            raise self.failure(f"{type(error).__name__}: {error}") from error
+        compacted_after = self._pages_compacted()
+        return FsxResult(
+            ops=self.cfg.ops,
+            compactions=self.compactions,
+            pages_compacted=(compacted_after - compacted_before
+                             if compacted_before >= 0 else -1),  # fmt: skip
+            bytes_written=self.written,
+            bytes_verified=self.verified,
+            seconds=time.monotonic() - started,
+            op_counts=dict(sorted(self.counts.items())),
+        )
+
+    def note(self, text: str) -> None:
+        self.log.append(f"#{self.step} {text}")
+
+    def failure(self, what: str) -> FsxFailure:
+        tail = "\n".join(self.log[-LOG_TAIL:])
+        return FsxFailure(
+            f"fsx seed={self.cfg.seed} failed at step {self.step} of {self.cfg.ops}: {what}\n"
+            f"replay: python -m zfs_ram.testing.fsx --mount MOUNT --seed {self.cfg.seed}"
+            f" --ops {self.step} (same --files/--max-len/--compact-every)\n"
+            f"last {min(LOG_TAIL, len(self.log))} of {len(self.log)} steps:\n{tail}"
+        )
+
+    def check(self, condition: bool, what: str) -> None:
+        if not condition:
+            raise self.failure(what)
+
+    def expect_error(self, code: int, action: Callable[[], object], what: str) -> None:
+        try:
+            action()
+        except OSError as error:
+            self.check(error.errno == code,
+                       f"{what}: expected {errno.errorcode[code]}, got {error!r}")  # fmt: skip
+            return
+        raise self.failure(f"{what}: expected {errno.errorcode[code]}, it succeeded")
+
+    def pick_path(self) -> str:
+        return self.rng.choice(self.paths)
+
+    def pick_existing(self) -> str | None:
+        if not self.names:
+            return None
+        return self.rng.choice(sorted(self.names))
+
+    def model_of(self, path: str, create: bool = False) -> FileModel | None:
+        key = self.names.get(path)
+        if key is None:
+            if not create:
+                return None
+            key = self._next_key
+            self._next_key += 1
+            self.inodes[key] = FileModel()
+            self.inodes[key].names = 1
+            self.names[path] = key
+        return self.inodes[key]
+
+    def drop_name(self, path: str) -> FileModel:
+        key = self.names.pop(path)
+        model = self.inodes[key]
+        model.names -= 1
+        if model.names == 0:
+            del self.inodes[key]
+        return model
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def op_write(self) -> None:
+        path = self.pick_path()
+        offset = self.rng.randrange(self.cfg.max_len)
+        length = self.rng.randrange(1, self.cfg.max_write + 1)
+        kind, data = make_data(self.rng, length, self.step)
+        self.note(f"write {path} off={offset} len={length} kind={kind}")
+        model = self.model_of(path, create=True)
+        assert model is not None
+        fd = os.open(self.root / path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._pwrite_all(fd, data, offset)
+        finally:
+            os.close(fd)
+        model.write(offset, data)
+        self.written += length
+        self.verify(path)
+
+    def op_append(self) -> None:
+        path = self.pick_path()
+        length = self.rng.randrange(1, self.cfg.max_write + 1)
+        kind, data = make_data(self.rng, length, self.step)
+        self.note(f"append {path} len={length} kind={kind}")
+        model = self.model_of(path, create=True)
+        assert model is not None
+        fd = os.open(self.root / path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self.check(os.write(fd, data) == length, "short append")
+        finally:
+            os.close(fd)
+        model.write(model.size, data)
+        self.written += length
+        self.verify(path)
+
+    def op_sparse_write(self) -> None:
+        path = self.pick_path()
+        offset = self.rng.randrange(SPARSE_LIMIT)
+        length = self.rng.randrange(1, 2 * PAGE)
+        kind, data = make_data(self.rng, length, self.step)
+        self.note(f"sparse_write {path} off={offset} len={length} kind={kind}")
+        model = self.model_of(path, create=True)
+        assert model is not None
+        fd = os.open(self.root / path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._pwrite_all(fd, data, offset)
+        finally:
+            os.close(fd)
+        model.write(offset, data)
+        self.written += length
+        self.verify(path)
+
+    def op_truncate(self) -> None:
+        path = self.pick_existing()
+        if path is None:
+            return
+        size = self.rng.randrange(self.cfg.max_len + 1)
+        if self.rng.random() < 0.2:
+            size -= size % PAGE  # page-aligned cuts are a separate corner
+        model = self.model_of(path)
+        assert model is not None
+        self.note(f"truncate {path} {model.size} -> {size}")
+        os.truncate(self.root / path, size)
+        model.truncate(size)
+        self.verify(path)
+
+    def op_read(self) -> None:
+        path = self.pick_existing()
+        if path is None:
+            return
+        model = self.model_of(path)
+        assert model is not None
+        span = max(model.size, 1)
+        offset = self.rng.randrange(span + PAGE) if span < self.cfg.max_len * 4 else (
+            self.rng.choice(sorted(model.pages)) * PAGE if model.pages else 0
+        )
+        length = self.rng.randrange(1, self.cfg.max_write + 1)
+        self.note(f"read {path} off={offset} len={length}")
+        with self._open(path, os.O_RDONLY) as fd:
+            _drop_cache(fd)
+            got = _pread_all(fd, length, offset)
+        want = model.read(offset, length)
+        self._compare(path, offset, got, want)
+
+    def op_mmap_read(self) -> None:
+        found = self._map_range()
+        if found is None:
+            return
+        path, model, offset, length = found
+        self.note(f"mmap_read {path} off={offset} len={length}")
+        with self._open(path, os.O_RDONLY) as fd:
+            _drop_cache(fd)
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(fd, offset + length - base, prot=mmap.PROT_READ,
+                           offset=base) as view:  # fmt: skip
+                got = view[offset - base : offset - base + length]
+        self._compare(path, offset, got, model.read(offset, length))
+
+    def op_mmap_write(self) -> None:
+        found = self._map_range()
+        if found is None:
+            return
+        path, model, offset, length = found
+        kind, data = make_data(self.rng, length, self.step)
+        self.note(f"mmap_write {path} off={offset} len={length} kind={kind}")
+        with self._open(path, os.O_RDWR) as fd:
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(fd, offset + length - base, offset=base) as view:
+                view[offset - base : offset - base + length] = data
+                view.flush()  # msync: the dirty pages go to the daemon as writes now
+        model.write(offset, data)
+        self.written += length
+        self.verify(path)
+
+    def op_rename(self) -> None:
+        src = self.pick_existing()
+        if src is None:
+            return
+        dst = self.pick_path()
+        self.note(f"rename {src} -> {dst}")
+        os.rename(self.root / src, self.root / dst)
+        if dst == src or self.names.get(dst) == self.names[src]:
+            # Two names of one inode: POSIX rename does nothing and both names stay.
+            self.verify(src)
+            return
+        if dst in self.names:
+            self.drop_name(dst)
+        self.names[dst] = self.names.pop(src)
+        self.verify(dst)
+        self.check(not (self.root / src).exists(), f"{src} still exists after rename")
+
+    def op_link(self) -> None:
+        src = self.pick_existing()
+        if src is None:
+            return
+        dst = self.pick_path()
+        self.note(f"link {src} -> {dst}")
+        if dst in self.names:
+            self.expect_error(errno.EEXIST, lambda: os.link(self.root / src, self.root / dst),
+                              f"link {src} onto existing {dst}")  # fmt: skip
+            return
+        os.link(self.root / src, self.root / dst)
+        key = self.names[src]
+        self.names[dst] = key
+        self.inodes[key].names += 1
+        self.verify(dst)
+
+    def op_unlink(self) -> None:
+        path = self.pick_path()
+        self.note(f"unlink {path}")
+        if path not in self.names:
+            self.expect_error(errno.ENOENT, lambda: os.unlink(self.root / path),
+                              f"unlink missing {path}")  # fmt: skip
+            return
+        os.unlink(self.root / path)
+        model = self.drop_name(path)
+        if model.names:
+            for other, key in self.names.items():
+                if self.inodes.get(key) is model:
+                    self.verify(other)
+                    break
+
+    def op_write_unlinked(self) -> None:
+        """Remove the last name of an open file, then use the handle: the inode must live."""
+        path = self.pick_existing()
+        if path is None:
+            return
+        offset = self.rng.randrange(self.cfg.max_len)
+        length = self.rng.randrange(1, self.cfg.max_write + 1)
+        kind, data = make_data(self.rng, length, self.step)
+        self.note(f"write_unlinked {path} off={offset} len={length} kind={kind}")
+        key = self.names[path]
+        model = self.inodes[key]
+        others = [p for p, k in self.names.items() if k == key and p != path]
+        fd = os.open(self.root / path, os.O_RDWR)
+        try:
+            for name in [path, *others]:
+                os.unlink(self.root / name)
+                self.drop_name(name)
+            self._pwrite_all(fd, data, offset)
+            model.write(offset, data)
+            self.written += length
+            self.verify_fd(fd, model, f"{path} (unlinked)", nlink=0)
+        finally:
+            os.close(fd)
+
+    # -- verification ------------------------------------------------------------------------
+
+    def verify(self, path: str) -> None:
+        model = self.model_of(path)
+        assert model is not None
+        with self._open(path, os.O_RDONLY) as fd:
+            self.verify_fd(fd, model, path, nlink=model.names)
+
+    def verify_fd(self, fd: int, model: FileModel, path: str, nlink: int) -> None:
+        st = os.fstat(fd)
+        self.check(st.st_size == model.size, f"{path}: size {st.st_size}, model {model.size}")
+        self.check(st.st_nlink == nlink, f"{path}: st_nlink {st.st_nlink}, model {nlink}")
+        _drop_cache(fd)
+        if model.size <= FULL_VERIFY_LIMIT:
+            self._compare(path, 0, _pread_all(fd, model.size + PAGE, 0), model.read(0, model.size))
+            return
+        pages = sorted(model.pages)
+        for page in pages:
+            offset = page * PAGE
+            self._compare(path, offset, _pread_all(fd, PAGE, offset), model.read(offset, PAGE))
+        for _ in range(HOLE_SAMPLES):
+            offset = self.rng.randrange(model.size)
+            self._compare(path, offset, _pread_all(fd, 64, offset), model.read(offset, 64))
+        tail = max(0, model.size - 100)
+        self._compare(path, tail, _pread_all(fd, 200, tail), model.read(tail, 200))
+
+    def _compare(self, path: str, offset: int, got: bytes, want: bytes) -> None:
+        self.verified += len(got)
+        if got == want:
+            return
+        if len(got) != len(want):
+            raise self.failure(f"{path}: read at {offset} gave {len(got)} bytes, model has"
+                               f" {len(want)}")  # fmt: skip
+        first = next(i for i in range(len(got)) if got[i] != want[i])
+        at = offset + first
+        raise self.failure(
+            f"{path}: bytes differ from offset {at} (page {at // PAGE}, +{at % PAGE}):"
+            f" got {got[first:first + 16].hex()} want {want[first:first + 16].hex()}"
+        )
+
+    def compact_and_verify_all(self) -> None:
+        if self.control is not None:
+            self.note("compact")
+            (self.control / "compact").write_text("1")
+            self.compactions += 1
+        for path in sorted(self.names):
+            self.verify(path)
+        self.check_tree()
+        if self.cfg.check_accounting and self.control is not None:
+            held = sum(len(m.pages) for m in self.inodes.values())
+            stat = _mm_stat(self.control)
+            self.check(stat[0] == held * PAGE,
+                       f"mm_stat orig_data_size {stat[0]}, model holds {held} pages"
+                       f" ({held * PAGE} bytes)")  # fmt: skip
+
+    def check_tree(self) -> None:
+        """The directory listings name exactly the model's paths."""
+        found = set()
+        for d in DIRS:
+            for entry in os.scandir(self.root / d if d else self.root):
+                if entry.is_file(follow_symlinks=False):
+                    found.add(f"{d}/{entry.name}" if d else entry.name)
+        self.check(found == set(self.names),
+                   f"listing {sorted(found)} != model {sorted(self.names)}")  # fmt: skip
+
+    def cleanup(self) -> None:
+        self.note("cleanup")
+        for path in sorted(self.names):
+            os.unlink(self.root / path)
+        self.names.clear()
+        self.inodes.clear()
+        for d in reversed(DIRS[1:]):
+            os.rmdir(self.root / d)
+        if self.cfg.check_accounting and self.control is not None:
+            (self.control / "compact").write_text("1")
+            stat = _mm_stat(self.control)
+            self.check(stat[:3] == [0, 0, 0],
+                       f"after deleting everything mm_stat is {stat}: the pool is not empty")
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _open(self, path: str, flags: int) -> Iterator[int]:
+        fd = os.open(self.root / path, flags)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _pwrite_all(self, fd: int, data: bytes, offset: int) -> None:
+        done = os.pwrite(fd, data, offset)
+        self.check(done == len(data), f"short write: {done} of {len(data)} bytes")
+
+    def _map_range(self) -> tuple[str, FileModel, int, int] | None:
+        path = self.pick_existing()
+        if path is None:
+            return None
+        model = self.model_of(path)
+        assert model is not None
+        if model.size == 0:
+            return None
+        if model.size > self.cfg.max_len * 4 and model.pages:
+            start = self.rng.choice(sorted(model.pages)) * PAGE
+        else:
+            start = self.rng.randrange(model.size)
+        length = self.rng.randrange(1, min(self.cfg.max_write, model.size - start) + 1)
+        return path, model, start, length
+
+    def _pages_compacted(self) -> int:
+        if self.control is None:
+            return -1
+        return _mm_stat(self.control)[6]
+
+
+def _drop_cache(fd: int) -> None:
+    """Drop the file's clean pages from the kernel's cache, so reads reach the daemon."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    parts = []
+    while length > 0:
+        chunk = os.pread(fd, min(length, 1 << 20), offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        length -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _find_control(path: Path) -> Path | None:
+    for candidate in (path, *path.parents):
+        if (candidate / CONTROL_DIR / "mm_stat").exists():
+            return candidate / CONTROL_DIR
+    return None
+
+
+def _mm_stat(control: Path) -> list[int]:
+    return [int(v) for v in (control / "mm_stat").read_text().split()]
+
+
+# -- several processes at once -----------------------------------------------------------------
+
+CHURN_MAGIC = b"ZFSRAMCHURN1"
+CHURN_HEADER = struct.Struct("<12sQ32s")  # magic, body length, sha256 of the body
+SHARED = "shared"
+
+
+@dataclass
+class ChurnResult:
+    published: int = 0
+    verified: int = 0
+    renamed: int = 0
+    deleted: int = 0
+    raced: int = 0  # operations that found their file gone (another worker got there first)
+
+
+def churn_content(rng: random.Random, length: int, tag: int) -> bytes:
+    """A self-checking file: header with length and sha256, then a body of mixed kinds."""
+    _, body = make_data(rng, length, tag)
+    return CHURN_HEADER.pack(CHURN_MAGIC, len(body), hashlib.sha256(body).digest()) + body
+
+
+def check_churn_content(data: bytes) -> str | None:
+    """None if the file is whole, else what is wrong with it."""
+    if len(data) < CHURN_HEADER.size:
+        return f"{len(data)} bytes, shorter than the header"
+    magic, length, digest = CHURN_HEADER.unpack_from(data)
+    if magic != CHURN_MAGIC:
+        return f"bad magic {magic!r}"
+    body = data[CHURN_HEADER.size :]
+    if len(body) != length:
+        return f"body of {len(body)} bytes, header says {length}"
+    if hashlib.sha256(body).digest() != digest:
+        return "sha256 of the body does not match the header"
+    return None
+
+
+def run_churn(root: Path, worker: int, seed: int, ops: int,
+              max_len: int = 192 << 10) -> ChurnResult:  # fmt: skip
+    """One of several processes sharing ROOT/shared: publish, read, rename, delete.
+
+    Files are written whole in the worker's own directory and published by rename, so a reader
+    never meets a half-written file; every read checks the file's own sha256. Races with the
+    other workers (the file was renamed or deleted meanwhile) are expected and counted.
+    Raises FsxFailure on a torn or wrong file.
+    """
+    rng = random.Random(seed * 1000 + worker)
+    own = root / f"w{worker}"
+    shared = root / SHARED
+    own.mkdir(parents=True, exist_ok=True)
+    shared.mkdir(parents=True, exist_ok=True)
+    result = ChurnResult()
+    for step in range(ops):
+        action = rng.choices(("publish", "read", "rename", "delete", "rewrite"),
+                             (4, 6, 2, 2, 1))[0]  # fmt: skip
+        try:
+            if action == "publish":
+                name = f"w{worker}-{step}"
+                data = churn_content(rng, rng.randrange(max_len), step)
+                (own / name).write_bytes(data)
+                os.rename(own / name, shared / name)
+                result.published += 1
+                continue
+            names = sorted(os.listdir(shared))
+            if not names:
+                continue
+            name = rng.choice(names)
+            if action == "read":
+                with open(shared / name, "rb") as f:
+                    _drop_cache(f.fileno())
+                    problem = check_churn_content(f.read())
+                if problem is not None:
+                    raise FsxFailure(f"churn worker {worker} seed {seed} step {step}: "
+                                     f"{SHARED}/{name}: {problem}")  # fmt: skip
+                result.verified += 1
+            elif action == "rename":  # may replace another worker's file: atomic either way
+                os.rename(shared / name, shared / rng.choice(names + [f"r{worker}-{step}"]))
+                result.renamed += 1
+            elif action == "delete":
+                os.unlink(shared / name)
+                result.deleted += 1
+            else:  # take a file private, cut and rewrite it, publish it again
+                os.rename(shared / name, own / name)
+                data = churn_content(rng, rng.randrange(max_len), step)
+                with open(own / name, "r+b") as f:
+                    f.truncate(rng.randrange(len(data) + 1))
+                    f.seek(0)
+                    f.write(data)
+                    f.truncate(len(data))
+                os.rename(own / name, shared / name)
+                result.renamed += 1
+        except FileNotFoundError:
+            result.raced += 1
+    return result
+
+
+def verify_churn_tree(root: Path) -> int:
+    """Check every file under root by its checksum; returns how many. Raises FsxFailure."""
+    count = 0
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            problem = check_churn_content(path.read_bytes())
+            if problem is not None:
+                raise FsxFailure(f"{path}: {problem}")
+            count += 1
+    return count
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def new_mount(options: str) -> Iterator[Path]:
+    """A fresh zfs_ram on a temporary directory, unmounted afterwards (through the CLI)."""
+    with tempfile.TemporaryDirectory(prefix="zfs_ram-fsx-") as tmp:
+        where = Path(tmp) / "mnt"
+        where.mkdir()
+        cmd = [sys.executable, "-m", "zfs_ram", "mount", str(where)]
+        if options:
+            cmd += ["-o", options]
+        subprocess.run(cmd, check=True, timeout=MOUNT_TIMEOUT)
+        try:
+            yield where
+        finally:
+            done = subprocess.run([sys.executable, "-m", "zfs_ram", "umount", str(where)],
+                                  check=False, timeout=MOUNT_TIMEOUT)  # fmt: skip
+            if done.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(where)], check=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m zfs_ram.testing.fsx",
+        description="Seeded random file operations on a zfs_ram mount, checked against a model.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mount", type=Path, help="an existing mount; works in DIR/fsx-SEED")
+    where.add_argument("--new-mount", metavar="OPTIONS",
+                       help="mount zfs_ram with these -o options for the run, then unmount")
+    p.add_argument("--ops", type=int, default=10000, help="operations per run (default 10000)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
+    p.add_argument("--files", type=int, default=4, help="paths per directory (3 directories)")
+    p.add_argument("--max-len", type=int, default=256 << 10, help="writes and truncates below")
+    p.add_argument("--compact-every", type=int, default=25, help="0: no forced compaction")
+    p.add_argument("--no-mmap", action="store_true")
+    p.add_argument("--keep", action="store_true", help="leave the files (no final clean-up)")
+    p.add_argument("--churn", type=int, metavar="N", default=0,
+                   help="instead: N processes churning a shared directory, --ops each")
+    p.add_argument("--log", type=Path, help="where to write the operation log on failure")
+    return p
+
+
+def _run(args: argparse.Namespace, mount_dir: Path, owns_mount: bool) -> int:
+    seed = args.seed
+    if args.churn:
+        return _run_churn_cli(mount_dir / f"churn-{seed}", args.churn, seed, args.ops)
+    cfg = FsxConfig(
+        root=mount_dir / f"fsx-{seed}", seed=seed, ops=args.ops, files_per_dir=args.files,
+        max_len=args.max_len, compact_every=args.compact_every, use_mmap=not args.no_mmap,
+        cleanup=not args.keep, check_accounting=owns_mount,
+    )  # fmt: skip
+    fsx = Fsx(cfg)
+    try:
+        result = fsx.run()
+    except FsxFailure as failure:
+        log_path = args.log or Path(tempfile.gettempdir()) / f"zfs_ram-fsx-{seed}.log"
+        log_path.write_text("\n".join(fsx.log) + "\n")
+        print(failure, file=sys.stderr)
+        print(f"full operation log: {log_path}", file=sys.stderr)
+        return 1
+    print(f"fsx seed={seed}: {result.ops} operations, {result.compactions} forced compactions,"
+          f" {result.pages_compacted} pages compacted, {result.bytes_written} bytes written,"
+          f" {result.bytes_verified} verified, {result.seconds:.1f} s")  # fmt: skip
+    print("  " + ", ".join(f"{k} {v}" for k, v in result.op_counts.items()))
+    return 0
+
+
+def _run_churn_cli(root: Path, workers: int, seed: int, ops: int) -> int:
+    cmd = [sys.executable, "-c",
+           "import sys; from pathlib import Path; from zfs_ram.testing.fsx import run_churn;"
+           "print(run_churn(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),"
+           " int(sys.argv[4])))"]  # fmt: skip
+    procs = [subprocess.Popen([*cmd, str(root), str(w), str(seed), str(ops)])
+             for w in range(workers)]  # fmt: skip
+    status = max(p.wait() for p in procs)
+    count = verify_churn_tree(root)
+    print(f"churn seed={seed}: {workers} workers x {ops} operations, {count} files verified")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seed is None:
+        args.seed = int(time.time()) % 100000
+    if args.mount is not None:
+        return _run(args, args.mount, owns_mount=False)
+    with new_mount(args.new_mount) as where:
+        return _run(args, where, owns_mount=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
