@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, one_error_line, requires_fuse, zfs_ram_cli
+from conftest import cli_env, one_error_line, requires_fuse, run_mount8, zfs_ram_cli
 
 from zfs_ram.daemon.lifecycle import find_mount, is_alive
 from zfs_ram.testing import MM_STAT_FIELDS
@@ -300,48 +300,6 @@ def test_signal_during_writes_unmounts_and_exits_0(mountpoint: Path, signum: int
 def _statvfs_size(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_blocks * st.f_frsize
-
-
-# mount(8) runs its helpers with PATH removed from the environment, so mount.fuse3's
-# `/bin/sh -c 'zfs_ram ...'` searches only the shell's default PATH (/usr/local/sbin, ...).
-# Rather than install zfs_ram there, the test runs mount(8) in a private mount namespace in which
-# a directory holding only a zfs_ram symlink is bind-mounted over /usr/local/sbin. The FUSE mount
-# is then visible only inside, so the script checks, prints and unmounts it there; its trap
-# removes it if anything fails.
-NAMESPACE_SCRIPT = """
-set -eu
-trap 'fusermount3 -u -z "$MNT" 2>/dev/null || true' EXIT
-mount --bind "$BIN" /usr/local/sbin
-{mount_command}
-stat -f -c 'blocks=%b bsize=%S files=%c' "$MNT"
-stat -c 'mode=%a' "$MNT"
-grep " $MNT " /proc/self/mountinfo | sed 's/.* - /fstype=/'
-pid=$(cat "$MNT/.zfs_ram/pid")
-umount "$MNT"
-i=0
-while kill -0 "$pid" 2>/dev/null; do i=$((i+1)); [ $i -lt 200 ] || exit 3; sleep 0.05; done
-echo daemon-exited
-"""
-
-
-def run_mount8(mount_command: str, mountpoint: Path, tmp_path: Path) -> dict[str, str]:
-    """Run a mount(8) command as described above; return the key=value facts it printed."""
-    bindir = tmp_path / "sbin"
-    bindir.mkdir()
-    (bindir / "zfs_ram").symlink_to(Path(sys.executable).parent / "zfs_ram")
-    env = dict(os.environ, MNT=str(mountpoint), BIN=str(bindir))
-    result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         NAMESPACE_SCRIPT.format(mount_command=mount_command)],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines()[-1] == "daemon-exited"
-    facts = {}
-    for word in result.stdout.split():
-        key, _, value = word.partition("=")
-        facts.setdefault(key, value)
-    return facts
 
 
 @requires_fuse
