@@ -1,0 +1,855 @@
+"""zfs_ram beside kernel tmpfs and a do-nothing pyfuse3 filesystem (the ceiling), in one run.
+
+Why three systems: absolute figures on a shared, noisy 2-core machine say little. tmpfs is what
+zfs_ram replaces; nullfs (benchmarks/nullfs.py) is the best any pyfuse3 filesystem can do here,
+so zfs_ram/nullfs is the share of the FUSE ceiling that zfs_ram's own code leaves. Every
+repetition runs each workload on all three systems back to back (their order rotates from one
+repetition to the next), and the report gives medians of the per-repetition ratios.
+
+Workloads (names for --only):
+  seqwrite_1m, seqwrite_4k  sequential write of --size-mib of real data (files from /usr/lib and
+                            /usr/share, concatenated once into a cached file on disk and held in
+                            memory while the benchmark runs), 1 MiB / 4 KiB blocks, fsync at end
+  seqread                   1 MiB sequential read after dropping the kernel caches
+  randread, randwrite       4 KiB random reads / writes at queue depth 1 (fio, psync)
+  smallfiles                create+write 20k files of 1-16 KiB, stat, read all, unlink
+  untar                     tar x of a real source tree (>100 MB), read it back, rm -rf
+  memory                    (taken after seqwrite_1m) daemon RSS and pool pages against the
+                            data's size; tmpfs's Shmem (df); kernel zram for the same data
+
+Dropping caches (echo 3 > /proc/sys/vm/drop_caches) empties the page cache of the FUSE mounts
+so reads reach the daemons; tmpfs keeps its pages (they are its storage). It also compacts
+every kernel zram pool on the machine (drop_caches runs the shrinkers); no zram device is
+otherwise touched, except the one this script creates with hot_add for the memory comparison.
+
+Run as root (mount, drop_caches, zram) with the project's venv:
+  /work/main/.venv/bin/python benchmarks/fs_bench.py --reps 5 --json results.json
+Everything mounted is unmounted in a finally block, also on Ctrl-C and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+KIB = 1024
+MIB = 1024 * KIB
+PAGE = 4 * KIB
+HERE = Path(__file__).resolve().parent
+CACHE_DIR = Path(os.environ.get("ZFS_RAM_BENCH_CACHE", "/tmp/zfs_ram_bench"))
+# Real data: the first bytes of these trees' regular files, taken in turns from each so the
+# mix holds both text (share) and binaries (lib): lz4 compresses it about 2-3x, like real files.
+DATA_ROOTS = ("/usr/share", "/usr/lib")
+# A real source tree of >100 MB and ~10^4 files: Python's stdlib plus Debian's docs.
+TREE_PATHS = ("usr/lib/python3.11", "usr/lib/python3", "usr/share/doc")
+# --quick: a few MB of the same kind of tree, so the whole run stays under a minute.
+QUICK_TREE_PATHS = ("usr/lib/python3.11/email", "usr/lib/python3.11/json",
+                    "usr/lib/python3.11/asyncio", "usr/lib/python3.11/unittest")  # fmt: skip
+SMALL_FILES = 20_000  # the issue's count
+SMALL_MIN, SMALL_MAX = 1 * KIB, 16 * KIB  # the issue's sizes
+SMALL_PER_DIR = 1000  # files per directory: real trees are not one flat 20k-entry directory
+RANDOM_SECONDS = 5.0  # fio runtime per random-I/O run: ~10^4-10^5 I/Os at QD1, enough for a rate
+QUICK_SIZE_MIB = 64
+QUICK_SMALL_FILES = 2000
+QUICK_RANDOM_SECONDS = 1.5
+SETTLE_TIMEOUT = 15.0  # wait this long at most for zfs_ram's compactor between workloads
+UNMOUNT_TRIES = 20  # fusermount3 -u retries (0.25 s apart) while a dying fio holds the mount
+# The issue's targets: minimum zfs_ram/nullfs ratio per metric.
+TARGETS: dict[str, float] = {
+    "seqwrite_1m": 0.35,
+    "seqread": 0.5,
+    "randread": 0.8,
+    "randwrite": 0.7,
+    "smallfiles.create": 0.7,
+    "smallfiles.stat": 0.7,
+    "smallfiles.unlink": 0.7,
+    "untar": 0.7,
+}
+RSS_FACTOR, RSS_SLACK = 1.05, 64 * MIB  # RSS <= 1.05 x pool pages + 64 MiB (issue's target)
+ZRAM_TOLERANCE = 0.05  # pool pages within 5% of kernel zram's mem_used_total
+ZRAM_CONTROL = Path("/sys/class/zram-control")
+WORKLOADS = ("seqwrite_1m", "seqread", "randread", "randwrite", "seqwrite_4k", "smallfiles",
+             "untar")  # fmt: skip
+SEQ_FILE = "seq.bin"
+DEFAULT_REPS = 3  # the median of 3 outvotes one disturbed repetition; a full rep takes minutes
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str] | str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, text=True, **kwargs)
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mountinfo") as mounts:
+        return any(line.split()[4] == target for line in mounts)
+
+
+def drop_caches() -> None:
+    """Empty page, dentry and inode caches so reads and lookups reach the filesystems."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * KIB
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of a process: what the daemon itself spent, apart from the kernel's FUSE."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the systems -----------------------------------------------------------------------------
+
+
+class System:
+    """A mounted filesystem under test; subclasses know how to mount, unmount and weigh it."""
+
+    name = ""
+    verifies = True  # reads give back what was written (false for nullfs)
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        self.path = path
+        self.size_bytes = size_bytes
+
+    def mount(self) -> None:
+        raise NotImplementedError
+
+    def unmount(self) -> None:
+        raise NotImplementedError
+
+    def pid(self) -> int | None:
+        return None
+
+    def settle(self) -> None:
+        """Wait until background work caused by the previous workload is done."""
+
+    def memory(self) -> dict[str, float]:
+        return {}
+
+
+class Tmpfs(System):
+    name = "tmpfs"
+
+    def mount(self) -> None:
+        run(["mount", "-t", "tmpfs", "-o", f"size={self.size_bytes}", "tmpfs", str(self.path)])
+
+    def unmount(self) -> None:
+        if subprocess.run(["umount", str(self.path)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+    def memory(self) -> dict[str, float]:
+        # df's used space of a tmpfs is exactly the Shmem it holds (its pages and nothing more).
+        st = os.statvfs(self.path)
+        return {"shmem_bytes": (st.f_blocks - st.f_bfree) * st.f_frsize}
+
+
+class FuseSystem(System):
+    def unmount(self) -> None:
+        for _ in range(UNMOUNT_TRIES):
+            if not is_mounted(self.path):
+                return
+            if subprocess.run(["fusermount3", "-u", str(self.path)], check=False,
+                              stderr=subprocess.DEVNULL).returncode == 0:
+                return
+            time.sleep(0.25)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+
+    def memory(self) -> dict[str, float]:
+        pid = self.pid()
+        return {"rss_bytes": rss_bytes(pid)} if pid else {}
+
+
+class ZfsRam(FuseSystem):
+    name = "zfs_ram"
+
+    def __init__(self, path: Path, size_bytes: int, extra_options: str = "") -> None:
+        super().__init__(path, size_bytes)
+        self.extra_options = extra_options
+        self._pid: int | None = None
+        self.tool = shutil.which("zfs-ram") or str(Path(sys.executable).parent / "zfs-ram")
+
+    def mount(self) -> None:
+        options = f"size={self.size_bytes}" + (f",{self.extra_options}" if self.extra_options
+                                                else "")
+        run([self.tool, "mount", str(self.path), "-o", options])
+        self._pid = int((self.path / ".zfs_ram" / "pid").read_text())
+
+    def unmount(self) -> None:
+        if is_mounted(self.path):
+            subprocess.run([self.tool, "umount", str(self.path)], check=False,
+                           stderr=subprocess.DEVNULL)
+        super().unmount()
+
+    def pid(self) -> int | None:
+        return self._pid
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = json.loads((self.path / ".zfs_ram" / "stats.json").read_text())
+        return stats
+
+    def settle(self) -> None:
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while time.monotonic() < deadline:
+            if not self.stats()["compactor"]["running"]:
+                return
+            time.sleep(0.1)
+
+    def memory(self) -> dict[str, float]:
+        stats = self.stats()
+        mem = super().memory()
+        mem["pool_bytes"] = stats["pool"]["pages_used"] * PAGE
+        mem["orig_data_size"] = stats["mm_stat"]["orig_data_size"]
+        mem["compr_data_size"] = stats["mm_stat"]["compr_data_size"]
+        mem["mem_used_total"] = stats["mm_stat"]["mem_used_total"]
+        return mem
+
+
+class NullFs(FuseSystem):
+    name = "nullfs"
+    verifies = False
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        super().__init__(path, size_bytes)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def mount(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "nullfs.py"), str(self.path)],
+            start_new_session=True,  # Ctrl-C goes to us; we unmount it in order
+        )
+        deadline = time.monotonic() + 30
+        while not is_mounted(self.path):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nullfs did not mount")
+            time.sleep(0.05)
+        os.stat(self.path)  # the first request: FUSE_INIT is answered
+
+    def unmount(self) -> None:
+        super().unmount()
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+
+# -- inputs, built once and cached on disk -----------------------------------------------------
+
+
+def _regular_files(root: str) -> Iterator[str]:
+    for top, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                yield path
+
+
+def build_dataset(size: int) -> Path:
+    """Concatenate real files into one cached file of exactly `size` bytes (once)."""
+    path = CACHE_DIR / f"data-{size // MIB}MiB.bin"
+    if path.exists() and path.stat().st_size == size:
+        return path
+    log(f"building {path} from {', '.join(DATA_ROOTS)} (once)")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    walkers = [_regular_files(root) for root in DATA_ROOTS]
+    written = 0
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as out:
+        while written < size and walkers:
+            for walker in list(walkers):
+                try:
+                    source = next(walker)
+                except StopIteration:
+                    walkers.remove(walker)
+                    continue
+                try:
+                    with open(source, "rb") as f:
+                        chunk = f.read(size - written)
+                except OSError:
+                    continue
+                out.write(chunk)
+                written += len(chunk)
+                if written >= size:
+                    break
+    if written < size:
+        raise RuntimeError(f"only {written} bytes of real data under {DATA_ROOTS}")
+    tmp.rename(path)
+    return path
+
+
+def build_tarball(quick: bool) -> Path:
+    """A tar of a real tree (once); uncompressed so untar measures the filesystem, not gzip."""
+    paths = QUICK_TREE_PATHS if quick else TREE_PATHS
+    path = CACHE_DIR / ("tree-quick.tar" if quick else "tree.tar")
+    if path.exists():
+        return path
+    log(f"building {path} from /{', /'.join(paths)} (once)")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    run(["tar", "-cf", str(tmp), "-C", "/", *[p for p in paths if os.path.exists("/" + p)]])
+    tmp.rename(path)
+    return path
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    data: bytes
+    tarball: Path
+    small_files: int
+    random_seconds: float
+    fio: str | None
+    seed: int = 1
+
+
+# A workload returns {metric: (value, unit)}; values are rates, higher is better.
+Result = dict[str, tuple[float, str]]
+
+
+def _write_file(path: Path, data: bytes, block: int) -> float:
+    """Write data sequentially in `block`-sized writes, fsync, close; seconds taken."""
+    view = memoryview(data)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write = os.write
+        for offset in range(0, len(view), block):
+            write(fd, view[offset : offset + block])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
+
+
+def ensure_seq_file(ctx: Context, system: System) -> Path:
+    path = system.path / SEQ_FILE
+    if not path.exists() or path.stat().st_size != len(ctx.data):
+        _write_file(path, ctx.data, MIB)
+        system.settle()
+    return path
+
+
+def wl_seqwrite(block: int) -> Callable[[Context, System], Result]:
+    def workload(ctx: Context, system: System) -> Result:
+        path = system.path / SEQ_FILE
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        system.settle()
+        seconds = _write_file(path, ctx.data, block)
+        if block != MIB:
+            path.unlink()  # only the 1 MiB file stays, for the read workloads
+        return {"": (len(ctx.data) / MIB / seconds, "MiB/s")}
+
+    return workload
+
+
+def wl_seqread(ctx: Context, system: System) -> Result:
+    path = ensure_seq_file(ctx, system)
+    buffer = bytearray(len(ctx.data))
+    view = memoryview(buffer)
+    drop_caches()
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(buffer):
+            got = os.readv(fd, [view[done : done + MIB]])
+            if got == 0:
+                break
+            done += got
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    if done != len(buffer) or (system.verifies and buffer != ctx.data):
+        raise RuntimeError(f"{system.name}: read back differs from what was written")
+    return {"": (len(buffer) / MIB / seconds, "MiB/s")}
+
+
+def _fio(ctx: Context, path: Path, mode: str) -> float:
+    assert ctx.fio is not None
+    cmd = [
+        ctx.fio, "--name=bench", f"--filename={path}", f"--rw={mode}", "--bs=4k",
+        "--iodepth=1", "--ioengine=psync", f"--size={len(ctx.data)}",
+        f"--runtime={ctx.random_seconds}", "--time_based", "--invalidate=1",
+        f"--randseed={ctx.seed}", "--output-format=json",
+    ]  # fmt: skip
+    if mode == "randwrite":
+        # Half-compressible buffers, refilled per write: neither all-same nor incompressible.
+        cmd += ["--buffer_compress_percentage=50", "--refill_buffers", "--end_fsync=1"]
+    out = run(cmd, stdout=subprocess.PIPE).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return float(job["read" if mode == "randread" else "write"]["iops"])
+
+
+def _python_random(ctx: Context, path: Path, mode: str) -> float:
+    """The fallback without fio: os.pread/os.pwrite of 4 KiB pages at random offsets."""
+    rng = random.Random(ctx.seed)
+    pages = len(ctx.data) // PAGE
+    block = bytes(ctx.data[:PAGE])
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        count = 0
+        start = time.perf_counter()
+        deadline = start + ctx.random_seconds
+        while time.perf_counter() < deadline:
+            for _ in range(64):
+                offset = rng.randrange(pages) * PAGE
+                if mode == "randread":
+                    os.pread(fd, PAGE, offset)
+                else:
+                    os.pwrite(fd, block, offset)
+            count += 64
+        if mode == "randwrite":
+            os.fsync(fd)
+        return count / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+def wl_random(mode: str) -> Callable[[Context, System], Result]:
+    def workload(ctx: Context, system: System) -> Result:
+        path = ensure_seq_file(ctx, system)
+        drop_caches()
+        iops = _fio(ctx, path, mode) if ctx.fio else _python_random(ctx, path, mode)
+        return {"": (iops, "IOPS")}
+
+    return workload
+
+
+def wl_smallfiles(ctx: Context, system: System) -> Result:
+    rng = random.Random(ctx.seed)
+    sizes = [rng.randint(SMALL_MIN, SMALL_MAX) for _ in range(ctx.small_files)]
+    offsets = [rng.randrange(len(ctx.data) - SMALL_MAX) for _ in range(ctx.small_files)]
+    top = system.path / "small"
+    names = [top / f"d{i // SMALL_PER_DIR:03d}" / f"f{i:05d}" for i in range(ctx.small_files)]
+    data = memoryview(ctx.data)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    result: Result = {}
+
+    start = time.perf_counter()
+    top.mkdir()
+    for i, name in enumerate(names):
+        if i % SMALL_PER_DIR == 0:
+            name.parent.mkdir()
+        fd = os.open(name, flags, 0o644)
+        os.write(fd, data[offsets[i] : offsets[i] + sizes[i]])
+        os.close(fd)
+    result["create"] = (len(names) / (time.perf_counter() - start), "files/s")
+
+    drop_caches()  # stat and read must ask the filesystem, not the dentry/attribute cache
+    start = time.perf_counter()
+    for name in names:
+        os.stat(name)
+    result["stat"] = (len(names) / (time.perf_counter() - start), "files/s")
+
+    start = time.perf_counter()
+    total = 0
+    for name in names:
+        fd = os.open(name, os.O_RDONLY)
+        total += len(os.read(fd, SMALL_MAX + 1))
+        os.close(fd)
+    result["read"] = (len(names) / (time.perf_counter() - start), "files/s")
+    if total != sum(sizes):
+        raise RuntimeError(f"{system.name}: small files read back {total} != {sum(sizes)} bytes")
+
+    start = time.perf_counter()
+    for i, name in enumerate(names):
+        os.unlink(name)
+        if i % SMALL_PER_DIR == SMALL_PER_DIR - 1 or i == len(names) - 1:
+            name.parent.rmdir()
+    top.rmdir()
+    result["unlink"] = (len(names) / (time.perf_counter() - start), "files/s")
+    return result
+
+
+def wl_untar(ctx: Context, system: System) -> Result:
+    top = system.path / "tree"
+    top.mkdir()
+    size = ctx.tarball.stat().st_size
+    with open(ctx.tarball, "rb") as f:  # into the page cache: time the target, not the disk
+        while f.read(8 * MIB):
+            pass
+    result: Result = {}
+    start = time.perf_counter()
+    run(["tar", "-xf", str(ctx.tarball), "-C", str(top)])
+    result[""] = (size / MIB / (time.perf_counter() - start), "MiB/s")
+    drop_caches()
+    # Through a pipe: GNU tar skips reading file contents when its archive is /dev/null.
+    start = time.perf_counter()
+    run("tar -cf - . | cat > /dev/null", shell=True, cwd=top)
+    result["readback"] = (size / MIB / (time.perf_counter() - start), "MiB/s")
+    start = time.perf_counter()
+    run(["rm", "-rf", str(top)])
+    result["rm"] = (size / MIB / (time.perf_counter() - start), "MiB/s")
+    return result
+
+
+WORKLOAD_FUNCS: dict[str, Callable[[Context, System], Result]] = {
+    "seqwrite_1m": wl_seqwrite(MIB),
+    "seqwrite_4k": wl_seqwrite(PAGE),
+    "seqread": wl_seqread,
+    "randread": wl_random("randread"),
+    "randwrite": wl_random("randwrite"),
+    "smallfiles": wl_smallfiles,
+    "untar": wl_untar,
+}
+
+
+# -- kernel zram, for the memory comparison ---------------------------------------------------
+
+
+def zram_mem_used(data: bytes) -> dict[str, int] | None:
+    """mm_stat of a zram device of our own (hot_add, lz4) holding `data`; None if no zram."""
+    if not (ZRAM_CONTROL / "hot_add").exists():
+        return None
+    device = int((ZRAM_CONTROL / "hot_add").read_text())
+    sysdir = Path(f"/sys/block/zram{device}")
+    try:
+        (sysdir / "comp_algorithm").write_text("lz4\n")
+        (sysdir / "disksize").write_text(f"{len(data) + 64 * MIB}\n")
+        fd = os.open(f"/dev/zram{device}", os.O_WRONLY)
+        try:
+            view = memoryview(data)
+            for offset in range(0, len(view), MIB):
+                os.write(fd, view[offset : offset + MIB])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        names = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit",
+                 "mem_used_max", "same_pages", "pages_compacted", "huge_pages")  # fmt: skip
+        values = (sysdir / "mm_stat").read_text().split()
+        return {n: int(v) for n, v in zip(names, values, strict=False)}
+    finally:
+        with contextlib.suppress(OSError):
+            (sysdir / "reset").write_text("1\n")
+        with contextlib.suppress(OSError):
+            (ZRAM_CONTROL / "hot_remove").write_text(f"{device}\n")
+
+
+# -- running and reporting ---------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    rep: int
+    system: str
+    workload: str  # "workload" or "workload.metric"
+    value: float
+    unit: str
+    daemon_cpu_s: float | None = None
+
+
+@dataclass
+class Report:
+    env: dict[str, Any]
+    samples: list[Sample] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    zram: dict[str, int] | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    def cmd(*args: str) -> str:
+        try:
+            return subprocess.run(args, capture_output=True, text=True, cwd=HERE).stdout.strip()
+        except OSError:
+            return ""
+
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               "?")  # fmt: skip
+    mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "kernel": platform.release(),
+        "cpu": f"{cpu} x{os.cpu_count()}",
+        "mem_gib": round(int(mem) / MIB, 1),
+        "python": platform.python_version(),
+        "commit": cmd("git", "rev-parse", "--short", "HEAD"),
+        "fio": cmd("fio", "--version") or None,
+        "command": " ".join(["fs_bench.py", *argv]),
+    }
+
+
+def ratios(report: Report, num: str, den: str) -> dict[str, float]:
+    """Median over repetitions of num/den per metric (per-repetition pairs cancel drift)."""
+    by_key: dict[tuple[str, int], dict[str, float]] = {}
+    for s in report.samples:
+        by_key.setdefault((s.workload, s.rep), {})[s.system] = s.value
+    per_metric: dict[str, list[float]] = {}
+    for (metric, _), values in by_key.items():
+        if num in values and den in values and values[den] > 0:
+            per_metric.setdefault(metric, []).append(values[num] / values[den])
+    return {m: statistics.median(v) for m, v in per_metric.items()}
+
+
+def render(report: Report, systems: list[str]) -> str:
+    env = report.env
+    lines = [
+        f"fs_bench {env['date']} on {env['host']}: {env['cpu']}, {env['mem_gib']} GiB, "
+        f"Linux {env['kernel']}, Python {env['python']}, zfs_ram {env['commit']}",
+        f"command: {env['command']}",
+        f"random I/O: {env['fio'] or 'Python pread/pwrite (apt-get install -y fio for fio)'}",
+        "",
+    ]
+    metrics: list[str] = []
+    units: dict[str, str] = {}
+    medians: dict[tuple[str, str], float] = {}
+    for s in report.samples:
+        if s.workload not in metrics:
+            metrics.append(s.workload)
+        units[s.workload] = s.unit
+    for m in metrics:
+        for name in systems:
+            values = [s.value for s in report.samples if s.workload == m and s.system == name]
+            if values:
+                medians[(m, name)] = statistics.median(values)
+    to_null = ratios(report, "zfs_ram", "nullfs")
+    to_tmpfs = ratios(report, "zfs_ram", "tmpfs")
+    head = f"{'workload':<20}{'unit':>8}" + "".join(f"{n:>10}" for n in systems)
+    head += f"{'zfs/ceil':>10}{'zfs/tmpfs':>10}{'target':>8}  verdict"
+    lines += [head, "-" * len(head)]
+    for m in metrics:
+        row = f"{m:<20}{units[m]:>8}"
+        for name in systems:
+            value = medians.get((m, name))
+            row += f"{value:>10.4g}" if value is not None else f"{'-':>10}"
+        c, t = to_null.get(m), to_tmpfs.get(m)
+        row += f"{c:>10.2f}" if c is not None else f"{'-':>10}"
+        row += f"{t:>10.3f}" if t is not None else f"{'-':>10}"
+        target = TARGETS.get(m)
+        if target is not None:
+            row += f"{target:>8.2f}  " + ("-" if c is None else "ok" if c >= target else "MISS")
+        lines.append(row)
+    lines.append("")
+    lines += render_memory(report)
+    lines.append("")
+    lines += [f"FAILED: {e}" for e in report.errors]
+    lines.append("medians of per-repetition ratios; values are rates (higher is better); "
+                 "daemon CPU per workload in the JSON")
+    return "\n".join(lines)
+
+
+def render_memory(report: Report) -> list[str]:
+    if not report.memory:
+        return []
+    zfs = [m for m in report.memory if m["system"] == "zfs_ram"]
+    lines = ["memory with the seqwrite_1m file in place (medians over repetitions):"]
+    data = report.memory[0]["data_bytes"]
+    lines.append(f"  data written: {data / MIB:.1f} MiB")
+    for name in ("tmpfs", "nullfs"):
+        rows = [m for m in report.memory if m["system"] == name]
+        if rows and name == "tmpfs":
+            shmem = statistics.median(r["shmem_bytes"] for r in rows)
+            lines.append(f"  tmpfs Shmem (df used): {shmem / MIB:.1f} MiB")
+        if rows and name == "nullfs":
+            rss = statistics.median(r["rss_bytes"] for r in rows)
+            lines.append(f"  nullfs daemon RSS: {rss / MIB:.1f} MiB (pyfuse3+trio baseline)")
+    if zfs:
+        rss = statistics.median(r["rss_bytes"] for r in zfs)
+        pool = statistics.median(r["pool_bytes"] for r in zfs)
+        compr = statistics.median(r["compr_data_size"] for r in zfs)
+        limit = RSS_FACTOR * pool + RSS_SLACK
+        lines.append(f"  zfs_ram pool pages: {pool / MIB:.1f} MiB (compr_data_size "
+                     f"{compr / MIB:.1f} MiB, ratio {data / pool if pool else 0:.2f})")
+        lines.append(f"  zfs_ram daemon RSS: {rss / MIB:.1f} MiB; target <= 1.05 x pool + 64 MiB"
+                     f" = {limit / MIB:.1f} MiB: {'ok' if rss <= limit else 'MISS'}")
+        after = [r["rss_after_rm"] for r in zfs if "rss_after_rm" in r]
+        pool_after = [r["pool_after_rm"] for r in zfs if "pool_after_rm" in r]
+        if after:
+            lines.append(f"  zfs_ram after deleting everything: RSS "
+                         f"{statistics.median(after) / MIB:.1f} MiB, pool "
+                         f"{statistics.median(pool_after) / MIB:.1f} MiB")
+        if report.zram:
+            zram = report.zram["mem_used_total"]
+            off = pool / zram - 1 if zram else 0.0
+            lines.append(f"  kernel zram (lz4) mem_used_total for the same data: "
+                         f"{zram / MIB:.1f} MiB (compr {report.zram['compr_data_size'] / MIB:.1f}"
+                         f" MiB); zfs_ram pool is {off:+.1%}: "
+                         f"{'ok' if abs(off) <= ZRAM_TOLERANCE else 'MISS'} (target within 5%)")
+        else:
+            lines.append("  kernel zram: not measured (no /sys/class/zram-control)")
+    return lines
+
+
+def clean(system: System) -> None:
+    """Remove whatever a failed workload left behind (best effort)."""
+    for entry in system.path.iterdir():
+        if entry.name == ".zfs_ram":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
+    size = (QUICK_SIZE_MIB if args.quick else args.size_mib) * MIB
+    workloads = [args.only] if args.only else list(WORKLOADS)
+    fio = shutil.which("fio")
+    if fio is None:
+        log("fio not found: random I/O falls back to Python pread/pwrite; "
+            "for fio: apt-get install -y fio")
+    dataset = build_dataset(size)
+    data = dataset.read_bytes()
+    ctx = Context(
+        data=data,
+        tarball=build_tarball(args.quick),
+        small_files=QUICK_SMALL_FILES if args.quick else args.small_files,
+        random_seconds=QUICK_RANDOM_SECONDS if args.quick else args.random_seconds,
+        fio=fio,
+    )
+    report = Report(env=environment(argv))
+    fs_size = max(4 * 1024 * MIB, 3 * size)  # room for the data, the tree and slack
+    root = Path(tempfile.mkdtemp(prefix="fs_bench-"))
+    systems: list[System] = []
+    for cls in (Tmpfs, ZfsRam, NullFs):
+        if args.systems and cls.name not in args.systems:
+            continue
+        path = root / cls.name
+        path.mkdir()
+        systems.append(cls(path, fs_size))
+    try:
+        for system in systems:
+            log(f"mounting {system.name} at {system.path}")
+            system.mount()
+        for rep in range(args.reps):
+            order = systems[rep % len(systems):] + systems[: rep % len(systems)]
+            for workload in workloads:
+                for system in order:
+                    system.settle()
+                    pid = system.pid()
+                    cpu0 = cpu_seconds(pid) if pid else None
+                    try:
+                        result = WORKLOAD_FUNCS[workload](ctx, system)
+                    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+                        # One failing system must not end the run: record it and clean up.
+                        log(f"rep {rep} {system.name} {workload} FAILED: {error}")
+                        report.errors.append(f"rep {rep} {system.name} {workload}: {error}")
+                        clean(system)
+                        continue
+                    cpu = cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None
+                    for metric, (value, unit) in result.items():
+                        name = f"{workload}.{metric}" if metric else workload
+                        report.samples.append(Sample(rep, system.name, name, value, unit, cpu))
+                        log(f"rep {rep} {system.name:<8} {name:<20} {value:10.1f} {unit}")
+                    if workload == "seqwrite_1m":
+                        system.settle()
+                        mem = {"rep": rep, "system": system.name, "data_bytes": len(data)}
+                        mem |= system.memory()
+                        report.memory.append(mem)
+            for system in systems:  # a clean slate for the next repetition
+                with contextlib.suppress(FileNotFoundError):
+                    (system.path / SEQ_FILE).unlink()
+                system.settle()
+                if isinstance(system, ZfsRam):
+                    after = system.memory()
+                    for row in report.memory:
+                        if row["rep"] == rep and row["system"] == system.name:
+                            row["rss_after_rm"] = after["rss_bytes"]
+                            row["pool_after_rm"] = after["pool_bytes"]
+        if not args.no_zram and any(r["system"] == "zfs_ram" for r in report.memory):
+            log("measuring kernel zram with the same data")
+            report.zram = zram_mem_used(data)
+    finally:
+        for system in reversed(systems):
+            try:
+                system.unmount()
+            except Exception as error:  # keep unmounting the others
+                log(f"unmounting {system.name} failed: {error}")
+        for system in systems:
+            if is_mounted(system.path):
+                log(f"WARNING: {system.path} is still mounted")
+            else:
+                with contextlib.suppress(OSError):
+                    system.path.rmdir()
+        with contextlib.suppress(OSError):
+            root.rmdir()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        description="zfs_ram vs tmpfs vs a do-nothing pyfuse3 filesystem",
+        epilog="Needs root. Random I/O uses fio if installed (apt-get install -y fio).",
+    )
+    parser.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
+    parser.add_argument("--size-mib", type=int, default=1024,
+                        help="sequential data size in MiB (default 1024)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run < 1 min")
+    parser.add_argument("--only", choices=WORKLOADS, help="run one workload")
+    parser.add_argument("--json", type=Path, help="write samples and summary to this file")
+    parser.add_argument("--systems", nargs="+", choices=("tmpfs", "zfs_ram", "nullfs"),
+                        help="a subset of the systems (default all three)")
+    parser.add_argument("--small-files", type=int, default=SMALL_FILES,
+                        help=f"files in the smallfiles workload (default {SMALL_FILES})")
+    parser.add_argument("--random-seconds", type=float, default=RANDOM_SECONDS,
+                        help=f"seconds per random-I/O run (default {RANDOM_SECONDS})")
+    parser.add_argument("--no-zram", action="store_true", help="skip the kernel zram comparison")
+    args = parser.parse_args(argv)
+    if args.reps is None:
+        args.reps = 1 if args.quick else DEFAULT_REPS
+    if os.geteuid() != 0:
+        parser.error("must run as root (mount, drop_caches, zram)")
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through the finally that unmounts
+
+    signal.signal(signal.SIGTERM, on_term)
+    report = run_benchmark(args, argv)
+    systems = [n for n in ("tmpfs", "zfs_ram", "nullfs") if not args.systems or n in args.systems]
+    text = render(report, systems)
+    print(text)
+    if args.json:
+        payload = asdict(report)
+        payload["summary"] = {
+            "zfs_ram/nullfs": ratios(report, "zfs_ram", "nullfs"),
+            "zfs_ram/tmpfs": ratios(report, "zfs_ram", "tmpfs"),
+            "targets": TARGETS,
+        }
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""A do-nothing pyfuse3 filesystem: the ceiling any pyfuse3 filesystem can reach here.
+
+It keeps a namespace (names, modes, sizes) and nothing else: write answers len(buf) at once,
+read answers a fixed buffer of the asked size, cut at the recorded file size. Whatever time a
+workload takes on it is the cost of the kernel's FUSE round trip, libfuse, pyfuse3 and trio;
+fs_bench.py divides zfs_ram's figures by this to show what zfs_ram's own code costs.
+
+To be a fair ceiling it asks the kernel for exactly what zfs_ram asks for
+(zfs_ram/fs/operations.py and zfs_ram/daemon/options.py): no writeback cache,
+default_permissions, keep_cache on open, 300 s entry and attribute timeouts, readdirplus
+entries with attributes, and pyfuse3's main loop on trio in one thread.
+
+Run: ``python benchmarks/nullfs.py MOUNTPOINT`` serves in the foreground until unmounted
+(fusermount3 -u MOUNTPOINT) or SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+# zfs_ram's CACHE_TIMEOUT: the kernel may cache names and attributes this long.
+CACHE_TIMEOUT = 300.0
+# zfs_ram's ALWAYS_FUSE_OPTIONS; fsname/subtype only name the mount in /proc/mounts.
+FUSE_OPTIONS = ("default_permissions", "fsname=nullfs", "subtype=nullfs")
+BLOCK_SIZE = 4096  # st_blksize, as zfs_ram reports (one page)
+
+
+@dataclass(slots=True)
+class Node:
+    """One inode: what getattr must answer, plus a directory's entries."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int = 1
+    size: int = 0
+    rdev: int = 0
+    mtime_ns: int = field(default_factory=time.time_ns)
+    entries: dict[bytes, int] | None = None  # name -> ino, for directories
+    target: bytes | None = None  # for symlinks
+
+
+class NullOperations(pyfuse3.Operations):
+    """A namespace without data: the cheapest answers a pyfuse3 filesystem can give."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # as zfs_ram: every write reaches the daemon
+    enable_acl = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        root = Node(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o1777, os.getuid(), os.getgid(), nlink=2)
+        root.entries = {}
+        self.nodes: dict[int, Node] = {root.ino: root}
+        self.parents: dict[int, int] = {root.ino: root.ino}  # directory -> its parent
+        self.handles: dict[int, int] = {}  # fh -> ino
+        self.next_ino = pyfuse3.ROOT_INODE + 1
+        self.next_fh = 1
+        # read() answers slices of one buffer; bytes() of the slice is the only copy made.
+        self.filler = b"\x5a" * (1 << 20)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _dir(self, ino: int) -> dict[bytes, int]:
+        entries = self._node(ino).entries
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return entries
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.ino
+        attrs.generation = 0
+        attrs.entry_timeout = CACHE_TIMEOUT
+        attrs.attr_timeout = CACHE_TIMEOUT
+        attrs.st_mode = node.mode
+        attrs.st_nlink = node.nlink
+        attrs.st_uid = node.uid
+        attrs.st_gid = node.gid
+        attrs.st_rdev = node.rdev
+        attrs.st_size = node.size
+        attrs.st_blksize = BLOCK_SIZE
+        attrs.st_blocks = (node.size + 511) // 512
+        attrs.st_atime_ns = node.mtime_ns
+        attrs.st_mtime_ns = node.mtime_ns
+        attrs.st_ctime_ns = node.mtime_ns
+        return attrs
+
+    def _new(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
+             rdev: int = 0) -> Node:
+        entries = self._dir(parent)
+        if name in entries:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        node = Node(self.next_ino, mode, ctx.uid, ctx.gid, rdev=rdev)
+        self.next_ino += 1
+        if stat.S_ISDIR(mode):
+            node.entries = {}
+            node.nlink = 2
+            self.parents[node.ino] = parent
+            self.nodes[parent].nlink += 1
+        self.nodes[node.ino] = node
+        entries[name] = node.ino
+        return node
+
+    def _fh(self, ino: int) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = ino
+        return fh
+
+    def _drop_name(self, parent: int, name: bytes) -> Node:
+        entries = self._dir(parent)
+        ino = entries.pop(name, None)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        node = self.nodes[ino]
+        node.nlink -= 1
+        if node.nlink <= 0 or node.entries is not None:
+            # Without data nothing needs to outlive the name; a late getattr may see ENOENT.
+            self.nodes.pop(ino, None)
+            self.parents.pop(ino, None)
+        return node
+
+    # -- names ---------------------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._attrs(self._node(parent_inode))
+        if name == b"..":
+            return self._attrs(self._node(self.parents.get(parent_inode, parent_inode)))
+        ino = self._dir(parent_inode).get(name)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self.nodes[ino])
+
+    async def getattr(self, inode: int,
+                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_size:
+            node.size = attr.st_size
+        if fields.update_mode:
+            node.mode = stat.S_IFMT(node.mode) | (attr.st_mode & 0o7777)
+        if fields.update_uid:
+            node.uid = attr.st_uid
+        if fields.update_gid:
+            node.gid = attr.st_gid
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+        return self._attrs(node)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._new(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx))
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._new(parent_inode, name, mode, ctx, rdev))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._new(parent_inode, name, stat.S_IFLNK | 0o777, ctx)
+        node.target = target
+        node.size = len(target)
+        return self._attrs(node)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        target = self._node(inode).target
+        if target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return target
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        entries = self._dir(new_parent_inode)
+        if new_name in entries:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        entries[new_name] = inode
+        node.nlink += 1
+        return self._attrs(node)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._drop_name(parent_inode, name)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        ino = self._dir(parent_inode).get(name)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if self._dir(ino):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        self._drop_name(parent_inode, name)
+        self.nodes[parent_inode].nlink -= 1
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old = self._dir(parent_inode_old)
+        ino = old.get(name_old)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        new = self._dir(parent_inode_new)
+        if name_new in new:
+            self._drop_name(parent_inode_new, name_new)
+        del old[name_old]
+        new[name_new] = ino
+        if ino in self.parents:
+            self.parents[ino] = parent_inode_new
+
+    # -- files ---------------------------------------------------------------------------------
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        node = self._new(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx)
+        return pyfuse3.FileInfo(fh=self._fh(node.ino), keep_cache=True), self._attrs(node)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            node.size = 0
+        return pyfuse3.FileInfo(fh=self._fh(inode), keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self.nodes.get(self.handles[fh])
+        file_size = node.size if node is not None else 0
+        size = max(0, min(size, file_size - off, len(self.filler)))
+        return self.filler[:size]
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self.nodes.get(self.handles[fh])
+        if node is not None and off + len(buf) > node.size:
+            node.size = off + len(buf)
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # -- directories ---------------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._dir(inode)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Cookies are positions in the (insertion-ordered) dict: enough for listings that do
+        # not change while being read, which is all the benchmark's workloads do.
+        entries = list(self._dir(fh).items())
+        for index in range(start_id, len(entries)):
+            name, ino = entries[index]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(self.nodes[ino]), index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = BLOCK_SIZE
+        data.f_frsize = BLOCK_SIZE
+        data.f_namemax = 255
+        return data
+
+
+async def _serve() -> None:
+    """pyfuse3's main loop, ended early by SIGINT/SIGTERM as zfs_ram's daemon does."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(watch)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("mountpoint")
+    args = parser.parse_args(argv)
+    pyfuse3.init(NullOperations(), args.mountpoint, set(FUSE_OPTIONS))
+    try:
+        trio.run(_serve)
+    finally:
+        # Unmount unless fusermount3 -u already did (then the mountpoint is a plain dir again).
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
