@@ -95,7 +95,8 @@ def test_huge_class_size_and_huge_objects(pool: ZsmallocPool) -> None:
     assert pool.read(b) == payload(3633, 2) and pool.read(c) == payload(4096, 3)
     pool.free(b)
     pool.free(c)
-    assert pool.statistics().pages_used == 8  # the 3632-byte class has 8-page zspages
+    # The 3632-byte class has 8-frame zspages, but frames are made only as slots need them.
+    assert pool.statistics().pages_used == 1
     pool.free(a)
     assert pool.statistics().pages_used == 0
     pool.check()
@@ -230,13 +231,19 @@ def test_page_limit_refuses_without_damage(pool: ZsmallocPool) -> None:
     assert pool.statistics().pages_used == 21
 
 
-def test_page_limit_still_fills_partial_zspages(pool: ZsmallocPool) -> None:
+def test_page_limit_counts_frames_as_slots_reach_them(pool: ZsmallocPool) -> None:
     first = pool.store(payload(1568, 0))
-    pool.page_limit = pool.statistics().pages_used
-    more = [pool.store(payload(1568, i)) for i in range(1, 13)]  # the zspage's other 12 slots
+    assert pool.statistics().pages_used == 1  # a fresh 5-frame zspage holds one frame
+    pool.page_limit = 1
+    pool.store(payload(1568, 1))  # slot 1 (1568..3135) lies in frame 0
     with pytest.raises(PoolFullError):
-        pool.store(payload(1568, 13))
-    assert len(more) == 12 and pool.read(first) == payload(1568, 0)
+        pool.store(payload(1568, 2))  # slot 2 straddles into frame 1
+    pool.page_limit = 5
+    more = [pool.store(payload(1568, i)) for i in range(2, 13)]  # the zspage's other slots
+    with pytest.raises(PoolFullError):
+        pool.store(payload(1568, 13))  # a second zspage would need a sixth frame
+    assert len(more) == 11 and pool.read(first) == payload(1568, 0)
+    assert pool.statistics().pages_used == 5
     pool.check()
 
 
@@ -273,7 +280,7 @@ def test_allocation_goes_to_the_fullest_non_full_zspage(pool: ZsmallocPool) -> N
 
 def test_zspage_is_freed_with_its_last_object(pool: ZsmallocPool) -> None:
     hs = [pool.store(payload(1568, i)) for i in range(14)]  # 1 full zspage + 1 object
-    assert pool.statistics().pages_used == 10
+    assert pool.statistics().pages_used == 6  # the second zspage has made one frame so far
     pool.free(hs[13])
     assert pool.statistics().pages_used == 5
     for h in hs[:12]:
@@ -282,7 +289,7 @@ def test_zspage_is_freed_with_its_last_object(pool: ZsmallocPool) -> None:
     rss_before = pool.arena_rss_bytes()
     pool.free(hs[12])
     s = pool.statistics()
-    assert s.pages_used == 0 and s.free_frames == 10
+    assert s.pages_used == 0 and s.free_frames == 6
     assert pool.arena_rss_bytes() == rss_before - 5 * PAGE_SIZE
     pool.check()
 
@@ -333,7 +340,7 @@ def test_compact_step_is_bounded_and_ends_with_zero(pool: ZsmallocPool) -> None:
     after = pool.statistics()
     assert after.objects_moved == total and after.freeable_pages == 0
     assert after.pages_used == before.pages_used - after.pages_compacted
-    assert after.pages_compacted >= before.freeable_pages
+    assert after.pages_compacted > 0
     assert pool.compact_step() == 0 and pool.compact_step(0) == 0
     assert all(pool.read(h) == d for h, d in keep.items())
 

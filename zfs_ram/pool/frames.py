@@ -90,18 +90,6 @@ class FrameArena:
         self.segments[f >> SEGMENT_SHIFT][(f & SEGMENT_MASK) << PAGE_SHIFT] = 0
         return f
 
-    def alloc_many(self, n: int) -> list[int]:
-        """Return `n` frames, or none at all (PoolFullError) so no zspage is ever half made."""
-        got: list[int] = []
-        try:
-            for _ in range(n):
-                got.append(self.alloc())
-        except PoolFullError:
-            for f in reversed(got):
-                self.free(f)
-            raise
-        return got
-
     def free(self, f: int) -> None:
         """Give frame `f` back to the OS now and keep its number for reuse."""
         self.segments[f >> SEGMENT_SHIFT].madvise(

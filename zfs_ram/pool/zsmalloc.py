@@ -14,10 +14,13 @@ What differs, because userspace allows it:
   * Huge objects (>= huge_class_size) have no zspage at all: the handle names its frame.
   * Compaction is incremental (`compact_step(max_objects)`) so an async caller can yield.
   * Every byte of bookkeeping is in packed arrays, measured by metadata_bytes().
+  * Frames are made lazily: a zspage gets its k-th frame only when a slot first reaches into it,
+    so the one partly filled zspage per class holds only the frames it uses (the kernel
+    allocates all pages_per_zspage pages up front). pages_used counts frames actually held.
 
 Data layout. Each distinct non-huge class owns parallel arrays indexed by a class-local zspage
 number L (reused through `free_zs`):
-    frames[L*pages + k]   frame number of the zspage's k-th frame
+    frames[L*pages + k]   frame number of the zspage's k-th frame, NOFRAME until first needed
     slots[L*objs + s]     slot s: (handle << 1) | 1 if allocated, else (next_free + 1) << 1
                           (0 ends the zspage's free-slot list); kernel: struct link_free
     inuse[L], freeobj[L]  live objects, head of the free-slot list (-1 = full)
@@ -35,7 +38,7 @@ Invariants (all verified by check()):
     (class, L, s) and the object's size belongs to this class. The free slots form one acyclic
     list from freeobj[L] of length objs - inuse.
   * Every frame is owned by exactly one live zspage, one huge object, or the arena's free list;
-    pages_used counts the owned ones.
+    pages_used counts the owned ones. The frames an allocated slot spans are never NOFRAME.
   * obj_used == sum(inuse) and zspages == number of live L, per class.
 Concurrency: none. Calls are synchronous and run to completion; a compact_step() is atomic
 with respect to the caller, so readers never see a half-moved object.
@@ -68,6 +71,8 @@ NR_GROUPS = 12
 FULL_GROUP = NR_GROUPS - 1
 #: group[L] of a class-local zspage number that is not in use.
 UNUSED = 0xFF
+#: frames[] entry of a zspage frame that has not been needed yet.
+NOFRAME = 0xFFFFFFFF
 #: Mask of groups 1..10 in a class's `mask`: the partly used zspages.
 _PARTIAL = ((1 << FULL_GROUP) - 1) & ~1
 
@@ -89,7 +94,7 @@ class _Class:
     __slots__ = (
         "cid", "index", "size", "pages", "objs", "huge", "group_of", "chain_init",
         "frames", "slots", "inuse", "freeobj", "group", "prev", "next",
-        "heads", "mask", "free_zs", "zspages", "obj_used",
+        "heads", "mask", "free_zs", "zspages", "obj_used", "frames_used", "no_frames",
     )  # fmt: skip
 
     def __init__(self, cid: int, sc: SizeClass) -> None:
@@ -103,6 +108,8 @@ class _Class:
         self.group_of = bytes(fullness_group(i, n) for i in range(n + 1))
         #: Slot words of a fresh zspage: every slot free, chained in slot order.
         self.chain_init = array("I", [(s + 2) << 1 for s in range(n - 1)] + [0])
+        #: Frame entries of a fresh zspage: none made yet.
+        self.no_frames = array("I", [NOFRAME] * self.pages)
         self.frames = array("I")
         self.slots = array("I")
         self.inuse = array("H")
@@ -115,6 +122,7 @@ class _Class:
         self.free_zs = array("i")
         self.zspages = 0
         self.obj_used = 0
+        self.frames_used = 0
 
     def can_compact(self) -> int:
         """Kernel zs_can_compact(): frames that whole zspages' worth of free slots would free."""
@@ -148,7 +156,7 @@ class _Class:
 
     def structures(self) -> list[object]:
         return [
-            self, self.group_of, self.chain_init, self.frames, self.slots, self.inuse,
+            self, self.group_of, self.chain_init, self.no_frames, self.frames, self.slots, self.inuse,
             self.freeobj, self.group, self.prev, self.next, self.heads, self.free_zs,
         ]  # fmt: skip
 
@@ -181,23 +189,18 @@ class ZsmallocPool(Pool):
     # -- zspage alloc/free --------------------------------------------------------------------
 
     def _new_zspage(self, c: _Class) -> int:
-        """Create an empty zspage in class c, linked into group 0; return its local number."""
+        """Create an empty zspage (no frames yet) in class c, linked into group 0."""
         p = c.pages
-        if self.page_limit and self.pages_used + p > self.page_limit:
-            raise PoolFullError(
-                f"page limit {self.page_limit} reached ({self.pages_used} used, {p} needed)"
-            )
-        frames = self.arena.alloc_many(p)
         n = c.objs
         if c.free_zs:
             z = c.free_zs.pop()
-            c.frames[z * p : z * p + p] = array("I", frames)
+            c.frames[z * p : z * p + p] = c.no_frames
             c.slots[z * n : z * n + n] = c.chain_init
             c.inuse[z] = 0
             c.freeobj[z] = 0
         else:
             z = len(c.inuse)
-            c.frames.extend(frames)
+            c.frames.extend(c.no_frames)
             c.slots.extend(c.chain_init)
             c.inuse.append(0)
             c.freeobj.append(0)
@@ -206,22 +209,49 @@ class ZsmallocPool(Pool):
             c.next.append(-1)
         c.link(z, 0)
         c.zspages += 1
-        self.pages_used += p
-        if self.pages_used > self.max_pages_used:
-            self.max_pages_used = self.pages_used
         return z
 
-    def _free_zspage(self, c: _Class, z: int) -> None:
-        """Unlink an empty zspage and give its frames back to the OS at once."""
+    def _missing_frames(self, c: _Class, z: int, s: int) -> int:
+        """How many frames slot s of zspage z still needs before it can be used."""
+        off = s * c.size
+        fi = z * c.pages + (off >> 12)
+        frames = c.frames
+        need = frames[fi] == NOFRAME
+        if (off + c.size - 1) >> 12 != off >> 12 and frames[fi + 1] == NOFRAME:
+            need += 1
+        return need
+
+    def _make_frames(self, c: _Class, z: int, s: int) -> None:
+        """Give slot s of zspage z the frames it spans (PoolFullError only if the OS refuses)."""
+        off = s * c.size
+        fi = z * c.pages + (off >> 12)
+        last = z * c.pages + ((off + c.size - 1) >> 12)
+        frames = c.frames
+        while fi <= last:
+            if frames[fi] == NOFRAME:
+                frames[fi] = self.arena.alloc()
+                c.frames_used += 1
+                self.pages_used += 1
+                if self.pages_used > self.max_pages_used:
+                    self.max_pages_used = self.pages_used
+            fi += 1
+
+    def _free_zspage(self, c: _Class, z: int) -> int:
+        """Unlink an empty zspage and give its frames back to the OS at once; return how many."""
         c.unlink(z)
         c.group[z] = UNUSED
         p = c.pages
         free = self.arena.free
+        freed = 0
         for f in c.frames[z * p : z * p + p]:
-            free(f)
+            if f != NOFRAME:
+                free(f)
+                freed += 1
         c.free_zs.append(z)
         c.zspages -= 1
-        self.pages_used -= p
+        c.frames_used -= freed
+        self.pages_used -= freed
+        return freed
 
     # -- object alloc/free --------------------------------------------------------------------
 
@@ -248,8 +278,27 @@ class ZsmallocPool(Pool):
             c = self._classes[cid]
             # find_get_zspage(): the fullest non-full zspage, scanning groups 10 down to 0.
             m = c.mask & (_PARTIAL | 1)
-            z = c.heads[m.bit_length() - 1] if m else self._new_zspage(c)
-            s = c.freeobj[z]
+            if m:
+                z = c.heads[m.bit_length() - 1]
+                s = c.freeobj[z]
+                need = self._missing_frames(c, z, s)
+            else:
+                z = -1
+                s = 0
+                need = 1  # slot 0 of a fresh zspage: classes are < PAGE_SIZE, so one frame
+            if need:
+                if self.page_limit and self.pages_used + need > self.page_limit:
+                    raise PoolFullError(
+                        f"page limit {self.page_limit} reached ({self.pages_used} used)"
+                    )
+                if z < 0:
+                    z = self._new_zspage(c)
+                try:
+                    self._make_frames(c, z, s)
+                except PoolFullError:
+                    if c.inuse[z] == 0:
+                        self._free_zspage(c, z)  # no half-made zspage stays behind
+                    raise
             base = z * c.objs
             slots = c.slots
             c.freeobj[z] = (slots[base + s] >> 1) - 1
@@ -424,6 +473,9 @@ class ZsmallocPool(Pool):
             w = hloc[h]
             data = self._get(w)
             d = freeobj[dst]
+            # Compaction may need a frame of dst before src gives its frames back; it is allowed
+            # past page_limit for that, since every completed pass holds fewer frames.
+            self._make_frames(c, dst, d)
             freeobj[dst] = (slots[dbase + d] >> 1) - 1
             slots[dbase + d] = sw
             inuse[dst] += 1
@@ -442,8 +494,7 @@ class ZsmallocPool(Pool):
             c.unlink(dst)
             c.link(dst, g)
         if inuse[src] == 0:
-            self._free_zspage(c, src)
-            self.pages_compacted += c.pages
+            self.pages_compacted += self._free_zspage(c, src)
         else:
             g = c.group_of[inuse[src]]
             if g != c.group[src]:
@@ -472,7 +523,7 @@ class ZsmallocPool(Pool):
                     inuse_histogram=tuple(hist[1:]),
                     obj_allocated=c.zspages * c.objs,
                     obj_used=c.obj_used,
-                    pages_used=c.zspages * c.pages,
+                    pages_used=c.zspages if c.huge else c.frames_used,
                     pages_per_zspage=c.pages,
                     objs_per_zspage=c.objs,
                     freeable=0 if c.huge else c.can_compact(),
@@ -545,12 +596,15 @@ class ZsmallocPool(Pool):
             if len(live) != c.zspages:
                 raise PoolCorruptionError(f"class {c.size}: zspages counter wrong")
             used = 0
+            frames_here = 0
             for z in live:
                 k = c.inuse[z]
                 if not 0 < k <= n or c.group[z] != c.group_of[k]:
                     raise PoolCorruptionError(f"class {c.size}: zspage {z} inuse {k} bad")
                 for f in c.frames[z * p : z * p + p]:
-                    own(f, f"class {c.size} zspage {z}")
+                    if f != NOFRAME:
+                        own(f, f"class {c.size} zspage {z}")
+                        frames_here += 1
                 # free-slot list
                 seen: set[int] = set()
                 s = c.freeobj[z]
@@ -570,6 +624,10 @@ class ZsmallocPool(Pool):
                         if s not in seen:
                             raise PoolCorruptionError(f"class {c.size}: slot neither used nor free")
                         continue
+                    off = s * c.size
+                    for fk in {off >> 12, (off + c.size - 1) >> 12}:
+                        if c.frames[z * p + fk] == NOFRAME:
+                            raise PoolCorruptionError(f"class {c.size}: slot ({z},{s}) no frame")
                     h = sw >> 1
                     w = hloc[h] if h < len(hloc) else 0
                     expect = z << _ZS_SHIFT | s << _SLOT_SHIFT | c.cid << _CID_SHIFT | LIVE
@@ -585,7 +643,9 @@ class ZsmallocPool(Pool):
             if used != c.obj_used:
                 raise PoolCorruptionError(f"class {c.size}: obj_used {c.obj_used} != {used}")
             used_handles += used
-            pages += len(live) * p
+            if frames_here != c.frames_used:
+                raise PoolCorruptionError(f"class {c.size}: frames_used {c.frames_used} wrong")
+            pages += frames_here
         huge = 0
         for h in range(1, len(hloc)):
             w = hloc[h]
