@@ -164,7 +164,8 @@ def _corrupt_mask(p: ZbudPool) -> None:
 
 
 def _corrupt_free_frame(p: ZbudPool) -> None:
-    p.arena.free_frames.append(p.hloc[next(h for h in range(1, len(p.hloc)) if p.hloc[h] & 1)] >> 14)
+    live = next(h for h in range(1, len(p.hloc)) if p.hloc[h] & 1)
+    p.arena.free_frames.append(p.hloc[live] >> 14)
 
 
 @pytest.mark.parametrize(

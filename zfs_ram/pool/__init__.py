@@ -30,7 +30,8 @@ def create_pool(kind: str = "zsmalloc", page_limit: int = 0) -> Pool:
     try:
         cls = POOL_KINDS[kind]
     except KeyError:
-        raise ValueError(f"unknown pool kind {kind!r} (choose from {', '.join(POOL_KINDS)})")
+        choices = ", ".join(POOL_KINDS)
+        raise ValueError(f"unknown pool kind {kind!r} (choose from {choices})") from None
     return cls(page_limit=page_limit)
 
 

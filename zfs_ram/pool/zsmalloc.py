@@ -156,8 +156,8 @@ class _Class:
 
     def structures(self) -> list[object]:
         return [
-            self, self.group_of, self.chain_init, self.no_frames, self.frames, self.slots, self.inuse,
-            self.freeobj, self.group, self.prev, self.next, self.heads, self.free_zs,
+            self, self.group_of, self.chain_init, self.no_frames, self.frames, self.slots,
+            self.inuse, self.freeobj, self.group, self.prev, self.next, self.heads, self.free_zs,
         ]  # fmt: skip
 
 
@@ -403,9 +403,10 @@ class ZsmallocPool(Pool):
         head = PAGE_SIZE - inoff
         nxt = c.frames[fi + 1]
         pos2 = (nxt & SEGMENT_MASK) << 12
-        return seg[pos : pos + head] + self.arena.segments[nxt >> SEGMENT_SHIFT][
-            pos2 : pos2 + n - head
-        ]
+        return (
+            seg[pos : pos + head]
+            + self.arena.segments[nxt >> SEGMENT_SHIFT][pos2 : pos2 + n - head]
+        )
 
     def read(self, h: int) -> bytes:
         try:
@@ -430,6 +431,10 @@ class ZsmallocPool(Pool):
     # -- compaction ---------------------------------------------------------------------------
 
     def can_compact(self) -> int:
+        """Sum of the kernel's zs_can_compact() over the classes: whole zspages' worth of free
+        slots, times pages_per_zspage. With lazily made frames this is an upper bound: a
+        zspage being emptied may hold fewer than pages_per_zspage frames. It is 0 exactly when
+        compact_step() has nothing left to do."""
         return sum(c.can_compact() for c in self._compact_order)
 
     def compact_step(self, max_objects: int = 64) -> int:
@@ -669,4 +674,3 @@ class ZsmallocPool(Pool):
             raise PoolCorruptionError("a frame is neither in use nor free")
         if total_bytes != self.bytes_stored:
             raise PoolCorruptionError(f"bytes_stored {self.bytes_stored} != {total_bytes}")
-
