@@ -20,7 +20,9 @@
 #   COMPACT   auto (background compactor) or off  (default auto)
 #   SEED      any integer; same seed, same files  (default 1)
 # Environment: WAIT (seconds idle, default 5), REAL_SHARE (percent of bytes from real files,
-# default 70), KEEP=1 (print the mount point and keep it mounted until Enter is pressed).
+# default 70), MIN_KIB (smallest real file taken, default 16: thousands of tiny files would
+# make the fill slow, each file costs a few FUSE round trips; `zfs-ram experiment` takes all),
+# KEEP=1 (print the mount point and keep it mounted until Enter is pressed).
 # Needs zfs-ram on PATH (the venv's bin) and python3, find, awk, sort, xargs.
 set -euo pipefail
 export LC_ALL=C  # the same sort order, hence the same files, everywhere
@@ -32,10 +34,15 @@ compact="${4:-auto}"
 seed="${5:-1}"
 wait_s="${WAIT:-5}"
 real_share="${REAL_SHARE:-70}"
+min_kib="${MIN_KIB:-16}"
 
-case "$fraction" in ''|*[!0-9.]*) echo "fragmentation.sh: FRACTION must be 0..1" >&2; exit 2 ;; esac
-case "$size_mib$seed$wait_s$real_share" in
-    *[!0-9.]*) echo "fragmentation.sh: SIZE_MIB, SEED, WAIT, REAL_SHARE must be numbers" >&2
+case "$fraction" in ''|*[!0-9.]*) fraction=x ;; esac
+awk -v f="$fraction" 'BEGIN { exit !(f == f + 0 && f >= 0 && f <= 1) }' \
+    || { echo "fragmentation.sh: FRACTION must be a number in 0..1" >&2; exit 2; }
+case "$pool" in zsmalloc|zbud) ;; *) echo "fragmentation.sh: POOL: zsmalloc or zbud" >&2; exit 2 ;;
+esac
+case "$size_mib$seed$wait_s$real_share$min_kib" in
+    *[!0-9.]*) echo "fragmentation.sh: SIZE_MIB SEED WAIT REAL_SHARE MIN_KIB: numbers only" >&2
                exit 2 ;;
 esac
 command -v zfs-ram >/dev/null || { echo "fragmentation.sh: zfs-ram not on PATH" >&2; exit 2; }
@@ -87,10 +94,11 @@ shuffle() {
 
 # --- fill -------------------------------------------------------------------------------------
 t0="$(now)"
-# Real files: regular, 1 B..16 MiB, picked in a seeded random order until the budget is met
-# (files that would overshoot it are skipped). cp --parents keeps their /usr/... paths.
+# Real files: regular, MIN_KIB..16 MiB, picked in a seeded random order until the budget is
+# met (files that would overshoot it are skipped). cp --parents keeps their /usr/... paths.
 mkdir "$mnt/real"
-find /usr/lib /usr/share -type f -size +0 -size -16M -printf '%s\t%p\n' 2>/dev/null \
+find /usr/lib /usr/share -type f -size "+$(( min_kib * 1024 - 1 ))c" -size -16M \
+        -printf '%s\t%p\n' 2>/dev/null \
     | grep -v $'\t.*\t' | sort -t$'\t' -k2 | shuffle "$seed" \
     | awk -F'\t' -v left="$real_budget" 'left > 0 && ($1 <= left || left < 4096) {
           print $2; left -= $1 }' \
@@ -122,6 +130,7 @@ nfiles="$(find "$mnt/real" "$mnt/synthetic" -type f | wc -l)"
 echo "# $nfiles files, $size_mib MiB, pool=$pool compact=$compact seed=$seed;" \
      "deleting $fraction of the files" >&2
 report fill "$(since "$t0")"
+read -r _ fill_compr fill_mem _ < "$ctl/mm_stat"
 
 # --- delete a random fraction of the files, in shuffled order ----------------------------------
 t0="$(now)"
@@ -141,6 +150,14 @@ report wait "$(since "$t0")"
 t0="$(now)"
 echo 1 > "$ctl/compact"
 report compact "$(since "$t0")"
+
+# How much of what the deleted files occupied (compressed) came back as memory?
+read -r _ compr mem _ < "$ctl/mm_stat"
+awk -v c0="$fill_compr" -v m0="$fill_mem" -v c="$compr" -v m="$mem" 'BEGIN {
+    if (c0 - c <= 0) exit
+    printf "# the delete freed %.1f MiB of compressed data; mem_used fell by %.1f MiB (%.0f%%)\n",
+        (c0 - c) / 1048576, (m0 - m) / 1048576, 100 * (m0 - m) / (c0 - c)
+}'
 
 if [ "${KEEP:-0}" = 1 ]; then
     echo "# mounted on $mnt; press Enter to unmount" >&2

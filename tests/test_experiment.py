@@ -463,3 +463,35 @@ def test_kernel_arm_creates_and_removes_its_own_device(
     assert run.stages["fill"].mm.orig_data_size >= fs.total_bytes
     assert s.freed_share["compact"] is not None and s.freed_share["compact"] > 0.5
     assert run.stages["wait"].rss is None  # kernel memory: no process to measure
+
+
+def _demo_mounts() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line for line in f if "/zfs_ram-demo." in line.split()[1]]
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_fragmentation_sh_prints_four_stages() -> None:
+    """examples/fragmentation.sh as `./run demo` calls it, small: one line per stage."""
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "fragmentation.sh")
+    env = dict(os.environ, WAIT="0.5", MIN_KIB="64")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    before = _demo_mounts()
+    try:
+        proc = subprocess.run(["bash", script, "0.5", "4", "zsmalloc", "off", "3"],
+                              capture_output=True, text=True, timeout=110, env=env)
+    finally:
+        leftover = [m for m in _demo_mounts() if m not in before]
+        for line in leftover:
+            subprocess.run(["fusermount3", "-u", "-z", line.split()[1]], capture_output=True)
+    assert leftover == []
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:5] == ["stage", "orig_MiB", "compr_MiB", "mem_MiB", "ratio"]
+    rows = {line.split()[0]: line.split() for line in lines[1:5]}
+    assert list(rows) == ["fill", "delete", "wait", "compact"]
+    assert float(rows["fill"][2]) > float(rows["delete"][2]) > 0  # compressed bytes freed
+    assert int(rows["wait"][5]) == 0 < int(rows["compact"][5])  # compact=off: only on request
+    assert float(rows["compact"][3]) < float(rows["wait"][3])
+    assert "mem_used fell by" in lines[-1]
