@@ -105,7 +105,7 @@ def run_mount8(mount_command: str, mountpoint: Path, tmp_path: Path) -> dict[str
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == "daemon-exited"
-    facts = {}
+    facts: dict[str, str] = {}
     for word in result.stdout.split():
         key, _, value = word.partition("=")
         facts.setdefault(key, value)

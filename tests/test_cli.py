@@ -345,3 +345,21 @@ def test_mount_helper_errors_are_one_line(tmp_path: Path) -> None:
     result = subprocess.run([helper, "a", "b", "c"], capture_output=True, text=True, check=False)
     assert result.returncode == 2
     one_error_line(result)
+
+
+@requires_fuse
+def test_umount_of_a_stopped_daemon(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    pid = daemon_pid(mountpoint)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = zfs_ram_cli("umount", str(mountpoint))
+        assert result.returncode == 1
+        assert "does not answer (stopped or hung)" in one_error_line(result)
+        assert mounted(mountpoint)
+        result = zfs_ram_cli("umount", "-z", str(mountpoint))
+        assert result.returncode == 0, result.stderr
+        assert not mounted(mountpoint)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_gone(pid)  # once running again it sees the unmount and exits

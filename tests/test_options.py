@@ -89,7 +89,11 @@ def test_size_error_message_is_exactly_the_documented_line() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("mem_limit=0", 0), ("mem_limit=100m", 100 << 20), ("mem_limit=10%", RAM // 10 // PAGE_SIZE * PAGE_SIZE + PAGE_SIZE)],
+    [
+        ("mem_limit=0", 0),
+        ("mem_limit=100m", 100 << 20),
+        ("mem_limit=10%", RAM // 10 // PAGE_SIZE * PAGE_SIZE + PAGE_SIZE),
+    ],
 )
 def test_mem_limit(text: str, expected: int) -> None:
     assert config(text).mem_limit_bytes == expected

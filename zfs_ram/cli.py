@@ -11,7 +11,6 @@ the numbers; this module parses arguments and renders. Every error is one line
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import os
@@ -21,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from zfs_ram import __version__
 
@@ -32,13 +31,17 @@ FSTYPE = "fuse.zfs_ram"
 # only drops its inodes and frees the pool then, which takes well under a second.
 DAEMON_EXIT_TIMEOUT = 30.0
 # Reading a control file of a hung (stopped, deadlocked) daemon blocks; give up after this.
-CONTROL_READ_TIMEOUT = 5.0
+CONTROL_READ_TIMEOUT = 3.0
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
 class CliError(Exception):
     """A failure to report as one line and exit status 1."""
+
+
+class _NoAnswer(CliError):
+    """A control file read that did not return: the daemon is stopped or hung."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +94,7 @@ def _read_control(path: str, name: str, timeout: float = CONTROL_READ_TIMEOUT) -
     reader.start()
     reader.join(timeout)
     if not result:
-        raise CliError(f"the zfs_ram daemon of {path} does not answer")
+        raise _NoAnswer(f"the zfs_ram daemon of {path} does not answer (stopped or hung)")
     value = result[0]
     if isinstance(value, OSError):
         if value.errno == errno.ENOTCONN:
@@ -152,8 +155,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
     path = _zfs_ram_mount(args.mountpoint)
     pid: int | None = None
-    with contextlib.suppress(CliError, ValueError):  # a dead daemon has no pid to wait for
-        pid = int(_read_control(path, "pid").strip())
+    try:
+        # Read before unmounting, to wait for the daemon afterwards. A lazy unmount returns
+        # at once, while files may still be open, so there is nothing to wait for.
+        if not args.lazy:
+            pid = int(_read_control(path, "pid").strip())
+    except _NoAnswer:
+        # Our own read is stuck in the mount now, so a plain unmount would only say "busy".
+        raise CliError(
+            f"the zfs_ram daemon of {args.mountpoint} does not answer (stopped or hung);"
+            " 'zfs-ram umount -z' detaches the mount"
+        ) from None
+    except (CliError, ValueError):
+        pass  # a dead daemon (killed): nothing to wait for, fusermount3 -u still works
     cmd = [_fusermount(), "-u"] + (["-z"] if args.lazy else []) + [path]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -164,7 +178,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 " close them or use 'zfs-ram umount -z'"
             )
         raise CliError(f"unmounting {args.mountpoint} failed: {reason}")
-    if pid is not None and not args.lazy:
+    if pid is not None:
         deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
         while _is_daemon(pid) and is_alive(pid):
             if time.monotonic() > deadline:
@@ -303,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     else:
-        add_experiment_parser(sub)
+        # The cast: argparse's subparser action is invariant in its parser class.
+        add_experiment_parser(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return parser
 
 

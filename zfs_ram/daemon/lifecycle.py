@@ -228,6 +228,7 @@ def mount(
     except Exception as e:
         log.debug("setting up the file system failed", exc_info=True)  # shown with -d
         raise MountError(f"cannot set up the file system: {type(e).__name__}: {e}") from None
+    assert isinstance(ops, pyfuse3.Operations), "the file system must be pyfuse3.Operations"
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pyfuse3.init(ops, path, fuse_options)
