@@ -6,7 +6,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 from conftest import cli_env, requires_fuse, run_mount8
 
 from zfs_ram.daemon.lifecycle import find_mount
@@ -30,11 +29,6 @@ def run_script(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[
 
 
 @requires_fuse
-@pytest.mark.xfail(
-    reason="pool bug: rm -rf of the unpacked header tree fails with EIO (zsmalloc.free:"
-    " OverflowError 'unsigned short is less than minimum' on c.inuse[z])",
-    strict=False,
-)
 def test_ci_scratch_demo_job(tmp_path: Path) -> None:
     result, mnt = run_script(tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
