@@ -214,6 +214,7 @@ def test_summarize_ratios_and_freed_share() -> None:
     assert s.freed_share["wait"] == pytest.approx(20 / 50)
     assert s.freed_share["compact"] == pytest.approx(50 / 50)
     assert s.compact_ms == pytest.approx(250)
+    assert s.compr_freed == pytest.approx(0.5)
     assert s.pages_compacted == 30 * 256
 
 
@@ -224,6 +225,7 @@ def test_render_table_plain_and_markdown() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("arm")
     assert "1.020" in lines[1] and "1.640" in lines[1] and "0.40" in lines[1]
+    assert lines[1].split()[3] == "50"  # compr freed%
     assert lines[2].startswith("zbud") and "  90  " in lines[2]
     assert "kernel: skipped (not root)" in text
     md = render_table(result, markdown=True).splitlines()

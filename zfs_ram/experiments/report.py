@@ -23,6 +23,7 @@ class RunSummary:
     arm: str
     fraction: float
     compr_fill: int  # compressed bytes stored after the fill
+    compr_freed: float | None  # share of compr_fill the delete freed
     ratio: dict[str, float | None]  # mem_used_total / compr_data_size per stage
     freed_share: dict[str, float | None]  # memory freed / compressed bytes freed (wait, compact)
     compact_ms: float | None
@@ -36,6 +37,7 @@ class RunSummary:
             "arm": self.arm,
             "fraction": self.fraction,
             "compr_fill": self.compr_fill,
+            "compr_freed": self.compr_freed,
             "ratio": self.ratio,
             "freed_share": self.freed_share,
             "compact_ms": self.compact_ms,
@@ -67,10 +69,15 @@ def summarize(run: RunResult) -> RunSummary:
     first = st.get("fill")
     last = st.get("compact")
     compacted = last.mm.pages_compacted - first.mm.pages_compacted if first and last else 0
+    deleted = st.get("delete")
+    compr_freed = None
+    if fill and deleted and fill.mm.compr_data_size > 0:
+        compr_freed = 1 - deleted.mm.compr_data_size / fill.mm.compr_data_size
     return RunSummary(
         arm=run.arm,
         fraction=run.fraction,
         compr_fill=fill.mm.compr_data_size if fill else 0,
+        compr_freed=compr_freed,
         ratio=ratio,
         freed_share=freed,
         compact_ms=secs * 1000 if secs is not None else None,
@@ -93,6 +100,7 @@ TABLE_HEADER = (
     "arm",
     "del%",
     "compr MiB",
+    "compr freed%",
     "mem/compr fill",
     "delete",
     "wait",
@@ -111,13 +119,14 @@ def table_rows(result: ExperimentResult) -> list[tuple[str, ...]]:
         s = summarize(run)
         arm = s.arm + ("" if s.clean else " *")
         if s.error is not None:
-            rows.append((arm, f"{s.fraction * 100:.0f}", "FAILED") + ("-",) * 8)
+            rows.append((arm, f"{s.fraction * 100:.0f}", "FAILED") + ("-",) * 9)
             continue
         rows.append(
             (
                 arm,
                 f"{s.fraction * 100:.0f}",
                 f"{s.compr_fill / MIB:.1f}",
+                _f(None if s.compr_freed is None else s.compr_freed * 100, ".0f"),
                 *(_f(s.ratio.get(stage), ".3f") for stage in STAGES),
                 _f(s.freed_share["wait"], ".2f"),
                 _f(s.freed_share["compact"], ".2f"),
@@ -145,6 +154,7 @@ def render_table(result: ExperimentResult, markdown: bool = False) -> str:
             for r in rows
         )
     notes = [
+        "del%: share of the files deleted; compr freed%: share of the compressed bytes freed.",
         "mem/compr: mem_used_total / compr_data_size after each stage (1.0 = no waste).",
         "freed/compr-freed: memory freed since the fill / compressed bytes freed "
         "(1.0 = deleting gives back all it should).",
