@@ -6,8 +6,9 @@
 #   examples/ci-scratch.sh CMD [ARGS...]   run CMD in the scratch directory instead
 #
 # CMD runs with its working directory and $SCRATCH set to the mount. The script exits with
-# CMD's status, after printing the mount's memory statistics and unmounting it. Environment: ZFS_RAM (the zfs-ram command, default: zfs-ram on PATH),
-# SCRATCH_OPTIONS (mount options, default size=512m).
+# CMD's status, after printing the mount's memory statistics and unmounting it.
+# Environment: ZFS_RAM (the zfs-ram command, default: zfs-ram on PATH), SCRATCH_OPTIONS (mount
+# options, default size=512m).
 set -euo pipefail
 
 zfs_ram=${ZFS_RAM:-zfs-ram}

@@ -243,7 +243,7 @@ def test_umount_after_sigkill_then_mount_again(mountpoint: Path) -> None:
 
 
 @requires_fuse
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_during_writes_unmounts_and_exits_0(mountpoint: Path, signum: int) -> None:
     log = mountpoint.parent / "daemon.log"
     with open(log, "wb") as log_file:

@@ -5,7 +5,7 @@ readiness handshake of libfuse 3.19's fuse_daemonize_early_*:
 
 1. Check what can be checked without mounting: options, the mountpoint (missing, not a
    directory, not empty, already a mount point), /dev/fuse. Each failure is one MountError line.
-2. Block SIGINT and SIGTERM. A signal that arrived between the mount and the moment trio's
+2. Block SIGINT, SIGTERM and SIGHUP. A signal arriving between the mount and the moment trio's
    signal receiver exists would otherwise kill the process and leave a dead mount ("Transport
    endpoint is not connected"); blocked, it stays pending and is delivered to the receiver.
 3. ``pyfuse3.init`` mounts. The kernel queues FUSE_INIT; nobody can use the mount until the
@@ -14,7 +14,7 @@ readiness handshake of libfuse 3.19's fuse_daemonize_early_*:
    handled, ``ops.ready`` set) and exits 0, or prints the child's error line and exits 1 if
    the child reports an error, dies or stays silent for READY_TIMEOUT. The child calls setsid,
    points stdio at /dev/null (or ``-o log=PATH``) and serves.
-5. Serving is one trio nursery: a signal watcher that turns SIGINT/SIGTERM into
+5. Serving is one trio nursery: a signal watcher that turns SIGINT/SIGTERM/SIGHUP into
    ``pyfuse3.terminate()``, the background compactor, the readiness notifier, and
    ``pyfuse3.main()``. An unmount from outside (fusermount3 -u, umount) also ends main().
 6. After main() returns: cancel the nursery, ``ops.shutdown()``, unmount if still mounted,
@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 # How long the background parent waits for the child to answer FUSE_INIT. Building the pool and
 # answering INIT takes milliseconds; 30 s only guards against a wedged child.
 READY_TIMEOUT = 30.0
-# The signals that end the daemon cleanly (unmount, exit 0).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The signals that end the daemon cleanly (unmount, exit 0). SIGHUP too: a foreground daemon
+# whose terminal closes should not leave a dead mount (in the background, setsid shields it).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Written by the child on the readiness pipe once FUSE_INIT was handled.
 READY_WORD = b"ok\n"
 FUSE_DEVICE = "/dev/fuse"
@@ -409,7 +410,7 @@ async def _serve(ops: Operations, path: str, state: _ServeState) -> None:
 
 
 async def _watch_signals(task_status: Any) -> None:
-    """SIGINT/SIGTERM end the main loop gracefully; the mount is then removed."""
+    """SIGINT/SIGTERM/SIGHUP end the main loop gracefully; the mount is then removed."""
     import pyfuse3
     import trio
 
