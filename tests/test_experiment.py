@@ -336,14 +336,31 @@ def test_run_experiment_records_failures_and_tears_down(
     bad.base = os.path.join(str(tmp_path), "bad")
     os.mkdir(bad.base)
     result = run_experiment(fs, [("good", lambda f: good), ("bad", lambda f: bad)], [0.25, 0.75],
-                            wait=0.0)
+                            wait=0.0, retries=1)
     assert [(r.arm, r.fraction) for r in result.runs] == [
         ("good", 0.25), ("good", 0.75), ("bad", 0.25), ("bad", 0.75)
     ]
     assert [r.error for r in result.runs[:2]] == [None, None]
     assert all("compaction failed" in (r.error or "") for r in result.runs[2:])
     assert "in stage 'compact' of dir at 25%" in (result.runs[2].error or "")
-    assert bad.entered == bad.exited == 2
+    assert bad.entered == bad.exited == 4  # each failed run was tried twice
+    assert len(result.runs[2].failed_attempts) == 1
+    assert "retried bad at 25% after: RuntimeError" in render_table(result)
+
+
+def test_run_experiment_retry_can_succeed(
+    real_dir: list[str], tmp_path: os.PathLike[str]
+) -> None:
+    fs = small_set(real_dir, size=MIB // 4)
+    flaky = DirTarget(str(tmp_path), fail_on="compact")
+
+    def factory(fraction: float) -> DirTarget:
+        if flaky.entered:  # the second attempt works
+            flaky.fail_on = None
+        return flaky
+
+    result = run_experiment(fs, [("flaky", factory)], [0.5], wait=0.0, retries=1)
+    assert result.runs[0].error is None and len(result.runs[0].failed_attempts) == 1
 
 
 def test_progress_one_line_per_stage_when_not_a_tty() -> None:
@@ -497,3 +514,34 @@ def test_fragmentation_sh_prints_four_stages() -> None:
     assert int(rows["wait"][5]) == 0 < int(rows["compact"][5])  # compact=off: only on request
     assert float(rows["compact"][3]) < float(rows["wait"][3])
     assert "mem_used fell by" in lines[-1]
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_sigterm_mid_run_still_unmounts(tmp_path: os.PathLike[str]) -> None:
+    """Killing the experiment with SIGTERM during the wait must not leave its mount behind."""
+    import signal
+    import time
+
+    before = _experiment_mounts()
+    cmd = [sys.executable, "-m", "zfs_ram.experiments", "--arms", "zsmalloc-off", "--size-mib",
+           "2", "--fractions", "0.5", "--wait", "60", "--out", str(tmp_path)]
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # one line per stage: wait until the delete is done
+                if " delete " in line:
+                    break
+            mine = [m for m in _experiment_mounts() if m not in before]
+            assert len(mine) == 1
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+            time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            leftover = [m for m in _experiment_mounts() if m not in before]
+            for line in leftover:
+                subprocess.run(["fusermount3", "-u", "-z", line.split()[1]], capture_output=True)
+    assert leftover == []

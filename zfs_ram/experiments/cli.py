@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -77,6 +78,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="page write order during the fill (default shuffled)")
     p.add_argument("--out", default="zfs_ram-experiment",
                    help="directory for experiment.json and experiment.png")
+    p.add_argument("--retries", type=int, default=1,
+                   help="tries more per failed run, each on a fresh target (default 1)")
     p.add_argument("--no-kernel", action="store_true", help="skip the kernel zram arm")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -98,7 +101,23 @@ def _zfs_ram_factory(name: str, size: int, log_dir: str) -> Callable[[float], Ta
 
 
 def run_experiment_cli(args: argparse.Namespace) -> int:
-    """Build the file set once, run every arm and fraction, print and save the results."""
+    """Build the file set once, run every arm and fraction, print and save the results.
+
+    SIGTERM unwinds like Ctrl-C, so the current target is still unmounted (or its zram
+    device removed) on the way out.
+    """
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run_experiment(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.quiet)
     size = round(args.size_mib * MIB)
     log_dir = os.path.join(args.out, "logs")
@@ -138,7 +157,7 @@ def run_experiment_cli(args: argparse.Namespace) -> int:
         "kernel": os.uname().release,
     }
     result = run_experiment(file_set, arms, args.fractions, args.wait, args.order, progress,
-                            params)
+                            params, retries=args.retries)
     result.skipped.update(skipped)
 
     print(render_table(result, markdown=args.markdown))

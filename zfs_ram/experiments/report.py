@@ -162,6 +162,8 @@ def render_table(result: ExperimentResult, markdown: bool = False) -> str:
     if any(not r.clean for r in result.runs):
         notes.append("*: a shrinker or reclaim ran during the run (it compacts zram pools).")
     for run in result.runs:
+        for error in run.failed_attempts:
+            notes.append(f"retried {run.arm} at {run.fraction:.0%} after: {error}")
         if run.error is not None:
             notes.append(f"FAILED {run.arm} at {run.fraction:.0%}: {run.error}")
     for arm, why in result.skipped.items():

@@ -58,6 +58,7 @@ class RunResult:
     deleted_bytes: int = 0
     vmstat: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str | None = None
+    failed_attempts: list[str] = field(default_factory=list)  # errors of retried attempts
 
     @property
     def clean(self) -> bool:
@@ -79,6 +80,7 @@ class RunResult:
             "vmstat": self.vmstat,
             "clean": self.clean,
             "error": self.error,
+            "failed_attempts": self.failed_attempts,
             "timeline": [s.as_dict() for s in self.timeline],
         }
 
@@ -262,23 +264,32 @@ def run_experiment(
     order: str = "shuffled",
     progress: Progress | None = None,
     params: dict[str, Any] | None = None,
+    retries: int = 1,
 ) -> ExperimentResult:
     """Every arm for every fraction, each on a fresh target built by ``factory(fraction)``.
 
-    A run that fails is recorded with its error and the experiment goes on; the target's
-    teardown has already run by then.
+    A run that fails is tried again on a fresh target up to ``retries`` times (a shared
+    machine may unmount or signal things under us); the errors are kept. A run that fails
+    every time is recorded with its error and the experiment goes on; the target's teardown
+    has already run by then.
     """
     progress = progress or Progress(quiet=True)
     result = ExperimentResult(params=dict(params or {}), workload=file_set.summary())
     for name, factory in arms:
         for fraction in fractions:
-            try:
-                run = run_one(factory(fraction), file_set, fraction, wait, order, progress)
-            except Exception as exc:  # record it, keep the other arms going
-                run = RunResult(arm=name, fraction=fraction, target={"name": name})
-                where = "; ".join(getattr(exc, "__notes__", []))
-                run.error = f"{type(exc).__name__}: {exc}" + (f" ({where})" if where else "")
-                progress.stage(f"FAILED: {run.error}")
+            errors: list[str] = []
+            run: RunResult | None = None
+            while run is None:
+                try:
+                    run = run_one(factory(fraction), file_set, fraction, wait, order, progress)
+                except Exception as exc:  # record it, keep the other arms going
+                    where = "; ".join(getattr(exc, "__notes__", []))
+                    errors.append(f"{type(exc).__name__}: {exc}" + (f" ({where})" if where else ""))
+                    progress.stage(f"FAILED: {errors[-1]}")
+                    if len(errors) > retries:
+                        run = RunResult(arm=name, fraction=fraction, target={"name": name})
+                        run.error = errors.pop()
             run.arm = name
+            run.failed_attempts = errors
             result.runs.append(run)
     return result
