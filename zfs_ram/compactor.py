@@ -1,8 +1,8 @@
 """The background compactor: gives freed memory back while the filesystem keeps serving.
 
 The pool compacts in bounded steps (pool.compact_step moves at most `batch` objects); this task
-runs those steps from the event loop and checkpoints between them, so a FUSE request waits for
-at most one step. Correctness does not depend on where the task yields: each step is one
+runs those steps from the event loop in slices of about SLICE_SECONDS and checkpoints between
+slices, so a FUSE request waits for at most one slice. Correctness does not depend on where the task yields: each step is one
 synchronous call, and the pool is consistent between calls.
 
 It wakes when the filesystem says space was freed (unlink, truncate, overwrite) and the pool
@@ -17,6 +17,11 @@ from dataclasses import dataclass
 import trio
 
 from zfs_ram.pool import Pool
+
+# Longest stretch of compaction between two chances for FUSE requests to run: a request that
+# arrives meanwhile waits at most this long (plus one step), which keeps read latency close to
+# idle (benchmarks/compaction_latency.py).
+SLICE_SECONDS = 100e-6
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,16 @@ class Compactor:
             pool = self.pool
             before = pool.statistics().pages_compacted
             while pool.can_compact() >= threshold:
+                # One slice: small steps until SLICE_SECONDS are used, then let requests in.
                 started = time.perf_counter()
-                moved = pool.compact_step(self.batch)
-                self._seconds += time.perf_counter() - started
-                self._moved += moved
+                slice_end = started + SLICE_SECONDS
+                while True:
+                    moved = pool.compact_step(self.batch)
+                    self._moved += moved
+                    now = time.perf_counter()
+                    if moved == 0 or now >= slice_end:
+                        break
+                self._seconds += now - started
                 if moved == 0:
                     break
                 await trio.lowlevel.checkpoint()

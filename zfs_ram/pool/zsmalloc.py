@@ -181,6 +181,7 @@ class ZsmallocPool(Pool):
         assert self._cid_of_size[watermark - 1] != HUGE_CID
         #: Non-huge classes from the largest down: __zs_compact's visiting order.
         self._compact_order = [c for c in self._classes if not c.huge]
+        self._compact_cursor = 0  #: where the last compact_step() stopped in _compact_order
 
     @property
     def huge_class_size(self) -> int:
@@ -439,11 +440,17 @@ class ZsmallocPool(Pool):
 
     def compact_step(self, max_objects: int = 64) -> int:
         """One bounded slice of zs_compact(): classes from the largest down, each drained while
-        zs_can_compact() says a whole zspage could be freed."""
+        zs_can_compact() says a whole zspage could be freed.
+
+        A cursor remembers the class the last slice stopped in, so that many small slices cost
+        no more than one big one (the background compactor takes slices of a few objects)."""
         if max_objects <= 0:
             return 0
         moved = 0
-        for c in self._compact_order:
+        order = self._compact_order
+        start = i = self._compact_cursor
+        while True:
+            c = order[i]
             n = c.objs
             while moved < max_objects and (c.zspages * n - c.obj_used) >= n:
                 part = c.mask & _PARTIAL
@@ -458,6 +465,10 @@ class ZsmallocPool(Pool):
                 moved += self._migrate(c, src, dst, max_objects - moved)
             if moved >= max_objects:
                 break
+            i = i + 1 if i + 1 < len(order) else 0
+            if i == start:
+                break
+        self._compact_cursor = i
         self.objects_moved += moved
         return moved
 
