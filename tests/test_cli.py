@@ -363,3 +363,32 @@ def test_umount_of_a_stopped_daemon(mountpoint: Path) -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
     assert wait_gone(pid)  # once running again it sees the unmount and exits
+
+
+@requires_fuse
+def test_stat_without_mountpoint_lists_every_zfs_ram_mount(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        mount_ok(a, "size=8m")
+        mount_ok(b, "size=16m,pool=zbud")
+        result = zfs_ram_cli("stat")
+        # Other zfs_ram mounts on this machine are listed too, and a dead one is an error line.
+        assert all(line.startswith("zfs-ram: ") for line in result.stderr.splitlines())
+        rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+        assert rows[str(a)][1:3] == ["zsmalloc", "8.0M"]
+        assert rows[str(b)][1:3] == ["zbud", "16M"]
+        listed = json.loads(zfs_ram_cli("stat", "--json").stdout)
+        by_mountpoint = {entry["mountpoint"]: entry for entry in listed}
+        assert by_mountpoint[str(b)]["fs"]["pool"] == "zbud"
+        piped = subprocess.run(
+            f"'{Path(sys.executable).parent / 'zfs-ram'}' stat --json | head -c 1",
+            shell=True, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert "Traceback" not in piped.stderr
+    finally:
+        for path in (a, b):
+            zfs_ram_cli("umount", str(path))
+    assert not mounted(a)
+    assert not mounted(b)

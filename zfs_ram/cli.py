@@ -235,24 +235,46 @@ def stat_row(stats: dict[str, Any], *, raw_bytes: bool) -> dict[str, str]:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    path = _zfs_ram_mount(args.mountpoint)
-    stats = _read_stats(path)
-    if args.json:
-        print(json.dumps(stats, indent=1, sort_keys=True))
+    """One mount's table or JSON object; without a MOUNTPOINT, every zfs_ram mount (zramctl)."""
+    if args.mountpoint is not None:
+        path = _zfs_ram_mount(args.mountpoint)
+        stats = _read_stats(path)
+        if args.json:
+            print(json.dumps(stats, indent=1, sort_keys=True))
+        else:
+            _print_table([{"MOUNTPOINT": path, **stat_row(stats, raw_bytes=args.bytes)}])
         return 0
-    row = {"MOUNTPOINT": path, **stat_row(stats, raw_bytes=args.bytes)}
-    widths = {k: max(len(k), len(v)) for k, v in row.items()}
 
-    def line(cells: dict[str, str]) -> str:
-        # Text columns left-aligned, numbers right-aligned, as zramctl does.
-        return " ".join(
-            v.ljust(widths[k]) if k in ("MOUNTPOINT", "POOL") else v.rjust(widths[k])
-            for k, v in cells.items()
-        ).rstrip()
+    from zfs_ram.daemon.lifecycle import read_mounts
 
-    print(line({k: k for k in row}))
-    print(line(row))
-    return 0
+    status = 0
+    found: list[tuple[str, dict[str, Any]]] = []
+    for info in read_mounts():
+        if info.fstype != FSTYPE:
+            continue
+        try:
+            found.append((info.mountpoint, _read_stats(info.mountpoint)))
+        except CliError as e:  # a dead or hung daemon: say so, list the others
+            print(f"{PROG}: {e}", file=sys.stderr)
+            status = EXIT_FAILURE
+    if args.json:
+        print(json.dumps([{"mountpoint": m, **s} for m, s in found], indent=1, sort_keys=True))
+    elif found:
+        _print_table([{"MOUNTPOINT": m, **stat_row(s, raw_bytes=args.bytes)} for m, s in found])
+    return status
+
+
+def _print_table(rows: list[dict[str, str]]) -> None:
+    """Columns as wide as their widest cell; text left-aligned, numbers right, as zramctl."""
+    header = {k: k for k in rows[0]}
+    widths = {k: max(len(row[k]) for row in [header, *rows]) for k in header}
+    for row in [header, *rows]:
+        print(
+            " ".join(
+                v.ljust(widths[k]) if k in ("MOUNTPOINT", "POOL") else v.rjust(widths[k])
+                for k, v in row.items()
+            ).rstrip()
+        )
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
@@ -303,8 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("stat", help="memory statistics, like zramctl")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--json", action="store_true", help="print .zfs_ram/stats.json as is")
+    p.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", nargs="?", help="default: every zfs_ram mount"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print .zfs_ram/stats.json as is (a list of them, with mountpoint, for all mounts)",
+    )
     p.add_argument("-b", "--bytes", action="store_true", help="sizes in bytes")
     p.set_defaults(func=cmd_stat)
 
@@ -330,6 +358,10 @@ def _run(func: Any, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:  # `zfs-ram stat --json | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit-time flush does not fail again
         return EXIT_FAILURE
     return int(status or 0)
 
