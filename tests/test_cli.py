@@ -47,7 +47,7 @@ def mount_ok(path: Path, *options: str) -> None:
 # ---- errors: one line, exit status 2 for usage and 1 otherwise
 
 
-@pytest.mark.parametrize("args", [[], ["mount"], ["frobnicate"], ["stat"], ["mount", "-x", "d"]])
+@pytest.mark.parametrize("args", [[], ["mount"], ["frobnicate"], ["compact"], ["mount", "-x", "d"]])
 def test_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
     result = zfs_ram_cli(*args)
     assert result.returncode == 2
