@@ -6,7 +6,7 @@ watermark stored raw as 4096 bytes), frees a random share, compacts, and prints 
 allocator how many bytes of memory the pool holds per byte stored at each stage, the frames
 returned to the OS, arena Rss against pages_used, metadata per object, and operation rates.
 
-    python benchmarks/pool_fragmentation.py [--mib 100] [--seed 1] [--fractions 25,50,75,90]
+    python benchmarks/pool_fragmentation.py [--mib 400] [--seed 1] [--fractions 25,50,75,90]
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def print_table(kind: str, runs: list[Run]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mib", type=int, default=100, help="MiB of input pages (default 100)")
+    ap.add_argument("--mib", type=int, default=400, help="MiB of input pages (default 400, as the kernel measurement it is compared with)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fractions", default="25,50,75,90", help="percent freed, comma-separated")
     ap.add_argument("--kinds", default="zsmalloc,zbud")
