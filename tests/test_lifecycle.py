@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -314,3 +315,30 @@ def test_daemon_unmounts_when_the_test_process_dies(tmp_path: Path) -> None:
     assert find_mount(str(mnt)) is None
     assert not is_alive(pid)
     assert "SIGTERM received: unmounting" in (tmp_path / "l").read_text()
+
+
+@requires_fuse
+def test_systemd_notify_ready_and_stopping(mountpoint: Path, tmp_path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(30)
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zfs_ram", "mount", "-f", str(mountpoint)],
+            stdout=f, stderr=subprocess.STDOUT,
+            env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")),
+        )  # fmt: skip
+    try:
+        ready = sock.recv(4096).decode()
+        assert "READY=1" in ready.splitlines()
+        assert f"MAINPID={proc.pid}" in ready.splitlines()
+        assert os.path.ismount(mountpoint)  # READY=1 means usable
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096).decode() == "STOPPING=1"
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

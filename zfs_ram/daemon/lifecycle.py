@@ -20,6 +20,9 @@ readiness handshake of libfuse 3.19's fuse_daemonize_early_*:
 6. After main() returns: cancel the nursery, ``ops.shutdown()``, unmount if still mounted,
    exit 0.
 
+Under systemd (Type=notify, ``zfs-ram mount -f``) readiness and stopping are also announced
+through $NOTIFY_SOCKET.
+
 If the filesystem crashes (main() raises) after the mount was ready, the mount is left in place,
 dead, as borg and s3ql do: an empty directory in its place could make a running rsync or backup
 conclude that every file was deleted. ``zfs-ram umount`` (fusermount3 -u) removes it.
@@ -35,6 +38,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -366,6 +370,7 @@ def _serve_mounted(ops: Operations, path: str, mount_id: int | None, notify_fd: 
             pyfuse3.close(unmount=False)
         return 1
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # no KeyboardInterrupt from here on
+    sd_notify("STOPPING=1")
     try:
         ops.shutdown()
     except Exception:
@@ -428,6 +433,25 @@ async def _announce_ready(ops: Operations, path: str, state: _ServeState) -> Non
     log.info("mounted %s (pid %d)", path, os.getpid())
     state.ready = True
     state.report(READY_WORD.decode().strip())
+    sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted {path}")
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd about readiness and stopping (units with Type=notify running ``-f``).
+
+    The protocol is one datagram to $NOTIFY_SOCKET ('@' = abstract namespace); without that
+    variable this does nothing, and a failure to send never disturbs the filesystem.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s", address, e)
 
 
 def is_alive(pid: int) -> bool:
