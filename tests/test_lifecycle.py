@@ -342,3 +342,10 @@ def test_systemd_notify_ready_and_stopping(mountpoint: Path, tmp_path: Path) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_teardown_after_the_test_unmounted_with_the_cli(zfs_ram_mount: MountFactory) -> None:
+    m = zfs_ram_mount("size=8m")
+    subprocess.run([sys.executable, "-m", "zfs_ram", "umount", str(m.path)], check=True)
+    assert m.finish() == []  # the daemon's exit status 0 is checked; no complaints
+    assert m.process.returncode == 0

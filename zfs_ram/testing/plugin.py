@@ -228,10 +228,13 @@ class Mount:
         path = str(self.path)
         clean = self._unmounted_cleanly
         if self.process.poll() is None:
-            done = _run_fusermount(path, lazy=False)
-            clean = done is not None and done.returncode == 0
-            if not clean:  # busy (files still open) or fusermount3 hung: detach it
-                _run_fusermount(path, lazy=True)
+            if find_mount(resolve(path)) is None:
+                clean = True  # the test unmounted it some other way (zfs-ram umount, umount)
+            else:
+                done = _run_fusermount(path, lazy=False)
+                clean = done is not None and done.returncode == 0
+                if not clean:  # busy (files still open) or fusermount3 hung: detach it
+                    _run_fusermount(path, lazy=True)
             try:
                 self.process.wait(UNMOUNT_TIMEOUT if clean else LAZY_GRACE)
             except subprocess.TimeoutExpired:
@@ -241,8 +244,11 @@ class Mount:
                 self.process.wait()
                 clean = False
         elif not clean:
-            problems.append(f"zfs_ram daemon exited with status {self.process.returncode}"
-                            " while still mounted")  # fmt: skip
+            if find_mount(resolve(path)) is None:
+                clean = True  # unmounted some other way, and the daemon already ended
+            else:
+                problems.append(f"zfs_ram daemon exited with status {self.process.returncode}"
+                                " while still mounted")  # fmt: skip
         if find_mount(resolve(path)) is not None:  # a dead mount left by a crash
             _run_fusermount(path, lazy=True)
         status = self.process.returncode
