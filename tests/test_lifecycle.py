@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,11 @@ def test_is_alive_treats_zombies_as_gone() -> None:
 def _forked(body_bytes: bytes | None, *, sleep: float = 0.0) -> tuple[int, int]:
     """A child that writes ``body_bytes`` (if any) on a pipe, then sleeps and exits."""
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork() with threads running (pytest-timeout's timer);
+        # this child only writes to a pipe and exits, it takes no locks.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         os.close(read_fd)
         if body_bytes is not None:
