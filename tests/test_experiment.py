@@ -236,6 +236,7 @@ def test_render_table_plain_and_markdown() -> None:
 def test_render_table_marks_failed_and_unclean_runs() -> None:
     failed = RunResult(arm="zbud", fraction=0.25, target={}, error="RuntimeError: boom")
     unclean = fake_run("kernel")
+    unclean.target["kind"] = "kernel"
     unclean.vmstat = {"fill": {"drop_slab": 1}, "wait": {"drop_slab": 2}}
     text = render_table(ExperimentResult(params={}, workload={}, runs=[failed, unclean]))
     assert "FAILED zbud at 25%: RuntimeError: boom" in text
