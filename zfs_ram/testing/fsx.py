@@ -203,6 +203,7 @@ class Fsx:
         self.compactions = 0
         self.written = 0
         self.verified = 0
+        self._made_root = False
         ops: list[tuple[Callable[[], None], int]] = [
             (self.op_write, 20), (self.op_append, 8), (self.op_truncate, 8),
             (self.op_sparse_write, 2), (self.op_read, 12), (self.op_rename, 5),
@@ -217,6 +218,7 @@ class Fsx:
 
     def run(self) -> FsxResult:
         started = time.monotonic()
+        self._made_root = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         for d in DIRS[1:]:
             (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -560,6 +562,8 @@ class Fsx:
         self.inodes.clear()
         for d in reversed(DIRS[1:]):
             os.rmdir(self.root / d)
+        if self._made_root:
+            os.rmdir(self.root)
         if self.cfg.check_accounting and self.control is not None:
             (self.control / "compact").write_text("1")
             stat = _mm_stat(self.control)
