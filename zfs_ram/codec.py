@@ -11,6 +11,9 @@ A stored object of exactly PAGE_SIZE bytes is raw; anything shorter is lz4.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import lz4.block
 
 PAGE_SIZE = 4096
@@ -42,6 +45,56 @@ def encode(page: bytes, huge_size: int) -> bytes:
     if len(packed) >= huge_size:
         return page
     return packed
+
+
+def encode_page(page: bytes, huge_size: int) -> bytes | int:
+    """What to keep for a full page: its repeated word (an int) or the object to store."""
+    word = same_filled_word(page)
+    if word is not None:
+        return word
+    return encode(page, huge_size)
+
+
+def _encode_run(pages: list[bytes], huge_size: int) -> list[bytes | int]:
+    return [encode_page(page, huge_size) for page in pages]
+
+
+class BatchEncoder:
+    """Encodes the full pages of one write, spread over this thread and a worker.
+
+    lz4 releases the GIL while it compresses, so two threads compress at once; below
+    PARALLEL_MIN_PAGES the hand-off to the worker costs more than it saves.
+    """
+
+    PARALLEL_MIN_PAGES = 16  # 64 KiB: where a thread hand-off starts to pay off
+
+    def __init__(self, huge_size: int, workers: int | None = None) -> None:
+        self.huge_size = huge_size
+        count = workers if workers is not None else max(0, min(3, (os.cpu_count() or 1) - 1))
+        self._executor = (
+            ThreadPoolExecutor(count, thread_name_prefix="zfs_ram-lz4") if count else None
+        )
+        self._workers = count
+
+    def encode(self, pages: list[bytes]) -> list[bytes | int]:
+        n = len(pages)
+        if self._executor is None or n < self.PARALLEL_MIN_PAGES:
+            return _encode_run(pages, self.huge_size)
+        # Equal shares for the workers and this thread; this thread's share comes first.
+        share = n // (self._workers + 1)
+        futures = [
+            self._executor.submit(_encode_run, pages[start : start + share], self.huge_size)
+            for start in range(n - share * self._workers, n, share)
+        ]
+        head = _encode_run(pages[: n - share * self._workers], self.huge_size)
+        for future in futures:
+            head.extend(future.result())
+        return head
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
 def decode(stored: bytes) -> bytes:

@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from zfs_ram.codec import PAGE_SIZE, ZERO_PAGE, decode, encode, fill_page, same_filled_word
+from zfs_ram.codec import PAGE_SIZE, ZERO_PAGE, BatchEncoder, decode, encode_page, fill_page
 from zfs_ram.pool import Pool, PoolFullError
 
 CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
@@ -108,6 +108,7 @@ class PageStore:
         self.pool = pool
         self.page_limit = page_limit  # 0 = unlimited
         self._huge_size = pool.huge_class_size
+        self.encoder = BatchEncoder(self._huge_size)
         self.stored_pages = 0
         self.compr_bytes = 0
         self.same_pages = 0
@@ -156,23 +157,24 @@ class PageStore:
         self.stored_pages -= 1
 
     def _put(self, data: FileData, page: int, content: bytes) -> None:
-        """Make `page` hold `content` (a full page). Raises NoSpaceError(0, ...) and changes
-        nothing if a limit stops it."""
+        """Make `page` hold `content` (a full page); see _store."""
+        self._store(data, page, encode_page(content, self._huge_size))
+
+    def _store(self, data: FileData, page: int, encoded: bytes | int) -> None:
+        """Make `page` hold an encoded page: a same-filled word (int) or an object to store.
+
+        Raises NoSpaceError(0, ...) and changes nothing if a limit stops it."""
         old = data.entry(page)
         if not old and self.page_limit and self.stored_pages >= self.page_limit:
             raise NoSpaceError(0, physical=False)
-        word = same_filled_word(content)
-        if word is not None:
+        if encoded.__class__ is int:
             new = SAME_ENTRY
-            size = 0
         else:
-            stored = encode(content, self._huge_size)
             try:
-                handle = self.pool.store(stored)
+                handle = self.pool.store(encoded)  # type: ignore[arg-type]
             except PoolFullError:
                 raise NoSpaceError(0, physical=True) from None
             new = handle << 1 | 1
-            size = len(stored)
         if old:
             self._drop(data, page, old)
         data.set_entry(page, new)
@@ -180,11 +182,12 @@ class PageStore:
         self.stored_pages += 1
         if new == SAME_ENTRY:
             self.same_pages += 1
-            if word:
+            if encoded:
                 if data.same_words is None:
                     data.same_words = {}
-                data.same_words[page] = word
+                data.same_words[page] = encoded  # type: ignore[assignment]
         else:
+            size = len(encoded)  # type: ignore[arg-type]
             self.compr_bytes += size
             data.footprint += size
             if size == PAGE_SIZE:
@@ -215,28 +218,43 @@ class PageStore:
         """
         if offset + len(buf) > MAX_FILE_SIZE:
             raise OverflowError("file too large")
-        view = memoryview(buf)
         position = offset
         end = offset + len(buf)
         try:
-            while position < end:
-                page = position // PAGE_SIZE
-                page_start = page * PAGE_SIZE
-                start = position - page_start
-                stop = min(end - page_start, PAGE_SIZE)
-                piece = view[position - offset : position - offset + stop - start]
-                if start == 0 and stop == PAGE_SIZE:
-                    self._put(data, page, bytes(piece))
-                else:
-                    # Read-modify-write; a page past the end of file reads as zeros.
-                    old = self._page(data, page) if page_start < data.size else ZERO_PAGE
-                    self._put(data, page, old[:start] + bytes(piece) + old[stop:])
-                position = page_start + stop
-                if position > data.size:
-                    data.size = position
+            if offset % PAGE_SIZE:  # a partial first page
+                position = self._write_partial(data, offset, buf, offset, end)
+            # Whole pages: encoded as one batch (in parallel), then stored in order.
+            whole = (end - position) // PAGE_SIZE
+            if whole:
+                first = position // PAGE_SIZE
+                base = position - offset
+                pages = [buf[base + i * PAGE_SIZE : base + (i + 1) * PAGE_SIZE]
+                         for i in range(whole)]
+                for i, encoded in enumerate(self.encoder.encode(pages)):
+                    self._store(data, first + i, encoded)
+                    position += PAGE_SIZE
+                    if position > data.size:
+                        data.size = position
+            if position < end:  # a partial last page
+                position = self._write_partial(data, offset, buf, position, end)
         except NoSpaceError as error:
             raise NoSpaceError(position - offset, error.physical) from None
         return len(buf)
+
+    def _write_partial(self, data: FileData, offset: int, buf: bytes, position: int,
+                       end: int) -> int:
+        """Read-modify-write the page holding `position`; returns where the write goes on."""
+        page, start = divmod(position, PAGE_SIZE)
+        page_start = page * PAGE_SIZE
+        stop = min(end - page_start, PAGE_SIZE)
+        piece = buf[position - offset : position - offset + stop - start]
+        # A page at or past the end of file reads as zeros.
+        old = self._page(data, page) if page_start < data.size else ZERO_PAGE
+        self._put(data, page, old[:start] + piece + old[stop:])
+        position = page_start + stop
+        if position > data.size:
+            data.size = position
+        return position
 
     def truncate(self, data: FileData, size: int) -> None:
         """Set the file's size; pages past it are freed and the tail of a cut page zeroed."""
@@ -272,6 +290,9 @@ class PageStore:
                 del data.chunks[key]
             else:
                 del chunk[start:]
+
+    def close(self) -> None:
+        self.encoder.close()
 
     def release(self, data: FileData) -> None:
         """Free every page of a file that is gone."""
