@@ -58,8 +58,11 @@ class NullOperations(pyfuse3.Operations):
     enable_writeback_cache = False  # as zfs_ram: every write reaches the daemon
     enable_acl = False
 
-    def __init__(self) -> None:
+    def __init__(self, xattrs: bool = False) -> None:
         super().__init__()
+        # With xattrs, getxattr answers ENODATA as a filesystem with xattr support (zfs_ram,
+        # tmpfs) does, and the kernel keeps sending GETXATTR security.capability on writes.
+        self.xattrs = xattrs
         root = Node(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o1777, os.getuid(), os.getgid(), nlink=2)
         root.entries = {}
         self.nodes: dict[int, Node] = {root.ino: root}
@@ -284,6 +287,16 @@ class NullOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return None
 
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking: no xattr requests
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        return []
+
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = BLOCK_SIZE
@@ -310,8 +323,10 @@ async def _serve() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("mountpoint")
+    parser.add_argument("--xattrs", action="store_true",
+                        help="answer getxattr with ENODATA (xattr support) instead of ENOSYS")
     args = parser.parse_args(argv)
-    pyfuse3.init(NullOperations(), args.mountpoint, set(FUSE_OPTIONS))
+    pyfuse3.init(NullOperations(args.xattrs), args.mountpoint, set(FUSE_OPTIONS))
     try:
         trio.run(_serve)
     finally:
