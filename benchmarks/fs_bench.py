@@ -744,7 +744,7 @@ def clean(system: System) -> None:
 
 def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
     size = (QUICK_SIZE_MIB if args.quick else args.size_mib) * MIB
-    workloads = [args.only] if args.only else list(WORKLOADS)
+    workloads = [w for w in WORKLOADS if w in args.only] if args.only else list(WORKLOADS)
     fio = shutil.which("fio")
     if fio is None:
         log("fio not found: random I/O falls back to Python pread/pwrite; "
@@ -842,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=1024,
                         help="sequential data size in MiB (default 1024)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run < 1 min")
-    parser.add_argument("--only", choices=WORKLOADS, help="run one workload")
+    parser.add_argument("--only", nargs="+", choices=WORKLOADS, metavar="WORKLOAD",
+                        help=f"run only these workloads, of: {', '.join(WORKLOADS)}")
     parser.add_argument("--json", type=Path, help="write samples and summary to this file")
     parser.add_argument("--systems", nargs="+", choices=("tmpfs", "zfs_ram", "nullfs"),
                         help="a subset of the systems (default all three)")
