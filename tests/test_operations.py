@@ -408,3 +408,30 @@ def test_control_files_report_and_compact() -> None:
         assert ops.pool.can_compact() == 0
 
     run(body, FsConfig(compact="off"))
+
+
+def test_mem_limit_control_file_rounds_up_and_rejects_absurd_sizes() -> None:
+    async def body(ops: ZfsRamOperations) -> None:
+        attrs = await ops.lookup(CONTROL_DIR_INO, b"mem_limit", CTX)
+
+        async def write(value: bytes) -> None:
+            info = await ops.open(attrs.st_ino, os.O_WRONLY | os.O_TRUNC, CTX)
+            try:
+                await ops.write(info.fh, 0, value)
+            finally:
+                await ops.release(info.fh)
+
+        await write(b"1k\n")  # less than a page is one page, not "no limit"
+        assert ops.pool.page_limit == 1
+        await write(b"8193")
+        assert ops.pool.page_limit == 3
+        for bad in (b"9" * 40, b"-1", b"12q", b""):
+            with pytest.raises(pyfuse3.FUSEError) as excinfo:
+                await write(bad)
+            assert errno_of(excinfo) == errno.EINVAL
+        assert ops.pool.page_limit == 3
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await ops.link(attrs.st_ino, ROOT_INODE, b"x", CTX)
+        assert errno_of(excinfo) == errno.EPERM
+
+    run(body)

@@ -168,7 +168,8 @@ def test_a_write_by_another_user_clears_setuid_and_group_exec_setgid(
 ) -> None:
     mount = public_mounts("size=8m,allow_other")
     mnt = mount.path
-    modes = {"suid": 0o4777, "sgid": 0o2777, "both": 0o6777, "trunc": 0o4777, "plain": 0o777}
+    modes = {"suid": 0o4777, "sgid": 0o2777, "both": 0o6777, "trunc": 0o4777, "plain": 0o777,
+             "sgid_noexec": 0o2666}
     for name, mode in modes.items():
         (mnt / name).write_text("data")
         (mnt / name).chmod(mode)
@@ -178,11 +179,14 @@ def test_a_write_by_another_user_clears_setuid_and_group_exec_setgid(
         "both": ("write", [str(mnt / "both"), "x"]),
         "trunc": ("truncate", [str(mnt / "trunc"), 0]),
         "plain": ("write", [str(mnt / "plain"), "x"]),
+        # Not group-executable: tmpfs still clears setgid for a writer outside the group.
+        "sgid_noexec": ("write", [str(mnt / "sgid_noexec"), "x"]),
     })  # fmt: skip
-    assert got == {"suid": 1, "sgid": 1, "both": 1, "trunc": "OK", "plain": 1}
+    assert got == {"suid": 1, "sgid": 1, "both": 1, "trunc": "OK", "plain": 1,
+                   "sgid_noexec": 1}  # fmt: skip
     after = {name: stat.S_IMODE((mnt / name).stat().st_mode) for name in modes}
     assert after == {"suid": 0o777, "sgid": 0o777, "both": 0o777, "trunc": 0o777,
-                     "plain": 0o777}  # fmt: skip
+                     "plain": 0o777, "sgid_noexec": 0o666}  # fmt: skip
     # Root's own write keeps the bits (CAP_FSETID), as on tmpfs.
     (mnt / "rootsuid").write_text("data")
     (mnt / "rootsuid").chmod(0o4755)

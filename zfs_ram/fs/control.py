@@ -52,12 +52,19 @@ _SIZE = re.compile(rb"\s*(\d+)\s*([kmgtKMGT]?)\s*")
 _UNITS = {b"": 1, b"k": 1 << 10, b"m": 1 << 20, b"g": 1 << 30, b"t": 1 << 40}
 
 
+MAX_SIZE = (1 << 63) - 1  # what a 64-bit kernel could be asked for at all
+
+
 def parse_size(text: bytes) -> int:
-    """Bytes from '4096', '64k', '1G' (zram's memparse); raises FUSEError(EINVAL) otherwise."""
+    """Bytes from '4096', '64k', '1G' (zram's memparse); raises FUSEError(EINVAL) otherwise,
+    also for sizes no machine has."""
     match = _SIZE.fullmatch(text)
     if match is None:
         raise pyfuse3.FUSEError(errno.EINVAL)
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    size = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size > MAX_SIZE:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    return size
 
 
 def mm_stat_line(mm: dict[str, int]) -> bytes:

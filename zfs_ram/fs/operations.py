@@ -100,6 +100,8 @@ class ZfsRamOperations(pyfuse3.Operations):
         self.inodes: dict[int, Inode] = {}
         self._next_ino = FIRST_REGULAR_INO
         self._handles: dict[int, int] = {}  # open file handle -> inode
+        # Handles opened by someone outside the file's group: their writes clear setgid.
+        self._outsiders: set[int] = set()
         self._control_buffers: dict[int, bytes] = {}  # handle -> rendered control file
         self._next_fh = 1
         root = Inode(ROOT_INODE, stat.S_IFDIR | (config.mode & 0o7777), config.uid, config.gid)
@@ -386,6 +388,8 @@ class ZfsRamOperations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
         self._check_name(new_name)
+        if inode == CONTROL_DIR_INO or inode in self._control_by_ino:
+            raise fail(errno.EPERM)
         node = self._inode(inode)
         if node.is_dir:
             raise fail(errno.EPERM)
@@ -575,7 +579,20 @@ class ZfsRamOperations(pyfuse3.Operations):
                 await self._truncate(node, 0)
             node.touch_modify()
         node.opens += 1
-        return pyfuse3.FileInfo(fh=self._fh(inode), keep_cache=True)
+        fh = self._fh(inode)
+        if node.mode & stat.S_ISGID and not self._in_group(node.gid, ctx):
+            self._outsiders.add(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @staticmethod
+    def _in_group(gid: int, ctx: pyfuse3.RequestContext) -> bool:
+        """Whether the caller may keep a file's setgid bit when it writes (in_group_or_capable)."""
+        if ctx.uid == 0 or ctx.gid == gid:
+            return True
+        try:
+            return gid in pyfuse3.get_sup_groups(ctx.pid)
+        except (OSError, ValueError):
+            return False
 
     @total
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -614,6 +631,10 @@ class ZfsRamOperations(pyfuse3.Operations):
                     written += again.written
         if written:
             node.touch_modify()
+            if fh in self._outsiders and node.mode & stat.S_ISGID:
+                # The kernel clears setgid only on group-executable files; tmpfs clears it
+                # whenever the writer is outside the group (setattr_should_drop_sgid).
+                node.mode &= ~stat.S_ISGID
             self.compactor.notify_freed()
         if written == 0 and len(buf):
             raise fail(errno.ENOSPC)
@@ -630,6 +651,7 @@ class ZfsRamOperations(pyfuse3.Operations):
     @total
     async def release(self, fh: int) -> None:
         self._control_buffers.pop(fh, None)
+        self._outsiders.discard(fh)
         ino = self._handles.pop(fh)
         node = self.inodes.get(ino)
         if node is not None:
@@ -820,7 +842,8 @@ class ZfsRamOperations(pyfuse3.Operations):
         await self.compactor.compact_now()
 
     async def _apply_mem_limit(self, value: bytes) -> None:
-        self.pool.page_limit = control.parse_size(value) // PAGE_SIZE
+        # Rounded up to whole pages, as zram's PAGE_ALIGN: "1k" must not mean "no limit".
+        self.pool.page_limit = -(-control.parse_size(value) // PAGE_SIZE)
 
     async def _apply_mem_used_max(self, value: bytes) -> None:
         if value.strip() != b"0":
