@@ -170,7 +170,10 @@ def print_table(kind: str, runs: list[Run]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mib", type=int, default=400, help="MiB of input pages (default 400, as the kernel measurement it is compared with)")
+    ap.add_argument(
+        "--mib", type=int, default=400,
+        help="MiB of input pages (default 400, the size of the kernel measurement)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fractions", default="25,50,75,90", help="percent freed, comma-separated")
     ap.add_argument("--kinds", default="zsmalloc,zbud")

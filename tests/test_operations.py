@@ -21,6 +21,7 @@ from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.control import CONTROL_DIR_INO, CONTROL_NAME
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 
+
 @dataclass
 class Ctx:
     """pyfuse3's RequestContext has read-only attributes; handlers only read these."""

@@ -2,8 +2,8 @@
 
 The pool compacts in bounded steps (pool.compact_step moves at most `batch` objects); this task
 runs those steps from the event loop in slices of about SLICE_SECONDS and checkpoints between
-slices, so a FUSE request waits for at most one slice. Correctness does not depend on where the task yields: each step is one
-synchronous call, and the pool is consistent between calls.
+slices, so a FUSE request waits for at most one slice. Correctness does not depend on where
+the task yields: each step is one synchronous call, and the pool is consistent between calls.
 
 It wakes when the filesystem says space was freed (unlink, truncate, overwrite) and the pool
 could give back at least `min_pages` pages, and works until less than that is left.

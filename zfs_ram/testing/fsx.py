@@ -224,7 +224,8 @@ class Fsx:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         compacted_before = self._pages_compacted()
         try:
-            for self.step in range(1, self.cfg.ops + 1):
+            for step in range(1, self.cfg.ops + 1):
+                self.step = step
                 op = self.rng.choices(self._ops, self._weights)[0]
                 self.counts[op.__name__[3:]] = self.counts.get(op.__name__[3:], 0) + 1
                 op()
