@@ -62,15 +62,15 @@ def summarize(run: RunResult) -> RunSummary:
         if fill is None or s not in st:
             freed[s] = None
             continue
-        compr_freed = fill.mm.compr_data_size - st[s].mm.compr_data_size
+        compr_bytes_freed = fill.mm.compr_data_size - st[s].mm.compr_data_size
         mem_freed = fill.mm.mem_used_total - st[s].mm.mem_used_total
-        freed[s] = mem_freed / compr_freed if compr_freed > 0 else None
+        freed[s] = mem_freed / compr_bytes_freed if compr_bytes_freed > 0 else None
     secs = run.stage_seconds.get("compact")
     first = st.get("fill")
     last = st.get("compact")
     compacted = last.mm.pages_compacted - first.mm.pages_compacted if first and last else 0
     deleted = st.get("delete")
-    compr_freed = None
+    compr_freed: float | None = None
     if fill and deleted and fill.mm.compr_data_size > 0:
         compr_freed = 1 - deleted.mm.compr_data_size / fill.mm.compr_data_size
     return RunSummary(
@@ -114,7 +114,7 @@ TABLE_HEADER = (
 
 def table_rows(result: ExperimentResult) -> list[tuple[str, ...]]:
     """One row of strings per run, in TABLE_HEADER's order."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for run in result.runs:
         s = summarize(run)
         arm = s.arm + ("" if s.clean else " *")

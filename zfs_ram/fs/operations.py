@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -284,7 +284,9 @@ class ZfsRamOperations(pyfuse3.Operations):
         inode.lookups += 1
         return self._attrs(inode)
 
-    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    # Synchronous on purpose: pyfuse3 awaits a handler's result only if it is not None, so a
+    # plain forget runs to completion inside the request and can never interleave with others.
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
         for ino, count in inode_list:
             try:
                 inode = self.inodes.get(ino)

@@ -217,7 +217,7 @@ class ZsmallocPool(Pool):
         off = s * c.size
         fi = z * c.pages + (off >> 12)
         frames = c.frames
-        need = frames[fi] == NOFRAME
+        need = int(frames[fi] == NOFRAME)
         if (off + c.size - 1) >> 12 != off >> 12 and frames[fi + 1] == NOFRAME:
             need += 1
         return need
