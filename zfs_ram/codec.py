@@ -21,9 +21,9 @@ WORDS_PER_PAGE = PAGE_SIZE // 8
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-def same_filled_word(page: bytes) -> int | None:
+def same_filled_word(page: bytes | memoryview) -> int | None:
     """The repeated 8-byte word if the page is one word repeated, else None."""
-    first = page[:8]
+    first = bytes(page[:8])
     # The last word first, as zram does: most pages differ there and the check costs nothing.
     if page[-8:] != first:
         return None
@@ -39,15 +39,18 @@ def fill_page(word: int) -> bytes:
     return word.to_bytes(8, "little") * WORDS_PER_PAGE
 
 
-def encode(page: bytes, huge_size: int) -> bytes:
-    """The object to store for a full page: lz4 output, or the raw page if that is >= huge_size."""
+def encode(page: bytes | memoryview, huge_size: int) -> bytes | memoryview:
+    """The object to store for a full page: lz4 output, or the raw page if that is >= huge_size.
+
+    A page may be a memoryview into the request's buffer: slicing a 1 MiB write into 256 bytes
+    objects would cost more than compressing it in a second thread saves."""
     packed: bytes = lz4.block.compress(page, store_size=False)
     if len(packed) >= huge_size:
         return page
     return packed
 
 
-def encode_page(page: bytes, huge_size: int) -> bytes | int:
+def encode_page(page: bytes | memoryview, huge_size: int) -> bytes | memoryview | int:
     """What to keep for a full page: its repeated word (an int) or the object to store."""
     word = same_filled_word(page)
     if word is not None:
@@ -55,7 +58,10 @@ def encode_page(page: bytes, huge_size: int) -> bytes | int:
     return encode(page, huge_size)
 
 
-def _encode_run(pages: list[bytes], huge_size: int) -> list[bytes | int]:
+Encoded = bytes | memoryview | int  # a same-filled word, or the object to store
+
+
+def _encode_run(pages: list[memoryview], huge_size: int) -> list[Encoded]:
     return [encode_page(page, huge_size) for page in pages]
 
 
@@ -76,7 +82,7 @@ class BatchEncoder:
         )
         self._workers = count
 
-    def encode(self, pages: list[bytes]) -> list[bytes | int]:
+    def encode(self, pages: list[memoryview]) -> list[Encoded]:
         n = len(pages)
         if self._executor is None or n < self.PARALLEL_MIN_PAGES:
             return _encode_run(pages, self.huge_size)

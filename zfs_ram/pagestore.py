@@ -24,7 +24,15 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from zfs_ram.codec import PAGE_SIZE, ZERO_PAGE, BatchEncoder, decode, encode_page, fill_page
+from zfs_ram.codec import (
+    PAGE_SIZE,
+    ZERO_PAGE,
+    BatchEncoder,
+    Encoded,
+    decode,
+    encode_page,
+    fill_page,
+)
 from zfs_ram.pool import Pool, PoolFullError
 
 CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
@@ -160,7 +168,7 @@ class PageStore:
         """Make `page` hold `content` (a full page); see _store."""
         self._store(data, page, encode_page(content, self._huge_size))
 
-    def _store(self, data: FileData, page: int, encoded: bytes | int) -> None:
+    def _store(self, data: FileData, page: int, encoded: Encoded) -> None:
         """Make `page` hold an encoded page: a same-filled word (int) or an object to store.
 
         Raises NoSpaceError(0, ...) and changes nothing if a limit stops it."""
@@ -228,7 +236,8 @@ class PageStore:
             if whole:
                 first = position // PAGE_SIZE
                 base = position - offset
-                pages = [buf[base + i * PAGE_SIZE : base + (i + 1) * PAGE_SIZE]
+                view = memoryview(buf)
+                pages = [view[base + i * PAGE_SIZE : base + (i + 1) * PAGE_SIZE]
                          for i in range(whole)]
                 for i, encoded in enumerate(self.encoder.encode(pages)):
                     self._store(data, first + i, encoded)
