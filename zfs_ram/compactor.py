@@ -5,8 +5,9 @@ runs those steps from the event loop in slices of about SLICE_SECONDS and checkp
 slices, so a FUSE request waits for at most one slice. Correctness does not depend on where
 the task yields: each step is one synchronous call, and the pool is consistent between calls.
 
-It wakes when the filesystem says space was freed (unlink, truncate, overwrite) and the pool
-could give back at least `min_pages` pages, and works until less than that is left.
+It wakes when the filesystem says space was freed (unlink, truncate, overwrite); if the pool
+could give back at least `min_pages` pages, it compacts until nothing whole is left to reclaim
+(compact_step finds nothing to move), as one zs_compact() pass would.
 """
 
 from __future__ import annotations
@@ -58,27 +59,32 @@ class Compactor:
         )
 
     def notify_freed(self) -> None:
-        """Called (synchronously) after objects were freed; wakes the task if it pays."""
-        if self.auto and not self._wakeup.is_set() and self.pool.can_compact() >= self.min_pages:
+        """Called (synchronously) after objects were freed. O(1): the task decides if it pays."""
+        if self.auto:
             self._wakeup.set()
 
     async def run(self) -> None:
-        """The background task: sleeps until woken, compacts, sleeps again. Never returns."""
+        """The background task: sleeps until woken, compacts if it pays, sleeps again.
+
+        Many frees (an rm -rf) wake it once: it runs only when the event loop gets to it, and
+        looks at the pool's reclaimable pages then, not once per free."""
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            await self._compact(threshold=self.min_pages)
+            if self.pool.can_compact() >= self.min_pages:
+                await self._compact()
 
     async def compact_now(self) -> int:
         """Compact until nothing whole is left to reclaim; returns pages freed by this call."""
-        return await self._compact(threshold=1)
+        return await self._compact()
 
-    async def _compact(self, threshold: int) -> int:
+    async def _compact(self) -> int:
         async with self._lock:
             self._runs += 1
             pool = self.pool
             before = pool.statistics().pages_compacted
-            while pool.can_compact() >= threshold:
+            moved = 1
+            while moved:
                 # One slice: small steps until SLICE_SECONDS are used, then let requests in.
                 started = time.perf_counter()
                 slice_end = started + SLICE_SECONDS
@@ -89,9 +95,8 @@ class Compactor:
                     if moved == 0 or now >= slice_end:
                         break
                 self._seconds += now - started
-                if moved == 0:
-                    break
-                await trio.lowlevel.checkpoint()
+                if moved:
+                    await trio.lowlevel.checkpoint()
             freed = pool.statistics().pages_compacted - before
             self._freed += freed
             return freed

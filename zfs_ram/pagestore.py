@@ -122,6 +122,7 @@ class PageStore:
         self.same_pages = 0
         self.huge_pages = 0
         self.huge_pages_since = 0
+        self.frees = 0  # objects freed so far: a change tells the caller to wake the compactor
 
     # -- statistics -----------------------------------------------------------------------
 
@@ -153,6 +154,7 @@ class PageStore:
             handle = value >> 1
             size = self.pool.object_size(handle)
             self.pool.free(handle)
+            self.frees += 1
             self.compr_bytes -= size
             data.footprint -= size
             if size == PAGE_SIZE:

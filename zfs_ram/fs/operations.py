@@ -620,6 +620,7 @@ class ZfsRamOperations(pyfuse3.Operations):
         if off + len(buf) > MAX_FILE_SIZE:
             raise fail(errno.EFBIG)
         written = 0
+        frees = self.store.frees
         try:
             written = self.store.write(node.data, off, buf)
         except NoSpaceError as error:
@@ -637,7 +638,8 @@ class ZfsRamOperations(pyfuse3.Operations):
                 # The kernel clears setgid only on group-executable files; tmpfs clears it
                 # whenever the writer is outside the group (setattr_should_drop_sgid).
                 node.mode &= ~stat.S_ISGID
-            self.compactor.notify_freed()
+            if self.store.frees != frees:  # overwritten pages freed their old objects
+                self.compactor.notify_freed()
         if written == 0 and len(buf):
             raise fail(errno.ENOSPC)
         return written
