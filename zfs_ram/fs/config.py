@@ -25,7 +25,7 @@ class FsConfig:
     compact: str = "auto"  # "auto": background compactor runs; "off": only the manual trigger
     # The compactor wakes when at least this many pages are reclaimable ...
     compact_min_pages: int = 16
-    # ... and moves at most this many objects per pool call; calls run in slices of ~100 us
+    # ... and moves at most this many objects per pool call; calls run in slices of ~50 us
     # between yields to the event loop (benchmarks/compaction_latency.py measures the effect).
     compact_batch: int = 4
     fsname: str = "zfs_ram"

@@ -60,6 +60,7 @@ def total(handler: F) -> F:
 
     @functools.wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args[0].requests += 1
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -87,6 +88,7 @@ class ZfsRamOperations(pyfuse3.Operations):
     def __init__(self, config: FsConfig) -> None:
         super().__init__()
         self.config = config
+        self.requests = 0  # requests handled: the compactor rests while this moves
         self.pool = create_pool(config.pool, page_limit=config.mem_limit_pages)
         self.store = PageStore(self.pool, page_limit=config.size_bytes // PAGE_SIZE)
         self.compactor = Compactor(
@@ -94,6 +96,7 @@ class ZfsRamOperations(pyfuse3.Operations):
             auto=config.compact == "auto",
             min_pages=config.compact_min_pages,
             batch=config.compact_batch,
+            activity=lambda: self.requests,
         )
         self.ready = trio.Event()
         self.failsafe_reason: str | None = None  # set once corruption was seen: read-only
