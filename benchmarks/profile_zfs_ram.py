@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/zfs_ram_profile"),
                         help="folder for the raw stacks")
     parser.add_argument("--options", default="", help="extra zfs-ram mount options")
+    parser.add_argument("--nullfs", action="store_true",
+                        help="profile the do-nothing ceiling instead: what FUSE+pyfuse3+trio "
+                        "cost by themselves")
     args = parser.parse_args(argv)
     if not Path(args.py_spy).exists():
         parser.error(f"no py-spy at {args.py_spy}; see this script's docstring")
@@ -104,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     root = Path(tempfile.mkdtemp(prefix="profile_zfs_ram-"))
     (root / "mnt").mkdir()
-    system = fs_bench.ZfsRam(root / "mnt", max(4096 * fs_bench.MIB, 3 * size), args.options)
+    fs_size = max(4096 * fs_bench.MIB, 3 * size)
+    system: fs_bench.System = (fs_bench.NullFs(root / "mnt", fs_size) if args.nullfs
+                               else fs_bench.ZfsRam(root / "mnt", fs_size, args.options))
     try:
         system.mount()
         pid = system.pid()
