@@ -17,11 +17,10 @@ from typing import Any
 
 import pyfuse3
 import pytest
-import trio
 
-from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.pagestore import MAX_FILE_SIZE
+from zfs_ram.testing.ops import Ctx, Fields, run_ops
 
 PAGE = 4096
 TIB = 1 << 40
@@ -97,7 +96,7 @@ def test_the_daemon_checks_name_lengths_itself() -> None:
     """A request with a long name that got past the kernel is refused too."""
 
     async def body(ops: ZfsRamOperations) -> None:
-        ctx = _Ctx()
+        ctx = Ctx()
         long = b"n" * 256
         with pytest.raises(pyfuse3.FUSEError) as excinfo:
             await ops.create(ROOT_INODE, long, 0o644, os.O_RDWR, ctx)
@@ -151,7 +150,7 @@ def test_xattr_limits_and_namespaces(mount: Any) -> None:
 
 def test_the_daemon_checks_xattr_limits_itself() -> None:
     async def body(ops: ZfsRamOperations) -> None:
-        ctx = _Ctx()
+        ctx = Ctx()
         info, attrs = await ops.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ctx)
         ino = attrs.st_ino
         for name, value, code in ((b"user." + b"n" * 251, b"v", errno.ERANGE),
@@ -319,7 +318,7 @@ def test_huge_offsets_are_holes_that_cost_nothing(mount: Any) -> None:
 
 def test_past_the_largest_file_the_daemon_says_efbig() -> None:
     async def body(ops: ZfsRamOperations) -> None:
-        ctx = _Ctx()
+        ctx = Ctx()
         info, attrs = await ops.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ctx)
         for offset in (MAX_FILE_SIZE, MAX_FILE_SIZE - 1, 1 << 64):
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
@@ -328,7 +327,7 @@ def test_past_the_largest_file_the_daemon_says_efbig() -> None:
         beyond = _Attrs()  # EntryAttributes cannot hold it; a FUSE request (u64) can
         beyond.st_size = MAX_FILE_SIZE + 1
         with pytest.raises(pyfuse3.FUSEError) as excinfo:
-            await ops.setattr(attrs.st_ino, beyond, _SizeOnly(), None, ctx)
+            await ops.setattr(attrs.st_ino, beyond, Fields(update_size=True), None, ctx)
         assert excinfo.value.errno == errno.EFBIG
         assert (await ops.getattr(attrs.st_ino, ctx)).st_size == 0
         assert ops.store.stored_pages == 0
@@ -340,31 +339,8 @@ def test_past_the_largest_file_the_daemon_says_efbig() -> None:
 # ---- helpers for the Operations tests
 
 
-class _Ctx:
-    uid = 1000
-    gid = 1000
-    pid = 1
-    umask = 0o022
-
-
 class _Attrs:
     st_size = 0
 
 
-class _SizeOnly:
-    update_atime = update_mtime = update_ctime = False
-    update_mode = update_uid = update_gid = False
-    update_size = True
-
-
-def _run(fn: Callable[[ZfsRamOperations], Any]) -> None:
-    ops = ZfsRamOperations(FsConfig())
-
-    async def main() -> None:
-        try:
-            await fn(ops)
-            ops.pool.check()
-        finally:
-            ops.shutdown()
-
-    trio.run(main)
+_run = run_ops

@@ -17,7 +17,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -28,26 +27,7 @@ from zfs_ram.codec import PAGE_SIZE
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.pool import PoolCorruptionError
-
-
-@dataclass
-class Ctx:
-    uid: int = 1000
-    gid: int = 1000
-    pid: int = 1
-    umask: int = 0o022
-
-
-@dataclass
-class Fields:
-    update_atime: bool = False
-    update_mtime: bool = False
-    update_ctime: bool = False
-    update_mode: bool = False
-    update_uid: bool = False
-    update_gid: bool = False
-    update_size: bool = False
-
+from zfs_ram.testing.ops import Ctx, Fields
 
 CTX = Ctx()
 DATA = b"zfs_ram fault test " * 1000  # a few compressible pages

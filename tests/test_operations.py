@@ -8,9 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
 
 import pyfuse3
 import pytest
@@ -20,44 +17,10 @@ from zfs_ram.codec import PAGE_SIZE
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.control import CONTROL_DIR_INO, CONTROL_NAME
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
-
-
-@dataclass
-class Ctx:
-    """pyfuse3's RequestContext has read-only attributes; handlers only read these."""
-
-    uid: int = 1000
-    gid: int = 1000
-    pid: int = 1
-    umask: int = 0o022
-
-
-@dataclass
-class Fields:
-    update_atime: bool = False
-    update_mtime: bool = False
-    update_ctime: bool = False
-    update_mode: bool = False
-    update_uid: bool = False
-    update_gid: bool = False
-    update_size: bool = False
-
+from zfs_ram.testing.ops import Ctx, Fields, run_ops
 
 CTX = Ctx()
-
-
-def run(fn: Callable[[ZfsRamOperations], Coroutine[Any, Any, None]],
-        config: FsConfig | None = None) -> None:
-    ops = ZfsRamOperations(config or FsConfig())
-
-    async def main() -> None:
-        try:
-            await fn(ops)
-            ops.pool.check()
-        finally:
-            ops.shutdown()
-
-    trio.run(main)
+run = run_ops
 
 
 async def create(ops: ZfsRamOperations, name: bytes, parent: int = ROOT_INODE,
