@@ -726,7 +726,7 @@ def render_memory(report: Report) -> list[str]:
                          f" MiB); zfs_ram pool is {off:+.1%}: "
                          f"{'ok' if abs(off) <= ZRAM_TOLERANCE else 'MISS'} (target within 5%)")
         else:
-            lines.append("  kernel zram: not measured (no /sys/class/zram-control)")
+            lines.append("  kernel zram: not measured (--no-zram, or no /sys/class/zram-control)")
     return lines
 
 
