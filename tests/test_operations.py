@@ -399,3 +399,27 @@ def test_mem_limit_control_file_rounds_up_and_rejects_absurd_sizes() -> None:
         assert errno_of(excinfo) == errno.EPERM
 
     run(body)
+
+
+def test_open_after_unlink_of_a_looked_up_file_finds_its_data() -> None:
+    """A path walk that ended before the unlink may still open the inode (the kernel holds it
+    until forget); the data must be there, while the space already counts as free."""
+
+    async def body(ops: ZfsRamOperations) -> None:
+        fh, ino = await create(ops, b"f")
+        data = real_data(4 * PAGE_SIZE)
+        await ops.write(fh, 0, data)
+        await ops.release(fh)
+        await ops.unlink(ROOT_INODE, b"f", CTX)
+        statfs = await ops.statfs(CTX)
+        assert statfs.f_bfree == statfs.f_blocks == 4  # free at once, as on tmpfs
+        info = await ops.open(ino, os.O_RDONLY, CTX)  # the kernel still knew the inode
+        assert await ops.read(info.fh, 0, len(data)) == data
+        assert (await ops.statfs(CTX)).f_bfree == 0  # open again: it counts again
+        await ops.release(info.fh)
+        assert ops.store.stored_pages == 4
+        ops.forget([(ino, 1)])
+        assert ops.store.stored_pages == 0 and ops.store.detached_pages == 0
+        assert ino not in ops.inodes
+
+    run(body, FsConfig(size_bytes=4 * PAGE_SIZE))

@@ -29,6 +29,8 @@ SLICE_SECONDS = 50e-6
 # would run between every two of them (benchmarks/compaction_latency.py measured 5-10x the
 # idle p99). With no requests in flight it does not rest, and compacts at full speed.
 REST_SECONDS = 1e-3
+# After a wake-up, the background task waits this long before it looks at the pool.
+SETTLE_SECONDS = 20e-3
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class Compactor:
         looks at the pool's reclaimable pages then, not once per free."""
         while True:
             await self._wakeup.wait()
+            # Let a burst of frees (random overwrites, an rm -rf) finish before looking: the
+            # look sums over every size class, and once per burst is enough.
+            await trio.sleep(SETTLE_SECONDS)
             self._wakeup = trio.Event()
             if self.pool.can_compact() >= self.min_pages:
                 await self._compact()
@@ -99,7 +104,7 @@ class Compactor:
         async with self._lock:
             self._runs += 1
             pool = self.pool
-            before = pool.statistics().pages_compacted
+            before = pool.pages_compacted  # a counter: statistics() would walk everything
             moved = 1
             while moved:
                 # One slice: small steps until SLICE_SECONDS are used, then let requests in.
@@ -114,6 +119,6 @@ class Compactor:
                 self._seconds += now - started
                 if moved:
                     await self._give_way()
-            freed = pool.statistics().pages_compacted - before
+            freed = pool.pages_compacted - before
             self._freed += freed
             return freed

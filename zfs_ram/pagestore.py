@@ -123,6 +123,9 @@ class PageStore:
         self.huge_pages = 0
         self.huge_pages_since = 0
         self.frees = 0  # objects freed so far: a change tells the caller to wake the compactor
+        # Pages of files nobody can reach by name or handle any more, kept only until the
+        # kernel forgets the inode (see detach); they no longer count against page_limit.
+        self.detached_pages = 0
 
     # -- statistics -----------------------------------------------------------------------
 
@@ -136,6 +139,22 @@ class PageStore:
             stored_pages=self.stored_pages,
             page_limit=self.page_limit,
         )
+
+    @property
+    def used_pages(self) -> int:
+        """Pages that count against the logical limit (tmpfs size=) and in statfs."""
+        return self.stored_pages - self.detached_pages
+
+    def detach(self, data: FileData) -> None:
+        """The file lost its last name and handle: its pages stop counting as used.
+
+        They are not freed yet: a path walk that ended before the unlink may still open the
+        inode (the kernel holds it until it sends forget), and must find the data intact."""
+        self.detached_pages += data.stored_pages
+
+    def reattach(self, data: FileData) -> None:
+        """A detached file was opened after all: its pages count again."""
+        self.detached_pages -= data.stored_pages
 
     # -- one page ---------------------------------------------------------------------------
 
@@ -175,7 +194,7 @@ class PageStore:
 
         Raises NoSpaceError(0, ...) and changes nothing if a limit stops it."""
         old = data.entry(page)
-        if not old and self.page_limit and self.stored_pages >= self.page_limit:
+        if not old and self.page_limit and self.used_pages >= self.page_limit:
             raise NoSpaceError(0, physical=False)
         if encoded.__class__ is int:
             new = SAME_ENTRY

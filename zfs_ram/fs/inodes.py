@@ -66,7 +66,7 @@ class Inode:
 
     __slots__ = (
         "ino", "mode", "uid", "gid", "nlink", "rdev", "atime_ns", "mtime_ns", "ctime_ns",
-        "lookups", "opens", "data", "dir", "target", "xattrs",
+        "lookups", "opens", "data", "dir", "target", "xattrs", "detached",
     )
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, rdev: int = 0) -> None:
@@ -86,6 +86,7 @@ class Inode:
         self.dir: Directory | None = None
         self.target: bytes | None = None  # symlinks
         self.xattrs: dict[bytes, bytes] | None = None
+        self.detached = False  # no name, no handle: pages wait for forget (see PageStore)
 
     @property
     def is_dir(self) -> bool:
@@ -110,6 +111,3 @@ class Inode:
         self.mtime_ns = stamp
         self.ctime_ns = stamp
 
-    @property
-    def unused(self) -> bool:
-        return self.nlink == 0 and self.lookups == 0 and self.opens == 0

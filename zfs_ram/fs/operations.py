@@ -49,6 +49,9 @@ XATTR_SIZE_MAX = 65536
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 # All changes go through this mount, so the kernel may cache names and attributes for long.
 CACHE_TIMEOUT = 300.0
+# How long a write at mem_limit waits for the kernel to forget deleted files: 50 x 10 ms.
+FORGET_WAIT_STEPS = 50
+FORGET_WAIT_SECONDS = 0.01
 # relatime: atime moves on access only if it is older than mtime/ctime or than a day.
 RELATIME_NS = 24 * 3600 * 10**9
 
@@ -216,18 +219,24 @@ class ZfsRamOperations(pyfuse3.Operations):
     def _maybe_free(self, inode: Inode) -> None:
         """Free what nobody can reach any more.
 
-        The pages go as soon as the last name and the last open handle are gone: the kernel
-        may still know the inode (and send forget much later), but without a name or a handle
-        it cannot reach the data, and tmpfs too gives the space back at once. The inode itself
-        lives until the kernel has forgotten it.
+        An inode with no name and no open handle is gone for the user, and its pages stop
+        counting against size= at once, as on tmpfs. They are freed when the kernel forgets
+        the inode: until then a path walk that finished before the unlink may still open it
+        (the kernel holds a reference), and must read the data that was there.
         """
         if inode.nlink or inode.opens or inode.ino == ROOT_INODE:
             return
-        if inode.data is not None and inode.data.stored_pages:
-            self.store.release(inode.data)
-            self.compactor.notify_freed()
+        data = inode.data
         if inode.lookups == 0:
             del self.inodes[inode.ino]
+            if data is not None:
+                if inode.detached:
+                    self.store.reattach(data)
+                self.store.release(data)
+                self.compactor.notify_freed()
+        elif data is not None and not inode.detached:
+            inode.detached = True
+            self.store.detach(data)
 
     def _check_writable(self) -> None:
         if self.failsafe_reason is not None:
@@ -344,6 +353,17 @@ class ZfsRamOperations(pyfuse3.Operations):
         node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else stamp
         return self._attrs(node)
 
+    async def _make_room(self) -> None:
+        """At mem_limit, before ENOSPC: wait for the forgets of deleted files, then compact.
+
+        Files deleted just before are still held for the kernel until it sends forget (see
+        _maybe_free), which it does within milliseconds; their objects are what makes room."""
+        for _ in range(FORGET_WAIT_STEPS):
+            if not self.store.detached_pages:
+                break
+            await trio.sleep(FORGET_WAIT_SECONDS)
+        await self.compactor.compact_now()
+
     async def _truncate(self, node: Inode, size: int) -> None:
         assert node.data is not None
         try:
@@ -351,7 +371,7 @@ class ZfsRamOperations(pyfuse3.Operations):
         except NoSpaceError as error:
             if not error.physical:
                 raise fail(errno.ENOSPC) from None
-            await self.compactor.compact_now()
+            await self._make_room()
             try:
                 self.store.truncate(node.data, size)
             except NoSpaceError:
@@ -583,6 +603,9 @@ class ZfsRamOperations(pyfuse3.Operations):
             if node.data.size:
                 await self._truncate(node, 0)
             node.touch_modify()
+        if node.detached:  # opened through a path walk that ended before the unlink
+            node.detached = False
+            self.store.reattach(node.data)
         node.opens += 1
         fh = self._fh(inode)
         if node.mode & stat.S_ISGID and not self._in_group(node.gid, ctx):
@@ -629,8 +652,8 @@ class ZfsRamOperations(pyfuse3.Operations):
         except NoSpaceError as error:
             written = error.written
             if error.physical:
-                # At mem_limit: compact first, and fail only if it still does not fit.
-                await self.compactor.compact_now()
+                # At mem_limit: make room first, and fail only if it still does not fit.
+                await self._make_room()
                 try:
                     written += self.store.write(node.data, off + written, buf[written:])
                 except NoSpaceError as again:
@@ -707,7 +730,7 @@ class ZfsRamOperations(pyfuse3.Operations):
         data.f_bsize = PAGE_SIZE
         data.f_frsize = PAGE_SIZE
         limit = self.store.page_limit
-        used = self.store.stored_pages
+        used = self.store.used_pages
         # As tmpfs: with no limit the block and inode counts are all zero.
         data.f_blocks = limit
         data.f_bfree = max(limit - used, 0) if limit else 0
@@ -832,7 +855,7 @@ class ZfsRamOperations(pyfuse3.Operations):
             "compactor": self.compactor.statistics(),
             "fs": {
                 "size_bytes": limit * PAGE_SIZE,
-                "used_bytes": self.store.stored_pages * PAGE_SIZE,
+                "used_bytes": self.store.used_pages * PAGE_SIZE,
                 "nr_inodes": self.config.nr_inodes,
                 "inodes_used": len(self.inodes),
                 "pool": self.config.pool,

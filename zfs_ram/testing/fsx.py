@@ -37,6 +37,7 @@ import hashlib
 import mmap
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -715,15 +716,21 @@ def run_churn(root: Path, worker: int, seed: int, ops: int,
             elif action == "delete":
                 os.unlink(shared / name)
                 result.deleted += 1
-            else:  # take a file private, cut and rewrite it, publish it again
+            else:  # take a file private, cut and rewrite a copy of it, publish that
                 os.rename(shared / name, own / name)
+                # A reader that opened the file before it went private may still be reading
+                # it: rewriting that inode in place would hand it a torn file, legitimately.
+                # So the cut and rewrite happen on a copy nobody else can have open.
+                copy = own / f"{name}.new"
+                shutil.copyfile(own / name, copy)
                 data = churn_content(rng, rng.randrange(max_len), step)
-                with open(own / name, "r+b") as f:
+                with open(copy, "r+b") as f:
                     f.truncate(rng.randrange(len(data) + 1))
                     f.seek(0)
                     f.write(data)
                     f.truncate(len(data))
-                os.rename(own / name, shared / name)
+                os.rename(copy, shared / name)
+                os.unlink(own / name)
                 result.renamed += 1
         except FileNotFoundError:
             result.raced += 1
