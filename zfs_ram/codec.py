@@ -11,9 +11,6 @@ A stored object of exactly PAGE_SIZE bytes is raw; anything shorter is lz4.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import lz4.block
 
 PAGE_SIZE = 4096
@@ -61,46 +58,13 @@ def encode_page(page: bytes | memoryview, huge_size: int) -> bytes | memoryview 
 Encoded = bytes | memoryview | int  # a same-filled word, or the object to store
 
 
-def _encode_run(pages: list[memoryview], huge_size: int) -> list[Encoded]:
+def encode_pages(pages: list[memoryview], huge_size: int) -> list[Encoded]:
+    """encode_page for each page of a write, in this thread.
+
+    Handing part of the list to a worker thread does not pay: lz4 releases the GIL, but for
+    4 KiB calls the GIL hand-offs cost as much as the second core gives (measured here: two
+    threads compress 4 KiB pages at 0.84x the speed of one; 64 KiB blocks at 1.6x)."""
     return [encode_page(page, huge_size) for page in pages]
-
-
-class BatchEncoder:
-    """Encodes the full pages of one write, spread over this thread and a worker.
-
-    lz4 releases the GIL while it compresses, so two threads compress at once; below
-    PARALLEL_MIN_PAGES the hand-off to the worker costs more than it saves.
-    """
-
-    PARALLEL_MIN_PAGES = 16  # 64 KiB: where a thread hand-off starts to pay off
-
-    def __init__(self, huge_size: int, workers: int | None = None) -> None:
-        self.huge_size = huge_size
-        count = workers if workers is not None else max(0, min(3, (os.cpu_count() or 1) - 1))
-        self._executor = (
-            ThreadPoolExecutor(count, thread_name_prefix="zfs_ram-lz4") if count else None
-        )
-        self._workers = count
-
-    def encode(self, pages: list[memoryview]) -> list[Encoded]:
-        n = len(pages)
-        if self._executor is None or n < self.PARALLEL_MIN_PAGES:
-            return _encode_run(pages, self.huge_size)
-        # Equal shares for the workers and this thread; this thread's share comes first.
-        share = n // (self._workers + 1)
-        futures = [
-            self._executor.submit(_encode_run, pages[start : start + share], self.huge_size)
-            for start in range(n - share * self._workers, n, share)
-        ]
-        head = _encode_run(pages[: n - share * self._workers], self.huge_size)
-        for future in futures:
-            head.extend(future.result())
-        return head
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
 
 def decode(stored: bytes) -> bytes:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from zfs_ram.codec import (
     PAGE_SIZE,
     ZERO_PAGE,
-    BatchEncoder,
     Encoded,
     decode,
     encode_page,
+    encode_pages,
     fill_page,
 )
 from zfs_ram.pool import Pool, PoolFullError
@@ -116,7 +116,6 @@ class PageStore:
         self.pool = pool
         self.page_limit = page_limit  # 0 = unlimited
         self._huge_size = pool.huge_class_size
-        self.encoder = BatchEncoder(self._huge_size)
         self.stored_pages = 0
         self.compr_bytes = 0
         self.same_pages = 0
@@ -252,7 +251,7 @@ class PageStore:
         try:
             if offset % PAGE_SIZE:  # a partial first page
                 position = self._write_partial(data, offset, buf, offset, end)
-            # Whole pages: encoded as one batch (in parallel), then stored in order.
+            # Whole pages: all encoded first, then stored in order.
             whole = (end - position) // PAGE_SIZE
             if whole:
                 first = position // PAGE_SIZE
@@ -260,7 +259,7 @@ class PageStore:
                 view = memoryview(buf)
                 pages = [view[base + i * PAGE_SIZE : base + (i + 1) * PAGE_SIZE]
                          for i in range(whole)]
-                for i, encoded in enumerate(self.encoder.encode(pages)):
+                for i, encoded in enumerate(encode_pages(pages, self._huge_size)):
                     self._store(data, first + i, encoded)
                     position += PAGE_SIZE
                     if position > data.size:
@@ -320,9 +319,6 @@ class PageStore:
                 del data.chunks[key]
             else:
                 del chunk[start:]
-
-    def close(self) -> None:
-        self.encoder.close()
 
     def release(self, data: FileData) -> None:
         """Free every page of a file that is gone."""

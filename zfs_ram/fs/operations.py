@@ -133,7 +133,6 @@ class ZfsRamOperations(pyfuse3.Operations):
             if inode.data is not None:
                 self.store.release(inode.data)
         self.inodes.clear()
-        self.store.close()
         self.pool.close()
 
     # -- helpers -----------------------------------------------------------------------------
