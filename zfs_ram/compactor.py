@@ -31,6 +31,8 @@ SLICE_SECONDS = 50e-6
 REST_SECONDS = 1e-3
 # After a wake-up, the background task waits this long before it looks at the pool.
 SETTLE_SECONDS = 20e-3
+# The background compactor leaves up to 1/POOL_SHARE_DIVISOR of the pool reclaimable.
+POOL_SHARE_DIVISOR = 100
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,15 @@ class Compactor:
             # look sums over every size class, and once per burst is enough.
             await trio.sleep(SETTLE_SECONDS)
             self._wakeup = trio.Event()
-            if self.pool.can_compact() >= self.min_pages:
+            if self.pool.can_compact() >= self.threshold():
                 await self._compact()
+
+    def threshold(self) -> int:
+        """Reclaimable pages that make a background pass worth it: min_pages, or 1% of the
+        pool if that is more. Waiting for a little more to reclaim lets further frees empty
+        the same zspages, so each pass moves fewer objects per page it frees (random
+        overwrites free one object at a time); 1% keeps the pool within 1.01x of dense."""
+        return max(self.min_pages, self.pool.pages_used // POOL_SHARE_DIVISOR)
 
     async def compact_now(self) -> int:
         """Compact until nothing whole is left to reclaim; returns pages freed by this call."""

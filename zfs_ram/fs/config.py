@@ -23,7 +23,7 @@ class FsConfig:
     mem_limit_bytes: int = 0  # zram mem_limit: cap on the pool's physical frames
     pool: str = "zsmalloc"  # "zsmalloc" or "zbud"
     compact: str = "auto"  # "auto": background compactor runs; "off": only the manual trigger
-    # The compactor wakes when at least this many pages are reclaimable ...
+    # The compactor runs when this many pages (or 1% of the pool, if more) are reclaimable ...
     compact_min_pages: int = 16
     # ... and moves at most this many objects per pool call; calls run in slices of ~50 us
     # between yields to the event loop (benchmarks/compaction_latency.py measures the effect).
