@@ -33,6 +33,11 @@ import pyfuse3
 from zfs_ram.codec import PAGE_SIZE
 from zfs_ram.pool import ClassStats
 
+# zram's mm_stat columns, in its order (Documentation/admin-guide/blockdev/zram.rst).
+MM_STAT_FIELDS = (
+    "orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
+    "same_pages", "pages_compacted", "huge_pages", "huge_pages_since",
+)  # fmt: skip
 CONTROL_NAME = b".zfs_ram"
 CONTROL_DIR_INO = 2  # pyfuse3.ROOT_INODE is 1; 2..15 are the control directory and its files
 FIRST_CONTROL_FILE_INO = 3
@@ -69,10 +74,7 @@ def parse_size(text: bytes) -> int:
 
 def mm_stat_line(mm: dict[str, int]) -> bytes:
     """zram's mm_stat format: nine right-aligned columns."""
-    fields = (
-        "orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
-        "same_pages", "pages_compacted", "huge_pages", "huge_pages_since",
-    )
+    fields = MM_STAT_FIELDS
     return (" ".join(f"{mm[name]:8d}" for name in fields) + "\n").encode()
 
 

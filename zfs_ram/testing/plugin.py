@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 from zfs_ram.daemon.lifecycle import find_mount, is_alive, resolve
+from zfs_ram.fs.control import MM_STAT_FIELDS
 
 __all__ = [
     "MM_STAT_FIELDS",
@@ -47,11 +48,6 @@ __all__ = [
     "start_mount",
 ]
 
-# zram's mm_stat columns, in order (Documentation/admin-guide/blockdev/zram.rst).
-MM_STAT_FIELDS = (
-    "orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
-    "same_pages", "pages_compacted", "huge_pages", "huge_pages_since",
-)  # fmt: skip
 CONTROL_DIR = ".zfs_ram"
 FSTYPE = "fuse.zfs_ram"
 # Mounting takes well under a second; 30 s is pyfuse3's and sshfs's wait_for_mount budget.
