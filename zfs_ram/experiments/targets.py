@@ -103,6 +103,10 @@ class Target:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        """Take the filesystem down; also called when __enter__ fails half-way."""
         raise NotImplementedError
 
     def mm_stat(self) -> MmStat:
@@ -185,14 +189,6 @@ class ZfsRamTarget(Target):
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._teardown()
-
     def _teardown(self) -> None:
         if self.root:
             _unmount_fuse(self.root)
@@ -272,14 +268,6 @@ class KernelZramTarget(Target):
             self._teardown()
             raise
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._teardown()
 
     def _teardown(self) -> None:
         """Unmount, reset and remove our device; every step runs even if one fails."""

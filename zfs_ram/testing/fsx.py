@@ -308,11 +308,15 @@ class Fsx:
     # -- operations ----------------------------------------------------------------------------
 
     def op_write(self) -> None:
+        self._write_at("write", self.cfg.max_len, self.cfg.max_write + 1)
+
+    def _write_at(self, label: str, offset_limit: int, length_limit: int) -> None:
+        """pwrite fresh bytes at a random offset of a random path, then check the file."""
         path = self.pick_path()
-        offset = self.rng.randrange(self.cfg.max_len)
-        length = self.rng.randrange(1, self.cfg.max_write + 1)
+        offset = self.rng.randrange(offset_limit)
+        length = self.rng.randrange(1, length_limit)
         kind, data = make_data(self.rng, length, self.step)
-        self.note(f"write {path} off={offset} len={length} kind={kind}")
+        self.note(f"{label} {path} off={offset} len={length} kind={kind}")
         model = self.model_of(path, create=True)
         assert model is not None
         fd = os.open(self.root / path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -341,21 +345,7 @@ class Fsx:
         self.verify(path)
 
     def op_sparse_write(self) -> None:
-        path = self.pick_path()
-        offset = self.rng.randrange(SPARSE_LIMIT)
-        length = self.rng.randrange(1, 2 * PAGE)
-        kind, data = make_data(self.rng, length, self.step)
-        self.note(f"sparse_write {path} off={offset} len={length} kind={kind}")
-        model = self.model_of(path, create=True)
-        assert model is not None
-        fd = os.open(self.root / path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            self._pwrite_all(fd, data, offset)
-        finally:
-            os.close(fd)
-        model.write(offset, data)
-        self.written += length
-        self.verify(path)
+        self._write_at("sparse_write", SPARSE_LIMIT, 2 * PAGE)
 
     def op_truncate(self) -> None:
         path = self.pick_existing()
