@@ -257,11 +257,7 @@ class NullOperations(pyfuse3.Operations):
             node.size = off + len(buf)
         return len(buf)
 
-    async def flush(self, fh: int) -> None:
-        return None
-
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
+    # flush, fsync and fsyncdir: pyfuse3's ENOSYS defaults, as zfs_ram (the kernel stops asking).
 
     async def release(self, fh: int) -> None:
         self.handles.pop(fh, None)
@@ -282,9 +278,6 @@ class NullOperations(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh: int) -> None:
-        return None
-
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return None
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

@@ -275,3 +275,39 @@ def test_deleting_files_returns_pool_memory(zfs_ram_mount: Any) -> None:
     empty = mount.mm_stat()
     assert empty["orig_data_size"] == 0 and empty["compr_data_size"] == 0
     assert empty["mem_used_total"] == 0
+
+
+
+def test_fsync_and_close_cost_no_requests(zfs_ram_mount: Any) -> None:
+    """tmpfs has nothing to flush: the kernel is told once (ENOSYS) and stops asking."""
+    mount = zfs_ram_mount("size=64m")
+    mnt = Path(mount.path)
+
+    def requests() -> int:
+        return int(mount.stats()["fs"]["requests"])
+
+    fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"x" * 5000)
+    dirfd = os.open(mnt, os.O_RDONLY)
+    os.fsync(fd)  # the first FSYNC and FSYNCDIR reach the daemon, and get ENOSYS
+    os.fsync(dirfd)
+    os.close(os.open(mnt / "f", os.O_RDONLY))  # and the first FLUSH
+    time.sleep(0.3)  # for the RELEASE, which the kernel sends in the background
+    requests()
+    first = requests()
+    reading_stats = requests() - first  # what one look at stats.json costs by itself
+    before = requests()
+    for _ in range(20):
+        os.fsync(fd)
+        os.fdatasync(fd)
+        os.fsync(dirfd)
+    assert requests() - before == reading_stats
+    fds = [os.open(mnt / "f", os.O_RDONLY) for _ in range(20)]
+    before = requests()
+    for each in fds:
+        os.close(each)
+    time.sleep(0.3)  # RELEASE is sent in the background; FLUSH would be waited for
+    assert requests() - before <= reading_stats + 20  # RELEASEs only: no FLUSH
+    os.close(dirfd)
+    os.close(fd)
+    assert (mnt / "f").read_bytes() == b"x" * 5000

@@ -155,6 +155,8 @@ class PoolMachine(RuleBasedStateMachine):
         for h, data in self.model.items():
             assert self.pool.object_size(h) == len(data)
             assert self.pool.read(h) == data
+        handles = list(self.model)  # the batch read a FUSE read uses: same bytes, same order
+        assert self.pool.read_many(handles) == [self.model[h] for h in handles]
         s = self.pool.statistics()
         assert s.objects == len(self.model)
         assert s.bytes_stored == sum(len(d) for d in self.model.values())

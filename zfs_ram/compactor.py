@@ -33,6 +33,11 @@ REST_SECONDS = 1e-3
 SETTLE_SECONDS = 20e-3
 # The background compactor leaves up to 1/POOL_SHARE_DIVISOR of the pool reclaimable.
 POOL_SHARE_DIVISOR = 100
+# While requests keep coming (no quiet SETTLE_SECONDS), it waits for 1/BUSY_SHARE_DIVISOR:
+# random overwrites free one object at a time and the next writes refill most of those holes,
+# so compacting in the middle of them moves objects for pages that would fill up again, and
+# takes CPU from the writes (15% of the daemon's time in randwrite, by py-spy).
+BUSY_SHARE_DIVISOR = 20
 
 
 @dataclass(frozen=True)
@@ -83,19 +88,31 @@ class Compactor:
         looks at the pool's reclaimable pages then, not once per free."""
         while True:
             await self._wakeup.wait()
-            # Let a burst of frees (random overwrites, an rm -rf) finish before looking: the
-            # look sums over every size class, and once per burst is enough.
-            await trio.sleep(SETTLE_SECONDS)
             self._wakeup = trio.Event()
+            await self._settle()
             if self.pool.can_compact() >= self.threshold():
                 await self._compact()
 
-    def threshold(self) -> int:
+    async def _settle(self) -> None:
+        """Wait until requests pause for SETTLE_SECONDS, or until a busy pass is due.
+
+        A burst of frees (an rm -rf, random overwrites) is better looked at once, after it:
+        the look sums over every size class, and later frees empty the same zspages further.
+        Under endless traffic a pass still starts once BUSY_SHARE_DIVISOR of the pool is
+        reclaimable (an rm -rf of half the pool gets there within its first few percent)."""
+        while True:
+            seen = self.activity()
+            await trio.sleep(SETTLE_SECONDS)
+            if self.activity() == seen or self.pool.can_compact() >= self.threshold(busy=True):
+                return
+
+    def threshold(self, busy: bool = False) -> int:
         """Reclaimable pages that make a background pass worth it: min_pages, or 1% of the
-        pool if that is more. Waiting for a little more to reclaim lets further frees empty
-        the same zspages, so each pass moves fewer objects per page it frees (random
-        overwrites free one object at a time); 1% keeps the pool within 1.01x of dense."""
-        return max(self.min_pages, self.pool.pages_used // POOL_SHARE_DIVISOR)
+        pool if that is more (5% while requests keep coming). Waiting for a little more to
+        reclaim lets further frees empty the same zspages, so each pass moves fewer objects
+        per page it frees; 1% keeps the pool within 1.01x of dense."""
+        divisor = BUSY_SHARE_DIVISOR if busy else POOL_SHARE_DIVISOR
+        return max(self.min_pages, self.pool.pages_used // divisor)
 
     async def compact_now(self) -> int:
         """Compact until nothing whole is left to reclaim; returns pages freed by this call."""

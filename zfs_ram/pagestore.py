@@ -29,6 +29,7 @@ from zfs_ram.codec import (
     ZERO_PAGE,
     Encoded,
     decode,
+    decode_many,
     encode_page,
     encode_pages,
     fill_page,
@@ -86,6 +87,22 @@ class FileData:
             # Grow to the page written, not to a whole chunk: a small file stays small.
             chunk.frombytes(bytes(8 * (index + 1 - len(chunk))))
         chunk[index] = value
+
+    def entries(self, first: int, stop: int) -> list[int]:
+        """The entries of pages first..stop-1, holes included (as 0)."""
+        out: list[int] = []
+        page = first
+        while page < stop:
+            key = page >> CHUNK_SHIFT
+            base = key << CHUNK_SHIFT
+            upto = min(stop, base + CHUNK_PAGES)
+            chunk = self.chunks.get(key)
+            part = chunk[page - base : upto - base].tolist() if chunk is not None else []
+            out += part
+            if len(part) < upto - page:
+                out += [0] * (upto - page - len(part))
+            page = upto
+        return out
 
     def pages(self) -> Iterator[tuple[int, int]]:
         """(page, entry) for every page that is not a hole, in no particular order."""
@@ -166,6 +183,20 @@ class PageStore:
             return fill_page(words.get(page, 0) if words else 0)
         return ZERO_PAGE
 
+    def _pages(self, data: FileData, first: int, stop: int) -> list[bytes]:
+        """The contents of pages first..stop-1: objects fetched and decoded in one batch each."""
+        entries = data.entries(first, stop)
+        handles = [value >> 1 for value in entries if value & 1]
+        decoded = decode_many(self.pool.read_many(handles))
+        if len(decoded) == len(entries):  # no holes, no same-filled pages: the common case
+            return decoded
+        objects = iter(decoded)
+        words = data.same_words
+        return [next(objects) if value & 1
+                else fill_page(words.get(page, 0) if words else 0) if value == SAME_ENTRY
+                else ZERO_PAGE
+                for page, value in enumerate(entries, first)]
+
     def _drop(self, data: FileData, page: int, value: int) -> None:
         """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
         if value & 1:
@@ -234,8 +265,7 @@ class PageStore:
         if first == last:
             start = offset - first * PAGE_SIZE
             return self._page(data, first)[start : start + end - offset]
-        parts = [self._page(data, page) for page in range(first, last + 1)]
-        joined = b"".join(parts)
+        joined = b"".join(self._pages(data, first, last + 1))
         start = offset - first * PAGE_SIZE
         return joined[start : start + end - offset]
 

@@ -669,13 +669,10 @@ class ZfsRamOperations(pyfuse3.Operations):
             raise fail(errno.ENOSPC)
         return written
 
-    @total
-    async def flush(self, fh: int) -> None:
-        return None
-
-    @total
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
+    # flush, fsync and fsyncdir are left to pyfuse3's defaults, which answer ENOSYS: the kernel
+    # then stops sending them (fc->no_flush, no_fsync, no_fsyncdir) and close(2) and fsync(2)
+    # return 0 without a round trip. There is nothing to do for them: every write is in the
+    # pool when it returns, as on tmpfs, where fsync is a no-op too.
 
     @total
     async def release(self, fh: int) -> None:
@@ -717,10 +714,6 @@ class ZfsRamOperations(pyfuse3.Operations):
 
     @total
     async def releasedir(self, fh: int) -> None:
-        return None
-
-    @total
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return None
 
     @total
@@ -860,6 +853,7 @@ class ZfsRamOperations(pyfuse3.Operations):
                 "pool": self.config.pool,
                 "compact": self.config.compact,
                 "read_only_reason": self.failsafe_reason,
+                "requests": self.requests,
             },
             "classes": self.pool.class_statistics(),
             "pid": os.getpid(),

@@ -132,6 +132,10 @@ class Pool(ABC):
     def read(self, h: int) -> bytes:
         """The object's bytes, exactly object_size(h) of them."""
 
+    def read_many(self, handles: list[int]) -> list[bytes]:
+        """read() of each handle, in order: one call for a whole FUSE read of many pages."""
+        return [self.read(h) for h in handles]
+
     @abstractmethod
     def object_size(self, h: int) -> int:
         """The size the object was allocated with."""

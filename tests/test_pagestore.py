@@ -1,0 +1,67 @@
+"""The page store on its own: a file's pages of every kind, read back in one batch.
+
+A FUSE read of 128 KiB asks for 32 pages at once; they may be holes, same-filled pages, lz4
+objects or raw pages, in any mix, and the read may start and end inside a page.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from zfs_ram.pagestore import FileData, PageStore
+from zfs_ram.pool import InvalidHandleError, create_pool
+
+PAGE = 4096
+
+
+def page_of(kind: str, rng: random.Random) -> bytes | None:
+    if kind == "hole":
+        return None
+    if kind == "zero":
+        return bytes(PAGE)
+    if kind == "same":
+        return rng.randbytes(8) * (PAGE // 8)
+    if kind == "text":
+        words = [b"alpha", b"beta", b"gamma", b"delta", bytes([rng.randrange(256)])]
+        return b" ".join(rng.choice(words) for _ in range(PAGE))[:PAGE]
+    return rng.randbytes(PAGE)  # "random": stored raw
+
+
+@pytest.mark.parametrize("kind", ["zsmalloc", "zbud"])
+def test_batch_read_of_mixed_pages(kind: str) -> None:
+    rng = random.Random(7)
+    pool = create_pool(kind)
+    store = PageStore(pool)
+    data = FileData()
+    kinds = ["hole", "zero", "same", "text", "random"]
+    # Past one page-table chunk (512 pages), so that a read crosses from one chunk to the next.
+    pages = [page_of(rng.choice(kinds), rng) for _ in range(700)]
+    model = bytearray()
+    for number, content in enumerate(pages):
+        if content is not None:
+            store.write(data, number * PAGE, content)
+        model += content if content is not None else bytes(PAGE)
+    store.truncate(data, len(model) - 100)
+    del model[-100:]
+    for _ in range(300):
+        offset = rng.randrange(len(model) + 10)
+        length = rng.choice([1, 100, PAGE, 32 * PAGE, 40 * PAGE + 17])
+        assert store.read(data, offset, length) == bytes(model[offset : offset + length])
+    assert store.read(data, 0, len(model) + PAGE) == bytes(model)
+    assert store.stored_pages == sum(1 for p in pages if p is not None)
+    pool.check()
+
+
+def test_read_many_rejects_a_dead_handle() -> None:
+    pool = create_pool("zsmalloc")
+    live = pool.store(b"x" * 100)
+    dead = pool.store(b"y" * 100)
+    pool.free(dead)
+    with pytest.raises(InvalidHandleError):
+        pool.read_many([live, dead])
+    with pytest.raises(InvalidHandleError):
+        pool.read_many([0])
+    with pytest.raises(InvalidHandleError):
+        pool.read_many([10**6])
