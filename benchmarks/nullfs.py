@@ -35,6 +35,14 @@ FUSE_OPTIONS = ("default_permissions", "fsname=nullfs", "subtype=nullfs")
 BLOCK_SIZE = 4096  # st_blksize, as zfs_ram reports (one page)
 
 
+def negative_entry() -> pyfuse3.EntryAttributes:
+    """A lookup answer of st_ino 0: "no such name", cached for the entry timeout."""
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = 0
+    attrs.entry_timeout = CACHE_TIMEOUT
+    return attrs
+
+
 @dataclass(slots=True)
 class Node:
     """One inode: what getattr must answer, plus a directory's entries."""
@@ -151,7 +159,7 @@ class NullOperations(pyfuse3.Operations):
             return self._attrs(self._node(self.parents.get(parent_inode, parent_inode)))
         ino = self._dir(parent_inode).get(name)
         if ino is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return negative_entry()  # cached by the kernel, as zfs_ram's
         return self._attrs(self.nodes[ino])
 
     async def getattr(self, inode: int,

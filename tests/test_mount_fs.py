@@ -311,3 +311,37 @@ def test_fsync_and_close_cost_no_requests(zfs_ram_mount: Any) -> None:
     os.close(dirfd)
     os.close(fd)
     assert (mnt / "f").read_bytes() == b"x" * 5000
+
+
+def test_missing_names_are_cached_and_created_over(zfs_ram_mount: Any) -> None:
+    """A lookup of a missing name is answered once; creating, linking or renaming onto that
+    name through the mount must still show the new file at once."""
+    mount = zfs_ram_mount("size=64m")
+    mnt = Path(mount.path)
+
+    def requests() -> int:
+        return int(mount.stats()["fs"]["requests"])
+
+    requests()
+    first = requests()
+    reading_stats = requests() - first
+    names = ["new", "link", "moved", "dir"]
+    for name in names:
+        assert not (mnt / name).exists()
+    before = requests()
+    for _ in range(20):
+        for name in names:
+            assert not (mnt / name).exists()
+    assert requests() - before == reading_stats  # all answered by the kernel's cache
+    (mnt / "new").write_text("1")
+    os.link(mnt / "new", mnt / "link")
+    (mnt / "tmp").write_text("2")
+    os.rename(mnt / "tmp", mnt / "moved")
+    (mnt / "dir").mkdir()
+    assert [(mnt / n).exists() for n in names] == [True] * 4
+    assert (mnt / "link").read_text() == "1" and (mnt / "moved").read_text() == "2"
+    for name in names[:3]:
+        (mnt / name).unlink()
+    (mnt / "dir").rmdir()
+    assert [(mnt / n).exists() for n in names] == [False] * 4
+    assert sh("ls", "-A", str(mnt)).stdout == ""

@@ -171,6 +171,17 @@ class ZfsRamOperations(pyfuse3.Operations):
         attrs.st_ctime_ns = inode.ctime_ns
         return attrs
 
+    @staticmethod
+    def _negative_entry() -> pyfuse3.EntryAttributes:
+        """"No such name", which the kernel may cache as long as a name (CACHE_TIMEOUT): every
+        create, link and rename goes through the kernel, which drops the negative entry then.
+        Build tools stat the same missing paths again and again (include and module search
+        paths); with a cached answer those cost no request."""
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = 0
+        attrs.entry_timeout = CACHE_TIMEOUT
+        return attrs
+
     def _check_name(self, name: bytes) -> None:
         if len(name) > NAME_MAX:
             raise fail(errno.ENAMETOOLONG)
@@ -289,7 +300,7 @@ class ZfsRamOperations(pyfuse3.Operations):
         else:
             found = directory.entries.get(name)
             if found is None:
-                raise fail(errno.ENOENT)
+                return self._negative_entry()
             ino = found
         inode = self.inodes[ino]
         inode.lookups += 1
