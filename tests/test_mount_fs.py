@@ -345,3 +345,37 @@ def test_missing_names_are_cached_and_created_over(zfs_ram_mount: Any) -> None:
     (mnt / "dir").rmdir()
     assert [(mnt / n).exists() for n in names] == [False] * 4
     assert sh("ls", "-A", str(mnt)).stdout == ""
+
+
+@pytest.mark.parametrize("options", ["", "noxattr"])
+def test_noxattr_saves_the_getxattr_before_each_write(zfs_ram_mount: Any, options: str) -> None:
+    mount = zfs_ram_mount(",".join(filter(None, ["size=64m", options])))
+    mnt = Path(mount.path)
+
+    def requests() -> int:
+        return int(mount.stats()["fs"]["requests"])
+
+    path = mnt / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"x")  # the first write tells the kernel whether xattrs exist at all
+    requests()
+    first = requests()
+    reading_stats = requests() - first
+    before = requests()
+    for i in range(50):
+        os.pwrite(fd, bytes([i]) * PAGE, i * PAGE)
+    per_write = (requests() - before - reading_stats) / 50
+    os.close(fd)
+    assert path.read_bytes() == b"".join(bytes([i]) * PAGE for i in range(50))
+    if options:
+        assert per_write == 1  # WRITE only
+        for call in (lambda: os.setxattr(path, "user.a", b"1"),
+                     lambda: os.getxattr(path, "user.a"), lambda: os.listxattr(path),
+                     lambda: os.removexattr(path, "user.a")):
+            with pytest.raises(OSError) as excinfo:
+                call()
+            assert excinfo.value.errno == errno.EOPNOTSUPP
+    else:
+        assert per_write == 2  # GETXATTR security.capability, then WRITE
+        os.setxattr(path, "user.a", b"1")
+        assert os.listxattr(path) == ["user.a"]

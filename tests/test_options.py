@@ -256,6 +256,14 @@ def test_later_of_two_opposite_flags_wins(text: str, present: str, absent: str) 
 
 
 @pytest.mark.parametrize(
+    ("text", "xattrs"), [("", True), ("noxattr", False), ("noxattr,xattr", True)]
+)
+def test_xattr_flags_reach_the_filesystem_not_the_kernel(text: str, xattrs: bool) -> None:
+    assert config(text).xattrs is xattrs
+    assert not {"xattr", "noxattr"} & fuse(text)
+
+
+@pytest.mark.parametrize(
     ("text", "noatime"),
     [("", False), ("noatime", True), ("noatime,relatime", False), ("strictatime,noatime", True)],
 )

@@ -180,7 +180,9 @@ def parse_options(
             if opt in _ATIME_FLAGS:
                 settings["noatime"] = opt == "noatime"
                 fuse.discard("atime" if opt == "noatime" else "noatime")
-            if opt in FUSE_FLAGS:
+            if opt in ("xattr", "noxattr"):
+                settings["xattrs"] = opt == "xattr"
+            elif opt in FUSE_FLAGS:
                 fuse.discard(_OPPOSITE.get(opt, ""))  # the later of two opposites wins
                 fuse.add(opt)
             elif opt in IGNORED_FLAGS or opt.startswith("x-"):

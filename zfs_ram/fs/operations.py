@@ -748,9 +748,16 @@ class ZfsRamOperations(pyfuse3.Operations):
     # -- extended attributes ---------------------------------------------------------------------
 
     def _xattr_node(self, inode: int) -> Inode:
+        self._check_xattrs_on()
         if inode == CONTROL_DIR_INO or inode in self._control_by_ino:
             raise fail(errno.EOPNOTSUPP)
         return self._inode(inode)
+
+    def _check_xattrs_on(self) -> None:
+        """With -o noxattr, ENOSYS: the kernel stops sending xattr requests of that kind and
+        answers EOPNOTSUPP itself (and no GETXATTR security.capability precedes each write)."""
+        if not self.config.xattrs:
+            raise fail(errno.ENOSYS)
 
     @staticmethod
     def _check_xattr_name(name: bytes) -> None:
@@ -782,6 +789,7 @@ class ZfsRamOperations(pyfuse3.Operations):
 
     @total
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._check_xattrs_on()
         if inode == CONTROL_DIR_INO or inode in self._control_by_ino:
             return []
         node = self._inode(inode)
