@@ -11,10 +11,11 @@ import random
 import trio
 import trio.testing
 
-from zfs_ram.compactor import REST_SECONDS, SETTLE_SECONDS, Compactor
+from zfs_ram.compactor import BUSY_SHARE_DIVISOR, REST_SECONDS, SETTLE_SECONDS, Compactor
 from zfs_ram.pool import create_pool
 
-OBJECTS = 4000  # of 1000 bytes: a pool of 1000 pages, so 1% = 10 pages and 5% = 50
+OBJECTS = 4000  # of 1000 bytes: a pool of 1000 pages, so 1% = 10 pages
+BUSY_PAGES = 1000 // BUSY_SHARE_DIVISOR
 
 
 def fragmented_pool(freed_share: float):  # type: ignore[no-untyped-def]
@@ -55,16 +56,36 @@ def run_with_traffic(freed_share: float, busy_seconds: float) -> tuple[int, int,
 
 def test_traffic_defers_a_small_pass_until_quiet() -> None:
     reclaimable, runs, after = run_with_traffic(0.03, busy_seconds=1.0)
-    assert runs == 0 and reclaimable >= 25  # 3% reclaimable: above 1%, below the busy 5%
+    assert runs == 0 and 25 <= reclaimable < BUSY_PAGES  # above 1%, below the busy share
     assert after == 0  # the pass came once the requests stopped
 
 
 def test_a_large_share_is_compacted_under_traffic() -> None:
-    reclaimable, runs, after = run_with_traffic(0.10, busy_seconds=1.0)
-    assert runs >= 1 and reclaimable < 50  # brought under 5% while requests kept coming
+    reclaimable, runs, after = run_with_traffic(2 / BUSY_SHARE_DIVISOR, busy_seconds=1.0)
+    assert runs >= 1 and reclaimable < BUSY_PAGES  # brought under it while requests came
     assert after == 0
 
 
 def test_quiet_pool_compacts_a_small_share() -> None:
     reclaimable, runs, after = run_with_traffic(0.03, busy_seconds=0.0)
     assert after == 0
+
+
+def test_warm_frames_go_back_after_a_burst_of_frees() -> None:
+    pool = create_pool("zsmalloc")
+    handles = [pool.store(bytes([i % 251]) * 4096) for i in range(20)]  # a frame each
+    for handle in handles:
+        pool.free(handle)  # whole frames free: nothing to compact, all kept warm
+    assert pool.statistics().warm_frames == 20 and pool.can_compact() == 0
+    compactor = Compactor(pool, auto=True, min_pages=1, batch=4)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(compactor.run)
+            compactor.notify_freed()
+            await trio.sleep(3 * SETTLE_SECONDS)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert pool.statistics().warm_frames == 0 and pool.arena_rss_bytes() == 0
+    assert compactor.statistics().runs == 0

@@ -19,6 +19,7 @@ from zfs_ram.pool import (
     create_pool,
 )
 from zfs_ram.pool.classes import NUM_CLASSES, chain_size, class_index
+from zfs_ram.pool.frames import WARM_FRAMES
 from zfs_ram.pool.zsmalloc import fullness_group
 
 
@@ -289,8 +290,33 @@ def test_zspage_is_freed_with_its_last_object(pool: ZsmallocPool) -> None:
     rss_before = pool.arena_rss_bytes()
     pool.free(hs[12])
     s = pool.statistics()
-    assert s.pages_used == 0 and s.free_frames == 6
-    assert pool.arena_rss_bytes() == rss_before - 5 * PAGE_SIZE
+    # Freed frames stay warm (resident) for the next zspage, up to WARM_FRAMES; trim() or the
+    # compactor gives them back.
+    assert s.pages_used == 0 and (s.free_frames, s.warm_frames) == (0, 6)
+    assert pool.arena_rss_bytes() == rss_before
+    pool.check()
+    assert pool.trim() == 6
+    s = pool.statistics()
+    assert (s.free_frames, s.warm_frames) == (6, 0)
+    assert pool.arena_rss_bytes() == rss_before - 6 * PAGE_SIZE
+    pool.check()
+
+
+def test_frames_beyond_the_warm_reserve_leave_at_once(pool: ZsmallocPool) -> None:
+    hs = [pool.store(payload(PAGE_SIZE, i)) for i in range(WARM_FRAMES + 50)]  # a frame each
+    rss_full = pool.arena_rss_bytes()
+    assert rss_full == len(hs) * PAGE_SIZE
+    for h in hs:
+        pool.free(h)
+    assert pool.arena_rss_bytes() == WARM_FRAMES * PAGE_SIZE  # only the warm ones stay
+    again = [pool.store(payload(PAGE_SIZE, -i)) for i in range(WARM_FRAMES)]
+    assert pool.arena_rss_bytes() == WARM_FRAMES * PAGE_SIZE  # reused, no new memory
+    assert all(pool.read(h) == payload(PAGE_SIZE, -i) for i, h in enumerate(again))
+    pool.check()
+    for h in again:
+        pool.free(h)
+    pool.trim()
+    assert pool.arena_rss_bytes() == 0
     pool.check()
 
 

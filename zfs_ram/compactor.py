@@ -36,8 +36,8 @@ POOL_SHARE_DIVISOR = 100
 # While requests keep coming (no quiet SETTLE_SECONDS), it waits for 1/BUSY_SHARE_DIVISOR:
 # random overwrites free one object at a time and the next writes refill most of those holes,
 # so compacting in the middle of them moves objects for pages that would fill up again, and
-# takes CPU from the writes (15% of the daemon's time in randwrite, by py-spy).
-BUSY_SHARE_DIVISOR = 20
+# takes CPU from the writes (10-15% of the daemon's time in fs_bench randwrite, by py-spy).
+BUSY_SHARE_DIVISOR = 10
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ class Compactor:
             await self._settle()
             if self.pool.can_compact() >= self.threshold():
                 await self._compact()
+            else:
+                self.pool.trim()  # no pass needed, but the frames kept warm go back
 
     async def _settle(self) -> None:
         """Wait until requests pause for SETTLE_SECONDS, or until a busy pass is due.
@@ -108,7 +110,7 @@ class Compactor:
 
     def threshold(self, busy: bool = False) -> int:
         """Reclaimable pages that make a background pass worth it: min_pages, or 1% of the
-        pool if that is more (5% while requests keep coming). Waiting for a little more to
+        pool if that is more (10% while requests keep coming). Waiting for a little more to
         reclaim lets further frees empty the same zspages, so each pass moves fewer objects
         per page it frees; 1% keeps the pool within 1.01x of dense."""
         divisor = BUSY_SHARE_DIVISOR if busy else POOL_SHARE_DIVISOR
@@ -146,5 +148,6 @@ class Compactor:
                 if moved:
                     await self._give_way()
             freed = pool.pages_compacted - before
+            pool.trim()  # the frames kept warm for reuse go back to the OS too
             self._freed += freed
             return freed

@@ -157,7 +157,12 @@ class Pool(ABC):
         before = self.pages_compacted
         while self.compact_step(1 << 16):
             pass
+        self.trim()
         return self.pages_compacted - before
+
+    def trim(self) -> int:
+        """Give the arena's warm frames back to the OS (see frames.WARM_FRAMES)."""
+        return self.arena.trim()
 
     @abstractmethod
     def class_statistics(self) -> list[ClassStats]:
@@ -200,6 +205,7 @@ class Pool(ABC):
             metadata_bytes=self.metadata_bytes(),
             zspages=self._zspage_count(),
             free_frames=len(self.arena.free_frames),
+            warm_frames=len(self.arena.warm_frames),
             mapped_bytes=self.arena.mapped_bytes,
         )
 
@@ -227,9 +233,9 @@ class Pool(ABC):
         """Checks that hold for every pool kind; subclasses call this from check()."""
         self._check_handle_table()
         arena = self.arena
-        free = arena.free_frames
+        free = arena.free_frames + arena.warm_frames
         if len(set(free)) != len(free):
-            raise PoolCorruptionError("a frame is on the free-frame list twice")
+            raise PoolCorruptionError("a frame is on the free-frame lists twice")
         if free and max(free) >= arena.frames_created:
             raise PoolCorruptionError("a never-created frame is on the free-frame list")
         if arena.frames_in_use != self.pages_used:

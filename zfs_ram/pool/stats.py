@@ -23,6 +23,7 @@ class PoolStats:
     metadata_bytes: int  #: Python-side bookkeeping, as measured by metadata_bytes()
     zspages: int  #: live zspages (zbud: live pages)
     free_frames: int  #: frames returned to the OS and kept for reuse
+    warm_frames: int  #: freed frames kept resident for the next zspage (at most WARM_FRAMES)
     mapped_bytes: int  #: address space reserved by the arena (not resident by itself)
 
     @property

@@ -611,8 +611,8 @@ class ZsmallocPool(Pool):
                 raise PoolCorruptionError(f"frame {frame} owned by {owner[frame]} and {who}")
             owner[frame] = who
 
-        for f in self.arena.free_frames:
-            own(f, "the free list")
+        for f in self.arena.free_frames + self.arena.warm_frames:
+            own(f, "the free lists")
         for c in self._classes:
             if c.huge:
                 continue
