@@ -11,6 +11,10 @@ A stored object of exactly PAGE_SIZE bytes is raw; anything shorter is lz4.
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+
 import lz4.block
 
 PAGE_SIZE = 4096
@@ -58,13 +62,59 @@ def encode_page(page: bytes | memoryview, huge_size: int) -> bytes | memoryview 
 Encoded = bytes | memoryview | int  # a same-filled word, or the object to store
 
 
-def encode_pages(pages: list[memoryview], huge_size: int) -> list[Encoded]:
-    """encode_page for each page of a write, in this thread.
+# A write of at least this many pages is compressed by two threads, half each. lz4 releases
+# the GIL while it compresses, so a second core helps, but only with work in large batches:
+# one hand-off per page costs more than it gains (measured: 0.84x the speed of one thread);
+# one per half of a 1 MiB write makes encoding 1.2-1.3x faster, and fs_bench seqwrite_1m on
+# a mount 5-10% faster (medians of 7: 187-199 against 179-180 MiB/s), as the writer's own
+# copying keeps the second core partly busy.
+PARALLEL_MIN_PAGES = 32
 
-    Handing part of the list to a worker thread does not pay: lz4 releases the GIL, but for
-    4 KiB calls the GIL hand-offs cost as much as the second core gives (measured here: two
-    threads compress 4 KiB pages at 0.84x the speed of one; 64 KiB blocks at 1.6x)."""
-    return [encode_page(page, huge_size) for page in pages]
+
+class _Helper:
+    """The second thread: lz4 over the back half of large writes, one batch at a time. It only
+    compresses (the GIL is released inside lz4); the same-filled check and the raw-page
+    choice stay in the caller's thread, so that the two threads seldom want the GIL at once."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()  # a forked child gets a thread of its own (threads do not fork)
+        self.tasks: queue.SimpleQueue[list[memoryview]] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[list[bytes] | BaseException] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="zfs_ram-lz4", daemon=True).start()
+
+    def _serve(self) -> None:
+        compress = lz4.block.compress
+        while True:
+            pages = self.tasks.get()
+            try:
+                self.results.put([compress(page, store_size=False) for page in pages])
+            except BaseException as error:  # handed back, raised in the caller's thread
+                self.results.put(error)
+
+
+_helper: _Helper | None = None
+
+
+def encode_pages(pages: list[memoryview], huge_size: int) -> list[Encoded]:
+    """encode_page for each page of a write; a large write is compressed by two threads."""
+    global _helper
+    if len(pages) < PARALLEL_MIN_PAGES:
+        return [encode_page(page, huge_size) for page in pages]
+    if _helper is None or _helper.pid != os.getpid():
+        _helper = _Helper()
+    half = len(pages) // 2
+    back = pages[half:]
+    _helper.tasks.put(back)
+    try:
+        encoded = [encode_page(page, huge_size) for page in pages[:half]]
+    finally:
+        packed = _helper.results.get()  # always taken, so that the next write gets its own
+    if isinstance(packed, BaseException):
+        raise packed
+    for page, obj in zip(back, packed, strict=True):
+        word = same_filled_word(page)
+        encoded.append(word if word is not None else page if len(obj) >= huge_size else obj)
+    return encoded
 
 
 def decode_many(objects: list[bytes]) -> list[bytes]:
