@@ -40,23 +40,19 @@ def fill_page(word: int) -> bytes:
     return word.to_bytes(8, "little") * WORDS_PER_PAGE
 
 
-def encode(page: bytes | memoryview, huge_size: int) -> bytes | memoryview:
-    """The object to store for a full page: lz4 output, or the raw page if that is >= huge_size.
+def encode_page(page: bytes | memoryview, huge_size: int,
+                packed: bytes | None = None) -> bytes | memoryview | int:
+    """What to keep for a full page: its repeated word (an int), else its lz4 output, else
+    (lz4 did not get it below huge_size) the raw page. `packed` is the page's lz4 output if
+    another thread made it already.
 
-    A page may be a memoryview into the request's buffer: slicing a 1 MiB write into 256 bytes
-    objects would cost more than compressing it in a second thread saves."""
-    packed: bytes = lz4.block.compress(page, store_size=False)
-    if len(packed) >= huge_size:
-        return page
-    return packed
-
-
-def encode_page(page: bytes | memoryview, huge_size: int) -> bytes | memoryview | int:
-    """What to keep for a full page: its repeated word (an int) or the object to store."""
+    A page may be a memoryview into the request's buffer: it is copied only if kept raw."""
     word = same_filled_word(page)
     if word is not None:
         return word
-    return encode(page, huge_size)
+    if packed is None:
+        packed = lz4.block.compress(page, store_size=False)
+    return page if len(packed) >= huge_size else packed
 
 
 Encoded = bytes | memoryview | int  # a same-filled word, or the object to store
@@ -111,14 +107,12 @@ def encode_pages(pages: list[memoryview], huge_size: int) -> list[Encoded]:
         packed = _helper.results.get()  # always taken, so that the next write gets its own
     if isinstance(packed, BaseException):
         raise packed
-    for page, obj in zip(back, packed, strict=True):
-        word = same_filled_word(page)
-        encoded.append(word if word is not None else page if len(obj) >= huge_size else obj)
+    encoded += [encode_page(page, huge_size, obj) for page, obj in zip(back, packed, strict=True)]
     return encoded
 
 
 def decode_many(objects: list[bytes]) -> list[bytes]:
-    """decode() of each object, in one loop with the decompressor bound once."""
+    """The pages the objects from encode_page() stand for: a raw page is its own object."""
     decompress = lz4.block.decompress
     # uncompressed_size passed by position: keyword parsing costs 0.17 us of a 0.9 us call.
     return [stored if len(stored) == PAGE_SIZE else decompress(stored, PAGE_SIZE)
@@ -126,8 +120,5 @@ def decode_many(objects: list[bytes]) -> list[bytes]:
 
 
 def decode(stored: bytes) -> bytes:
-    """The page an object from encode() stands for."""
-    if len(stored) == PAGE_SIZE:
-        return stored
-    page: bytes = lz4.block.decompress(stored, uncompressed_size=PAGE_SIZE)
-    return page
+    """The page an object from encode_page() stands for."""
+    return decode_many([stored])[0]

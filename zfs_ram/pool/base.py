@@ -233,7 +233,7 @@ class Pool(ABC):
         """Checks that hold for every pool kind; subclasses call this from check()."""
         self._check_handle_table()
         arena = self.arena
-        free = arena.free_frames + arena.warm_frames
+        free = arena.unused_frames()
         if len(set(free)) != len(free):
             raise PoolCorruptionError("a frame is on the free-frame lists twice")
         if free and max(free) >= arena.frames_created:

@@ -144,6 +144,10 @@ class FrameArena:
 
     # -- facts ------------------------------------------------------------------------------
 
+    def unused_frames(self) -> array[int]:
+        """Every created frame that no zspage or page holds: the free and the warm ones."""
+        return self.free_frames + self.warm_frames
+
     @property
     def frames_in_use(self) -> int:
         return self.frames_created - len(self.free_frames) - len(self.warm_frames)

@@ -214,7 +214,7 @@ class ZbudPool(Pool):
         first, last = self._first, self._last
         if len(first) < nf or not len(first) == len(last) == len(self._prev) == len(self._next):
             raise PoolCorruptionError("per-frame arrays have the wrong length")
-        free = set(self.arena.free_frames + self.arena.warm_frames)
+        free = set(self.arena.unused_frames())
         used = 0
         expect_listed: set[int] = set()
         for f in range(len(first)):

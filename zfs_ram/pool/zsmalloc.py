@@ -47,6 +47,7 @@ with respect to the caller, so readers never see a half-moved object.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 
 from .base import LIVE, BytesLike, Pool
 from .classes import PAGE_SIZE, SizeClass, build_classes, class_index
@@ -386,51 +387,17 @@ class ZsmallocPool(Pool):
 
     def _get(self, w: int) -> bytes:
         """The bytes of the object that handle word w locates."""
-        n = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
-        cid = w >> _CID_SHIFT & _CID_MASK
-        if cid == HUGE_CID:
-            frame = w >> _ZS_SHIFT
-            pos = (frame & SEGMENT_MASK) << 12
-            return self.arena.segments[frame >> SEGMENT_SHIFT][pos : pos + n]
-        c = self._classes[cid]
-        off = (w >> _SLOT_SHIFT & _SLOT_MASK) * c.size
-        fi = (w >> _ZS_SHIFT) * c.pages + (off >> 12)
-        frame = c.frames[fi]
-        inoff = off & _PAGE_MASK
-        pos = ((frame & SEGMENT_MASK) << 12) + inoff
-        seg = self.arena.segments[frame >> SEGMENT_SHIFT]
-        if inoff + n <= PAGE_SIZE:
-            return seg[pos : pos + n]
-        head = PAGE_SIZE - inoff
-        nxt = c.frames[fi + 1]
-        pos2 = (nxt & SEGMENT_MASK) << 12
-        return (
-            seg[pos : pos + head]
-            + self.arena.segments[nxt >> SEGMENT_SHIFT][pos2 : pos2 + n - head]
-        )
+        return self._get_many((w,))[0]
 
-    def read(self, h: int) -> bytes:
-        try:
-            w = self.hloc[h] if h > 0 else 0
-        except (IndexError, TypeError):
-            w = 0
-        if not w & LIVE:
-            self._word(h)  # raises the right InvalidHandleError
-        return self._get(w)
-
-    def read_many(self, handles: list[int]) -> list[bytes]:
-        """_get() inlined over many handles: a 128 KiB read asks for 32 objects, and on that
-        path the per-object calls and attribute lookups cost as much as the copying."""
-        hloc = self.hloc
-        limit = len(hloc)
+    def _get_many(self, words: Iterable[int]) -> list[bytes]:
+        """The bytes of the objects the handle words locate, in order. One loop for a whole
+        FUSE read (32 objects for 128 KiB): per-object calls and attribute lookups would cost
+        a third as much again as the copying itself."""
         classes = self._classes
         segments = self.arena.segments
         out: list[bytes] = []
         append = out.append
-        for h in handles:
-            w = hloc[h] if 0 < h < limit else 0
-            if not w & LIVE:
-                self._word(h)  # raises the right InvalidHandleError
+        for w in words:
             n = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
             cid = w >> _CID_SHIFT & _CID_MASK
             if cid == HUGE_CID:
@@ -447,12 +414,31 @@ class ZsmallocPool(Pool):
             if inoff + n <= PAGE_SIZE:
                 append(segments[frame >> SEGMENT_SHIFT][pos : pos + n])
                 continue
+            # Straddles into the zspage's next frame, which need not be adjacent.
             head = PAGE_SIZE - inoff
             nxt = c.frames[fi + 1]
             pos2 = (nxt & SEGMENT_MASK) << 12
             append(segments[frame >> SEGMENT_SHIFT][pos : pos + head]
                    + segments[nxt >> SEGMENT_SHIFT][pos2 : pos2 + n - head])
         return out
+
+    def read(self, h: int) -> bytes:
+        try:
+            w = self.hloc[h] if h > 0 else 0
+        except (IndexError, TypeError):
+            w = 0
+        if not w & LIVE:
+            self._word(h)  # raises the right InvalidHandleError
+        return self._get(w)
+
+    def read_many(self, handles: list[int]) -> list[bytes]:
+        hloc = self.hloc
+        limit = len(hloc)
+        words = [hloc[h] if 0 < h < limit else 0 for h in handles]
+        for h, w in zip(handles, words, strict=True):
+            if not w & LIVE:
+                self._word(h)  # raises the right InvalidHandleError
+        return self._get_many(words)
 
     def write(self, h: int, data: BytesLike) -> None:
         w = self._word(h)
@@ -611,7 +597,7 @@ class ZsmallocPool(Pool):
                 raise PoolCorruptionError(f"frame {frame} owned by {owner[frame]} and {who}")
             owner[frame] = who
 
-        for f in self.arena.free_frames + self.arena.warm_frames:
+        for f in self.arena.unused_frames():
             own(f, "the free lists")
         for c in self._classes:
             if c.huge:
