@@ -463,3 +463,18 @@ def test_check_catches_corruption(corrupt) -> None:  # noqa: ANN001
             p.check()
     finally:
         p.close()
+
+
+def test_pages_compacted_is_net_of_frames_made_for_the_destination(pool: ZsmallocPool) -> None:
+    """Frames are made lazily, so a move may need a new frame in the destination zspage;
+    pages_compacted must count what compaction gave back, not what it freed gross."""
+    hs = [pool.store(payload(1568, i)) for i in range(15)]  # A: 13 of 13 (5 frames), B: 2 (1)
+    for h in hs[:12]:
+        pool.free(h)  # A keeps one object, slot 12
+    before = pool.statistics()
+    assert before.pages_used == 6
+    freed = pool.compact()  # A's object moves to B's slot 2, which spills into B's 2nd frame
+    after = pool.statistics()
+    assert (freed, after.pages_used, after.pages_compacted) == (4, 2, 4)
+    assert [pool.read(h) for h in hs[12:]] == [payload(1568, i) for i in range(12, 15)]
+    pool.check()

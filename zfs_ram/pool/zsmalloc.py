@@ -183,6 +183,9 @@ class ZsmallocPool(Pool):
         #: Non-huge classes from the largest down: __zs_compact's visiting order.
         self._compact_order = [c for c in self._classes if not c.huge]
         self._compact_cursor = 0  #: where the last compact_step() stopped in _compact_order
+        #: Frames migration made for destination zspages (frames are made lazily) and not yet
+        #: set against frames it freed: pages_compacted counts what compaction gave back net.
+        self._compaction_debt = 0
 
     @property
     def huge_class_size(self) -> int:
@@ -223,8 +226,10 @@ class ZsmallocPool(Pool):
             need += 1
         return need
 
-    def _make_frames(self, c: _Class, z: int, s: int) -> None:
-        """Give slot s of zspage z the frames it spans (PoolFullError only if the OS refuses)."""
+    def _make_frames(self, c: _Class, z: int, s: int) -> int:
+        """Give slot s of zspage z the frames it spans (PoolFullError only if the OS refuses);
+        returns how many it made."""
+        made = 0
         off = s * c.size
         fi = z * c.pages + (off >> 12)
         last = z * c.pages + ((off + c.size - 1) >> 12)
@@ -232,11 +237,13 @@ class ZsmallocPool(Pool):
         while fi <= last:
             if frames[fi] == NOFRAME:
                 frames[fi] = self.arena.alloc()
+                made += 1
                 c.frames_used += 1
                 self.pages_used += 1
                 if self.pages_used > self.max_pages_used:
                     self.max_pages_used = self.pages_used
             fi += 1
+        return made
 
     def _free_zspage(self, c: _Class, z: int) -> int:
         """Unlink an empty zspage and give its frames back to the OS at once; return how many."""
@@ -513,7 +520,7 @@ class ZsmallocPool(Pool):
             d = freeobj[dst]
             # Compaction may need a frame of dst before src gives its frames back; it is allowed
             # past page_limit for that, since every completed pass holds fewer frames.
-            self._make_frames(c, dst, d)
+            self._compaction_debt += self._make_frames(c, dst, d)
             freeobj[dst] = (slots[dbase + d] >> 1) - 1
             slots[dbase + d] = sw
             inuse[dst] += 1
@@ -532,7 +539,9 @@ class ZsmallocPool(Pool):
             c.unlink(dst)
             c.link(dst, g)
         if inuse[src] == 0:
-            self.pages_compacted += self._free_zspage(c, src)
+            net = self._free_zspage(c, src) - self._compaction_debt
+            self.pages_compacted += max(net, 0)
+            self._compaction_debt = max(-net, 0)
         else:
             g = c.group_of[inuse[src]]
             if g != c.group[src]:
