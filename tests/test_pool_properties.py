@@ -92,7 +92,7 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(h=consumes(handles))
     def free(self, h: int) -> None:
         if h in self.model:
-            self.pool.free(h)
+            assert self.pool.free(h) == len(self.model[h])  # free() returns the object's size
             del self.model[h]
 
     @rule(

@@ -200,9 +200,7 @@ class PageStore:
     def _drop(self, data: FileData, page: int, value: int) -> None:
         """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
         if value & 1:
-            handle = value >> 1
-            size = self.pool.object_size(handle)
-            self.pool.free(handle)
+            size = self.pool.free(value >> 1)
             self.frees += 1
             self.compr_bytes -= size
             data.footprint -= size
@@ -276,6 +274,13 @@ class PageStore:
         """
         if offset + len(buf) > MAX_FILE_SIZE:
             raise OverflowError("file too large")
+        if len(buf) == PAGE_SIZE and not offset % PAGE_SIZE:
+            # One whole page, the commonest small write: no slicing, no batch. A NoSpaceError
+            # from _store already says that 0 bytes landed.
+            self._store(data, offset // PAGE_SIZE, encode_page(buf, self._huge_size))
+            if offset + PAGE_SIZE > data.size:
+                data.size = offset + PAGE_SIZE
+            return PAGE_SIZE
         position = offset
         end = offset + len(buf)
         try:

@@ -141,8 +141,9 @@ class Pool(ABC):
         """The size the object was allocated with."""
 
     @abstractmethod
-    def free(self, h: int) -> None:
-        """Free object `h`; the handle becomes invalid (and may be reissued later)."""
+    def free(self, h: int) -> int:
+        """Free object `h` and return its size (callers that count bytes need no second
+        lookup); the handle becomes invalid (and may be reissued later)."""
 
     def can_compact(self) -> int:
         """Frames compaction could free now."""

@@ -145,7 +145,7 @@ class ZbudPool(Pool):
         self.arena.segments[f >> SEGMENT_SHIFT][pos : pos + n] = data
         return h
 
-    def free(self, h: int) -> None:
+    def free(self, h: int) -> int:
         w = self._word(h)
         f = w >> _FRAME_SHIFT
         first, last = self._first[f], self._last[f]
@@ -168,6 +168,7 @@ class ZbudPool(Pool):
         self._release_handle(h)
         self.objects -= 1
         self.bytes_stored -= size
+        return size
 
     # -- access -------------------------------------------------------------------------------
 

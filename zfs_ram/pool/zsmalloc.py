@@ -334,7 +334,7 @@ class ZsmallocPool(Pool):
         self._put(self.hloc[h], data, len(data))
         return h
 
-    def free(self, h: int) -> None:
+    def free(self, h: int) -> int:
         w = self._word(h)
         cid = w >> _CID_SHIFT & _CID_MASK
         c = self._classes[cid]
@@ -361,7 +361,9 @@ class ZsmallocPool(Pool):
                     c.link(z, g)
         self._release_handle(h)
         self.objects -= 1
-        self.bytes_stored -= (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+        size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+        self.bytes_stored -= size
+        return size
 
     # -- object access ------------------------------------------------------------------------
 
