@@ -129,7 +129,7 @@ def test_parallel_writers_renamers_and_deleters_lose_nothing(
     assert compactions > 5
     # Whatever the churn workers left is whole; the fsx runs cleaned up after themselves.
     churned = verify_churn_tree(mnt / "churn-3")
-    assert churned > 0, outputs["churn"]
+    assert churned >= 2, outputs["churn"]  # at least the file each of the 2 workers leaves
     for entry in sorted(mnt.iterdir()):
         assert entry.name == "churn-3", f"left over: {entry}"
     stats = mount.stats()

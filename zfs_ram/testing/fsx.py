@@ -641,6 +641,10 @@ class ChurnResult:
     raced: int = 0  # operations that found their file gone (another worker got there first)
 
 
+#: The file each churn worker leaves in its own directory when it is done.
+LAST_FILE = "last"
+
+
 def churn_content(rng: random.Random, length: int, tag: int) -> bytes:
     """A self-checking file: header with length and sha256, then a body of mixed kinds."""
     _, body = make_data(rng, length, tag)
@@ -724,6 +728,10 @@ def run_churn(root: Path, worker: int, seed: int, ops: int,
                 result.renamed += 1
         except FileNotFoundError:
             result.raced += 1
+    # The shared directory may end up empty (deletes and replacing renames can outrun the
+    # publishes), so each worker leaves one file in its own directory, where nobody else goes,
+    # for the check of the whole tree afterwards.
+    (own / LAST_FILE).write_bytes(churn_content(rng, rng.randrange(max_len), ops))
     return result
 
 
