@@ -127,7 +127,7 @@ def warm_memory(size: int) -> None:
     """Make `size` bytes of guest memory host-backed, then free them (see the module comment)."""
     if size <= 0:
         return
-    with mmap.mmap(-1, size) as region:
+    with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as region:
         try:
             region.madvise(MADV_POPULATE_WRITE)
         except OSError:  # older kernel: touch every page instead

@@ -2,8 +2,9 @@
 
 fs_bench.py's randwrite says how fast a mount is; this says what zfs_ram's own write path costs
 per page, without FUSE: a file of --size-mib of real data is written, then random whole pages
-are overwritten with fio-like half-compressible buffers (as fs_bench's randwrite does), and the
-same buffers are compressed by python-lz4 alone in the same run. The ratio is the write path's
+are overwritten with half-compressible buffers (2 KiB random, 2 KiB zeros: like fio's
+--buffer_compress_percentage=50 in fs_bench's randwrite, not identical to it), and the same
+buffers are compressed by python-lz4 alone in the same run. The ratio is the write path's
 cost in units of the compression it cannot avoid.
 
 Run with the project's venv:

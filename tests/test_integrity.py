@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -130,6 +131,9 @@ def test_parallel_writers_renamers_and_deleters_lose_nothing(
     # Whatever the churn workers left is whole; the fsx runs cleaned up after themselves.
     churned = verify_churn_tree(mnt / "churn-3")
     assert churned >= 2, outputs["churn"]  # at least the file each of the 2 workers leaves
+    # The workers checked files while the others renamed and deleted around them.
+    verified = [int(n) for n in re.findall(r"verified=(\d+)", outputs["churn"])]
+    assert len(verified) == 2 and min(verified) > 0, outputs["churn"]
     for entry in sorted(mnt.iterdir()):
         assert entry.name == "churn-3", f"left over: {entry}"
     stats = mount.stats()

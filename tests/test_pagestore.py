@@ -13,6 +13,7 @@ import random
 
 import pytest
 
+from zfs_ram.codec import encode_page
 from zfs_ram.pagestore import FileData, NoSpaceError, PageStore
 from zfs_ram.pool import InvalidHandleError, create_pool
 
@@ -78,6 +79,7 @@ def test_single_page_overwrites_keep_contents_and_accounting(kind: str) -> None:
     data = FileData()
     model = bytearray()
     refused = 0
+    stored: dict[int, bytes] = {}  # page -> content, for recounting zram's page kinds
     for _ in range(2000):
         number = rng.randrange(64)  # more pages than the limit allows: some writes are refused
         content = page_of(rng.choice(["zero", "same", "text", "random"]), rng)
@@ -91,6 +93,7 @@ def test_single_page_overwrites_keep_contents_and_accounting(kind: str) -> None:
                     store.read(data, number * PAGE, PAGE)) == before  # nothing changed
             refused += 1
             continue
+        stored[number] = content
         end = (number + 1) * PAGE
         if end > len(model):
             model += bytes(end - len(model))
@@ -100,6 +103,9 @@ def test_single_page_overwrites_keep_contents_and_accounting(kind: str) -> None:
     assert store.read(data, 0, len(model)) == bytes(model)
     assert store.stored_pages == store.used_pages == 48
     assert store.compr_bytes == data.footprint == pool.bytes_stored
+    kinds = [encode_page(content, pool.huge_class_size) for content in stored.values()]
+    assert store.same_pages == sum(isinstance(k, int) for k in kinds)
+    assert store.huge_pages == sum(not isinstance(k, int) and len(k) == PAGE for k in kinds)
     pool.check()
     store.release(data)
     assert (store.stored_pages, store.compr_bytes, pool.objects) == (0, 0, 0)

@@ -672,7 +672,8 @@ def run_churn(root: Path, worker: int, seed: int, ops: int,
 
     Files are written whole in the worker's own directory and published by rename, so a reader
     never meets a half-written file; every read checks the file's own sha256. Races with the
-    other workers (the file was renamed or deleted meanwhile) are expected and counted.
+    other workers (the file was renamed or deleted meanwhile) are expected and counted. At the
+    end the worker leaves one file, ROOT/wWORKER/last, for the check of the whole tree.
     Raises FsxFailure on a torn or wrong file.
     """
     rng = random.Random(seed * 1000 + worker)
