@@ -28,6 +28,9 @@ from zfs_ram.testing.fsx import (
 
 # Steps per pool in CI: about five seconds each on the 2-core CI machine.
 FSX_OPS = int(os.environ.get("ZFS_RAM_FSX_OPS", "1500"))
+# The guard grows with a soak's step count (about 300 steps a second here), or a long soak
+# would be cut short by the timeout meant for CI's 1500 steps.
+FSX_TIMEOUT = 120 + FSX_OPS // 100
 # Mount options that make the background compactor run at every chance, in small steps.
 HARD_COMPACTION = "compact=auto,compact_min_pages=1,compact_batch=4"
 
@@ -126,7 +129,7 @@ def test_churn_content_detects_torn_files() -> None:
 
 
 @pytest.mark.mount
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(FSX_TIMEOUT)
 @pytest.mark.parametrize("pool", ["zsmalloc", "zbud"])
 def test_fsx_on_a_mount_with_compaction_forced(zfs_ram_mount: Any, pool: str) -> None:
     mount = zfs_ram_mount(HARD_COMPACTION, pool=pool)
