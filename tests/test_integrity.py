@@ -257,7 +257,7 @@ def test_at_mem_limit_a_write_that_fits_after_compaction_succeeds(
 # ---- no leaks
 
 
-@pytest.mark.timeout(400 if SOAK else 90)
+@pytest.mark.timeout(800 if SOAK else 90)
 def test_creating_and_deleting_many_files_leaks_nothing(zfs_ram_mount: Any) -> None:
     mount = zfs_ram_mount(HARD_COMPACTION)
     d = mount.path / "many"
@@ -271,7 +271,11 @@ def test_creating_and_deleting_many_files_leaks_nothing(zfs_ram_mount: Any) -> N
         for i in range(count):
             os.unlink(d / f"f{i}")
 
-    churn(MANY_FILES // 10)  # warm-up: the allocator's arenas and the kernel's caches
+    # Warm-up with as many files as the measured round: the daemon's dicts (names, inodes)
+    # keep the capacity they once needed, as CPython's dicts do, and the allocator its arenas.
+    # That high-water mark is not a leak; growth beyond it in a second, equal round would be.
+    # (A warm-up of a tenth showed 25 MiB of such capacity at 100k files.)
+    churn(MANY_FILES)
     mount.compact()
     start = rss(mount.pid)
     churn(MANY_FILES)
