@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import stat
 import sys
 
@@ -17,7 +18,7 @@ import trio
 from zfs_ram.codec import PAGE_SIZE
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.control import CONTROL_DIR_INO, CONTROL_NAME
-from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
+from zfs_ram.fs.operations import MALLOC_TRIM, ROOT_INODE, ZfsRamOperations
 from zfs_ram.testing.ops import Ctx, Fields, run_ops
 
 CTX = Ctx()
@@ -467,10 +468,6 @@ def test_mass_delete_gives_the_metadata_capacity_back() -> None:
 
 def test_malloc_trim_is_found_on_glibc() -> None:
     """Without it a mass delete leaves the C heap's free pages resident (see the test above)."""
-    import platform
-
-    from zfs_ram.fs.operations import MALLOC_TRIM
-
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
     assert MALLOC_TRIM is not None

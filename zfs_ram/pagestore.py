@@ -276,8 +276,8 @@ class PageStore:
             raise OverflowError("file too large")
         if len(buf) == PAGE_SIZE and not offset % PAGE_SIZE:
             # One whole page, the commonest small write: no slicing, no batch. A NoSpaceError
-            # from _store already says that 0 bytes landed.
-            self._store(data, offset // PAGE_SIZE, encode_page(buf, self._huge_size))
+            # from _put already says that 0 bytes landed.
+            self._put(data, offset // PAGE_SIZE, buf)
             if offset + PAGE_SIZE > data.size:
                 data.size = offset + PAGE_SIZE
             return PAGE_SIZE
