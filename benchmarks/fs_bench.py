@@ -100,6 +100,9 @@ WORKLOADS = ("seqwrite_1m", "seqread", "randread", "randwrite", "seqwrite_4k", "
 SEQ_FILE = "seq.bin"
 PREWARM_FACTOR = 2  # warm 2x the data: page cache plus pool frames (or the read buffer)
 MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module of Python 3.11 does not name it
+SYSTEMS = ("tmpfs", "zfs_ram", "nullfs", "lz4null")
+DEFAULT_SYSTEMS = SYSTEMS[:3]  # lz4null (the pure-Python codec bound) only when asked for
+CPU_SYSTEMS = ("zfs_ram", "nullfs", "lz4null")  # the daemons whose CPU time is reported
 DEFAULT_REPS = 3  # the median of 3 outvotes one disturbed repetition; a full rep takes minutes
 
 
@@ -258,6 +261,8 @@ class NullFs(FuseSystem):
     name = "nullfs"
     verifies = False
 
+    extra_args: tuple[str, ...] = ()
+
     def __init__(self, path: Path, size_bytes: int, xattrs: bool = False) -> None:
         super().__init__(path, size_bytes)
         self.xattrs = xattrs
@@ -265,7 +270,7 @@ class NullFs(FuseSystem):
 
     def mount(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "nullfs.py"), str(self.path)]
+            [sys.executable, str(HERE / "nullfs.py"), str(self.path), *self.extra_args]
             + (["--xattrs"] if self.xattrs else []),
             start_new_session=True,  # Ctrl-C goes to us; we unmount it in order
         )
@@ -287,6 +292,15 @@ class NullFs(FuseSystem):
 
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+
+class Lz4NullFs(NullFs):
+    """nullfs --lz4: the ceiling plus zfs_ram's codec on every page, and nothing else. Its
+    ratio to nullfs bounds what any pure-Python filesystem that lz4-compresses each page can
+    reach here, whatever its allocator and page table cost."""
+
+    name = "lz4null"
+    extra_args = ("--lz4",)
 
 
 # -- inputs, built once and cached on disk -----------------------------------------------------
@@ -687,7 +701,9 @@ def render(report: Report, systems: list[str]) -> str:
     to_null = ratios(report, "zfs_ram", "nullfs")
     to_tmpfs = ratios(report, "zfs_ram", "tmpfs")
     head = f"{'workload':<20}{'unit':>8}" + "".join(f"{n:>10}" for n in systems)
-    head += f"{'zfs/ceil':>10}{'zfs/tmpfs':>10}{'target':>8}  verdict  daemon CPU s zfs/null"
+    cpu_names = "/".join({"zfs_ram": "zfs", "nullfs": "null"}.get(n, n)
+                         for n in CPU_SYSTEMS if n in systems)
+    head += f"{'zfs/ceil':>10}{'zfs/tmpfs':>10}{'target':>8}  verdict  daemon CPU s {cpu_names}"
     lines += [head, "-" * len(head)]
     for m in metrics:
         row = f"{m:<20}{units[m]:>8}"
@@ -704,15 +720,24 @@ def render(report: Report, systems: list[str]) -> str:
         else:
             row += " " * 17
         if "." not in m or m.endswith(".create") or m == "untar":  # once per workload
-            cpu = {n: _median_cpu(report, m, n) for n in ("zfs_ram", "nullfs")}
-            if cpu["zfs_ram"] is not None and cpu["nullfs"] is not None:
+            cpu = {n: _median_cpu(report, m, n) for n in CPU_SYSTEMS}
+            shown = [n for n in CPU_SYSTEMS if n in systems and cpu[n] is not None]
+            if "zfs_ram" in shown and "nullfs" in shown:
                 if units[m] == "IOPS":  # time-based: CPU per I/O, not per run
-                    ios = {n: medians.get((m, n), 0.0) * env["random_seconds"] for n in cpu}
-                    per = {n: 1e6 * (cpu[n] or 0.0) / ios[n] if ios[n] else 0.0 for n in cpu}
-                    row += f"  {per['zfs_ram']:6.0f} / {per['nullfs']:.0f} us per I/O"
+                    ios = {n: medians.get((m, n), 0.0) * env["random_seconds"] for n in shown}
+                    per = [1e6 * (cpu[n] or 0.0) / ios[n] if ios[n] else 0.0 for n in shown]
+                    row += "  " + " / ".join(f"{v:.0f}" for v in per) + " us per I/O"
                 else:
-                    row += f"  {cpu['zfs_ram']:6.1f} / {cpu['nullfs']:.1f}"
+                    row += "  " + " / ".join(f"{cpu[n] or 0.0:.1f}" for n in shown)
         lines.append(row.rstrip())
+    bound = ratios(report, "lz4null", "nullfs")
+    if bound:
+        lines += ["", "the pure-Python codec bound, lz4null/nullfs (nullfs plus zfs_ram's codec "
+                  "on every page, no pool):"]
+        for m in metrics:
+            if m in bound and m in TARGETS:
+                verdict = "within reach" if bound[m] >= TARGETS[m] else "OUT OF REACH"
+                lines.append(f"  {m:<20}{bound[m]:>6.2f}  target {TARGETS[m]:.2f}: {verdict}")
     lines.append("")
     lines += render_memory(report)
     lines.append("")
@@ -798,13 +823,13 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
     fs_size = max(4 * 1024 * MIB, 3 * size)  # room for the data, the tree and slack
     root = Path(tempfile.mkdtemp(prefix="fs_bench-"))
     systems: list[System] = []
-    for cls in (Tmpfs, ZfsRam, NullFs):
-        if args.systems and cls.name not in args.systems:
+    for cls in (Tmpfs, ZfsRam, NullFs, Lz4NullFs):
+        if cls.name not in (args.systems or DEFAULT_SYSTEMS):
             continue
         path = root / cls.name
         path.mkdir()
-        if cls is NullFs:
-            systems.append(NullFs(path, fs_size, xattrs=args.nullfs_xattrs))
+        if issubclass(cls, NullFs):
+            systems.append(cls(path, fs_size, xattrs=args.nullfs_xattrs))
         elif cls is ZfsRam:
             systems.append(ZfsRam(path, fs_size, args.zfs_ram_options))
         else:
@@ -881,8 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, metavar="WORKLOAD",
                         help=f"run only these workloads, of: {', '.join(WORKLOADS)}")
     parser.add_argument("--json", type=Path, help="write samples and summary to this file")
-    parser.add_argument("--systems", nargs="+", choices=("tmpfs", "zfs_ram", "nullfs"),
-                        help="a subset of the systems (default all three)")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS,
+                        help="the systems to run (default tmpfs zfs_ram nullfs; lz4null is "
+                        "nullfs plus zfs_ram's codec: the bound for pure-Python compression)")
     parser.add_argument("--small-files", type=int, default=SMALL_FILES,
                         help=f"files in the smallfiles workload (default {SMALL_FILES})")
     parser.add_argument("--random-seconds", type=float, default=RANDOM_SECONDS,
@@ -907,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     report = run_benchmark(args, argv)
-    systems = [n for n in ("tmpfs", "zfs_ram", "nullfs") if not args.systems or n in args.systems]
+    systems = [n for n in SYSTEMS if n in (args.systems or DEFAULT_SYSTEMS)]
     text = render(report, systems)
     print(text)
     if args.json:
@@ -915,6 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["summary"] = {
             "zfs_ram/nullfs": ratios(report, "zfs_ram", "nullfs"),
             "zfs_ram/tmpfs": ratios(report, "zfs_ram", "tmpfs"),
+            "lz4null/nullfs": ratios(report, "lz4null", "nullfs"),
             "targets": TARGETS,
         }
         args.json.write_text(json.dumps(payload, indent=1) + "\n")

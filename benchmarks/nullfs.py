@@ -5,6 +5,14 @@ read answers a fixed buffer of the asked size, cut at the recorded file size. Wh
 workload takes on it is the cost of the kernel's FUSE round trip, libfuse, pyfuse3 and trio;
 fs_bench.py divides zfs_ram's figures by this to show what zfs_ram's own code costs.
 
+With --lz4 it is instead the simplest compressed store pyfuse3 allows, a bound for any
+pure-Python filesystem that compresses each page: write encodes every whole page of a write
+with zfs_ram's codec (the same-filled check, then lz4, on two threads for large writes, exactly
+as zfs_ram does) and keeps each result as a Python object in a list per file; read decodes the
+pages it covers and joins them. No allocator, no compaction, no limits, no accounting: what
+is left is what calling python-lz4 per 4 KiB page costs on top of the FUSE round trip. Pages
+that no whole-page write covered read as the fixed buffer, as in the plain nullfs.
+
 To be a fair ceiling it asks the kernel for exactly what zfs_ram asks for
 (zfs_ram/fs/operations.py and zfs_ram/daemon/options.py): no writeback cache,
 default_permissions, keep_cache on open, 300 s entry and attribute timeouts, readdirplus
@@ -27,6 +35,10 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from zfs_ram.codec import PAGE_SIZE, decode_many, encode_pages, fill_page  # noqa: E402
+from zfs_ram.pool.classes import build_classes  # noqa: E402
 
 # zfs_ram's CACHE_TIMEOUT: the kernel may cache names and attributes this long.
 CACHE_TIMEOUT = 300.0
@@ -66,8 +78,13 @@ class NullOperations(pyfuse3.Operations):
     enable_writeback_cache = False  # as zfs_ram: every write reaches the daemon
     enable_acl = False
 
-    def __init__(self, xattrs: bool = False) -> None:
+    def __init__(self, xattrs: bool = False, lz4: bool = False) -> None:
         super().__init__()
+        self.lz4 = lz4
+        self.huge_size = build_classes()[2]  # zsmalloc's huge watermark, as zfs_ram's pool
+        # --lz4: ino -> page number -> lz4 or raw object (bytes), same-filled word (int), or
+        # None where no whole-page write landed.
+        self.pages: dict[int, list[bytes | int | None]] = {}
         # With xattrs, getxattr answers ENODATA as a filesystem with xattr support (zfs_ram,
         # tmpfs) does, and the kernel keeps sending GETXATTR security.capability on writes.
         self.xattrs = xattrs
@@ -147,6 +164,7 @@ class NullOperations(pyfuse3.Operations):
             # Without data nothing needs to outlive the name; a late getattr may see ENOENT.
             self.nodes.pop(ino, None)
             self.parents.pop(ino, None)
+            self.pages.pop(ino, None)
         return node
 
     # -- names ---------------------------------------------------------------------------------
@@ -172,6 +190,7 @@ class NullOperations(pyfuse3.Operations):
         node = self._node(inode)
         if fields.update_size:
             node.size = attr.st_size
+            self._cut(inode, attr.st_size)
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | (attr.st_mode & 0o7777)
         if fields.update_uid:
@@ -251,19 +270,60 @@ class NullOperations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             node.size = 0
+            self._cut(inode, 0)
         return pyfuse3.FileInfo(fh=self._fh(inode), keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self.nodes.get(self.handles[fh])
         file_size = node.size if node is not None else 0
         size = max(0, min(size, file_size - off, len(self.filler)))
+        table = self.pages.get(node.ino) if self.lz4 and node is not None else None
+        if table and size:
+            return self._decode(table, off, size)
         return self.filler[:size]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self.nodes.get(self.handles[fh])
         if node is not None and off + len(buf) > node.size:
             node.size = off + len(buf)
+        if self.lz4 and node is not None:
+            self._encode(self.pages.setdefault(node.ino, []), off, buf)
         return len(buf)
+
+    def _cut(self, ino: int, size: int) -> None:
+        """--lz4: forget the pages past a new size (a cut page is forgotten whole)."""
+        table = self.pages.get(ino)
+        if table is not None:
+            del table[size // PAGE_SIZE :]
+
+    def _encode(self, table: list[bytes | int | None], off: int, buf: bytes) -> None:
+        """Keep the encoded form of every whole page of buf (partial pages are not kept)."""
+        skip = -off % PAGE_SIZE
+        first = (off + skip) // PAGE_SIZE
+        view = memoryview(buf)
+        pages = [view[i : i + PAGE_SIZE] for i in range(skip, len(buf) - PAGE_SIZE + 1, PAGE_SIZE)]
+        if not pages:
+            return
+        if len(table) < first + len(pages):
+            table.extend([None] * (first + len(pages) - len(table)))
+        for page, encoded in enumerate(encode_pages(pages, self.huge_size), first):
+            # A raw page is still a view of the request's buffer: kept as a copy.
+            table[page] = encoded if isinstance(encoded, int) else bytes(encoded)
+
+    def _decode(self, table: list[bytes | int | None], off: int, size: int) -> bytes:
+        first, start = divmod(off, PAGE_SIZE)
+        count = (start + size + PAGE_SIZE - 1) // PAGE_SIZE
+        objects = table[first : first + count]
+        objects += [None] * (count - len(objects))
+        pages: list[bytes]
+        if all(obj.__class__ is bytes for obj in objects):  # the common case: one batch
+            pages = decode_many(objects)  # type: ignore[arg-type]
+        else:
+            pages = [decode_many([obj])[0] if isinstance(obj, bytes)
+                     else fill_page(obj) if isinstance(obj, int)
+                     else self.filler[:PAGE_SIZE]
+                     for obj in objects]
+        return b"".join(pages)[start : start + size]
 
     # flush, fsync and fsyncdir: pyfuse3's ENOSYS defaults, as zfs_ram (the kernel stops asking).
 
@@ -326,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("--xattrs", action="store_true",
                         help="answer getxattr with ENODATA (xattr support) instead of ENOSYS")
+    parser.add_argument("--lz4", action="store_true",
+                        help="encode written pages and decode read ones with zfs_ram's codec")
     args = parser.parse_args(argv)
-    pyfuse3.init(NullOperations(args.xattrs), args.mountpoint, set(FUSE_OPTIONS))
+    pyfuse3.init(NullOperations(args.xattrs, args.lz4), args.mountpoint, set(FUSE_OPTIONS))
     try:
         trio.run(_serve)
     finally:
