@@ -5,21 +5,23 @@ read answers a fixed buffer of the asked size, cut at the recorded file size. Wh
 workload takes on it is the cost of the kernel's FUSE round trip, libfuse, pyfuse3 and trio;
 fs_bench.py divides zfs_ram's figures by this to show what zfs_ram's own code costs.
 
-With --lz4 it is instead the simplest compressed store pyfuse3 allows, a bound for any
-pure-Python filesystem that compresses each page: write encodes every whole page of a write
-with zfs_ram's codec (the same-filled check, then lz4, on two threads for large writes, exactly
-as zfs_ram does) and keeps each result as a Python object in a list per file; read decodes the
-pages it covers and joins them. No allocator, no compaction, no limits, no accounting: what
-is left is what calling python-lz4 per 4 KiB page costs on top of the FUSE round trip. Pages
-that no whole-page write covered read as the fixed buffer, as in the plain nullfs.
+With --lz4 it is instead a bound for pure-Python compression: every whole page a write covers
+is encoded with zfs_ram's own codec (the same-filled check, then lz4, on two threads for large
+writes, exactly as zfs_ram calls it) before the write is answered, and kept as one Python
+object per page in a list per file; a read decodes the pages it covers. No allocator, no
+compaction, no limits, no accounting: what is left is what the codec costs, called once per
+4 KiB page from Python, on top of the FUSE round trip. It stores whole pages only: a page that
+a write covers in part is forgotten and reads as the fixed buffer (no read-modify-write, which
+makes the bound generous for small files), as do holes; and files are assumed dense (a write
+far past the end grows the file's list to it, 8 bytes per page).
 
 To be a fair ceiling it asks the kernel for exactly what zfs_ram asks for
 (zfs_ram/fs/operations.py and zfs_ram/daemon/options.py): no writeback cache,
 default_permissions, keep_cache on open, 300 s entry and attribute timeouts, readdirplus
 entries with attributes, and pyfuse3's main loop on trio in one thread.
 
-Run: ``python benchmarks/nullfs.py MOUNTPOINT`` serves in the foreground until unmounted
-(fusermount3 -u MOUNTPOINT) or SIGINT/SIGTERM.
+Run: ``python benchmarks/nullfs.py MOUNTPOINT [--xattrs] [--lz4]`` serves in the foreground
+until unmounted (fusermount3 -u MOUNTPOINT) or SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -36,15 +38,88 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zfs_ram.codec import PAGE_SIZE, decode_many, encode_pages, fill_page  # noqa: E402
-from zfs_ram.pool.classes import build_classes  # noqa: E402
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 # zfs_ram's CACHE_TIMEOUT: the kernel may cache names and attributes this long.
 CACHE_TIMEOUT = 300.0
 # zfs_ram's ALWAYS_FUSE_OPTIONS; fsname/subtype only name the mount in /proc/mounts.
 FUSE_OPTIONS = ("default_permissions", "fsname=nullfs", "subtype=nullfs")
 BLOCK_SIZE = 4096  # st_blksize, as zfs_ram reports (one page)
+PAGE_SIZE = 4096
+
+
+class CodecStore:
+    """--lz4: every file's whole pages as zfs_ram's codec encodes them, one object per page:
+    lz4 or raw bytes, or the word of a same-filled page (int); None where nothing is kept."""
+
+    def __init__(self) -> None:
+        # Imported here, so that the plain ceiling loads none of zfs_ram (its RSS is the
+        # pyfuse3+trio baseline fs_bench reports).
+        sys.path.insert(0, REPO)
+        from zfs_ram import codec
+        from zfs_ram.pool.classes import build_classes
+
+        self.codec = codec
+        _distinct, _by_index, self.huge_size = build_classes()  # as zfs_ram's pool
+        self.files: dict[int, list[bytes | int | None]] = {}
+
+    def write(self, ino: int, off: int, buf: bytes) -> None:
+        table = self.files.setdefault(ino, [])
+        if len(buf) == PAGE_SIZE and not off % PAGE_SIZE:  # zfs_ram's single-page path too
+            first = off // PAGE_SIZE
+            encoded = [self.codec.encode_page(buf, self.huge_size)]
+        else:
+            skip = -off % PAGE_SIZE
+            first = (off + skip) // PAGE_SIZE
+            view = memoryview(buf)
+            pages = [view[i : i + PAGE_SIZE]
+                     for i in range(skip, len(buf) - PAGE_SIZE + 1, PAGE_SIZE)]
+            encoded = self.codec.encode_pages(pages, self.huge_size)
+            # Pages covered in part are forgotten, so that they never read back stale.
+            if skip:
+                self._forget(table, off // PAGE_SIZE)
+            if (off + len(buf)) % PAGE_SIZE and off + len(buf) > (first + len(pages)) * PAGE_SIZE:
+                self._forget(table, (off + len(buf)) // PAGE_SIZE)
+        if len(table) < first + len(encoded):
+            table.extend([None] * (first + len(encoded) - len(table)))
+        for page, obj in enumerate(encoded, first):
+            # A raw page is still a view of the request's buffer: it is kept as a copy.
+            table[page] = obj if isinstance(obj, int) else bytes(obj)
+
+    @staticmethod
+    def _forget(table: list[bytes | int | None], page: int) -> None:
+        if page < len(table):
+            table[page] = None
+
+    def read(self, ino: int, off: int, size: int, filler: bytes) -> bytes | None:
+        """The bytes at off (size > 0, within the file), or None if the file has no pages."""
+        table = self.files.get(ino)
+        if not table:
+            return None
+        first, start = divmod(off, PAGE_SIZE)
+        count = (start + size + PAGE_SIZE - 1) // PAGE_SIZE
+        objects = table[first : first + count]
+        objects += [None] * (count - len(objects))
+        pages: list[bytes]
+        if count == 1 and isinstance(objects[0], bytes):  # zfs_ram's single-page path too
+            pages = [self.codec.decode(objects[0])]
+        elif all(obj.__class__ is bytes for obj in objects):  # the common case: one batch
+            pages = self.codec.decode_many(objects)  # type: ignore[arg-type]
+        else:
+            pages = [self.codec.decode(obj) if isinstance(obj, bytes)
+                     else self.codec.fill_page(obj) if isinstance(obj, int)
+                     else filler[:PAGE_SIZE]
+                     for obj in objects]
+        return b"".join(pages)[start : start + size]
+
+    def cut(self, ino: int, size: int) -> None:
+        """Forget the pages past a new size (a page the new end cuts is forgotten whole)."""
+        table = self.files.get(ino)
+        if table is not None:
+            del table[size // PAGE_SIZE :]
+
+    def drop(self, ino: int) -> None:
+        self.files.pop(ino, None)
 
 
 def negative_entry() -> pyfuse3.EntryAttributes:
@@ -80,11 +155,7 @@ class NullOperations(pyfuse3.Operations):
 
     def __init__(self, xattrs: bool = False, lz4: bool = False) -> None:
         super().__init__()
-        self.lz4 = lz4
-        self.huge_size = build_classes()[2]  # zsmalloc's huge watermark, as zfs_ram's pool
-        # --lz4: ino -> page number -> lz4 or raw object (bytes), same-filled word (int), or
-        # None where no whole-page write landed.
-        self.pages: dict[int, list[bytes | int | None]] = {}
+        self.store = CodecStore() if lz4 else None
         # With xattrs, getxattr answers ENODATA as a filesystem with xattr support (zfs_ram,
         # tmpfs) does, and the kernel keeps sending GETXATTR security.capability on writes.
         self.xattrs = xattrs
@@ -164,7 +235,8 @@ class NullOperations(pyfuse3.Operations):
             # Without data nothing needs to outlive the name; a late getattr may see ENOENT.
             self.nodes.pop(ino, None)
             self.parents.pop(ino, None)
-            self.pages.pop(ino, None)
+            if self.store is not None:
+                self.store.drop(ino)
         return node
 
     # -- names ---------------------------------------------------------------------------------
@@ -190,7 +262,8 @@ class NullOperations(pyfuse3.Operations):
         node = self._node(inode)
         if fields.update_size:
             node.size = attr.st_size
-            self._cut(inode, attr.st_size)
+            if self.store is not None:
+                self.store.cut(inode, attr.st_size)
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | (attr.st_mode & 0o7777)
         if fields.update_uid:
@@ -270,60 +343,27 @@ class NullOperations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             node.size = 0
-            self._cut(inode, 0)
+            if self.store is not None:
+                self.store.cut(inode, 0)
         return pyfuse3.FileInfo(fh=self._fh(inode), keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self.nodes.get(self.handles[fh])
         file_size = node.size if node is not None else 0
         size = max(0, min(size, file_size - off, len(self.filler)))
-        table = self.pages.get(node.ino) if self.lz4 and node is not None else None
-        if table and size:
-            return self._decode(table, off, size)
+        if self.store is not None and node is not None and size > 0:
+            data = self.store.read(node.ino, off, size, self.filler)
+            if data is not None:
+                return data
         return self.filler[:size]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self.nodes.get(self.handles[fh])
         if node is not None and off + len(buf) > node.size:
             node.size = off + len(buf)
-        if self.lz4 and node is not None:
-            self._encode(self.pages.setdefault(node.ino, []), off, buf)
+        if self.store is not None and node is not None:
+            self.store.write(node.ino, off, buf)
         return len(buf)
-
-    def _cut(self, ino: int, size: int) -> None:
-        """--lz4: forget the pages past a new size (a cut page is forgotten whole)."""
-        table = self.pages.get(ino)
-        if table is not None:
-            del table[size // PAGE_SIZE :]
-
-    def _encode(self, table: list[bytes | int | None], off: int, buf: bytes) -> None:
-        """Keep the encoded form of every whole page of buf (partial pages are not kept)."""
-        skip = -off % PAGE_SIZE
-        first = (off + skip) // PAGE_SIZE
-        view = memoryview(buf)
-        pages = [view[i : i + PAGE_SIZE] for i in range(skip, len(buf) - PAGE_SIZE + 1, PAGE_SIZE)]
-        if not pages:
-            return
-        if len(table) < first + len(pages):
-            table.extend([None] * (first + len(pages) - len(table)))
-        for page, encoded in enumerate(encode_pages(pages, self.huge_size), first):
-            # A raw page is still a view of the request's buffer: kept as a copy.
-            table[page] = encoded if isinstance(encoded, int) else bytes(encoded)
-
-    def _decode(self, table: list[bytes | int | None], off: int, size: int) -> bytes:
-        first, start = divmod(off, PAGE_SIZE)
-        count = (start + size + PAGE_SIZE - 1) // PAGE_SIZE
-        objects = table[first : first + count]
-        objects += [None] * (count - len(objects))
-        pages: list[bytes]
-        if all(obj.__class__ is bytes for obj in objects):  # the common case: one batch
-            pages = decode_many(objects)  # type: ignore[arg-type]
-        else:
-            pages = [decode_many([obj])[0] if isinstance(obj, bytes)
-                     else fill_page(obj) if isinstance(obj, int)
-                     else self.filler[:PAGE_SIZE]
-                     for obj in objects]
-        return b"".join(pages)[start : start + size]
 
     # flush, fsync and fsyncdir: pyfuse3's ENOSYS defaults, as zfs_ram (the kernel stops asking).
 
