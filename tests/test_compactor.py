@@ -89,3 +89,31 @@ def test_warm_frames_go_back_after_a_burst_of_frees() -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert pool.statistics().warm_frames == 0 and pool.arena_rss_bytes() == 0
     assert compactor.statistics().runs == 0
+
+
+def test_an_emptied_pool_gets_the_c_heap_trimmed_once_things_are_quiet() -> None:
+    """The pool drops its tables when it empties; the compactor then has the C heap trimmed
+    (malloc_trim on a mount), and only then: a pool with objects left is not trimmed."""
+    pool = create_pool("zsmalloc")
+    kept = pool.store(b"k" * 1000)
+    handles = [pool.store(bytes([i % 251]) * 1000) for i in range(OBJECTS)]
+    trims: list[int] = []
+    compactor = Compactor(pool, auto=True, min_pages=1, batch=4,
+                          release_heap=lambda: trims.append(pool.objects))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(compactor.run)
+            for handle in handles:
+                pool.free(handle)
+            compactor.notify_freed()
+            await trio.sleep(3 * SETTLE_SECONDS)
+            assert trims == []  # one object left: the tables are still in use
+            pool.free(kept)
+            compactor.notify_freed()
+            await trio.sleep(3 * SETTLE_SECONDS)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert trims == [0]
+    pool.check()

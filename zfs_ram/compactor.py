@@ -52,9 +52,13 @@ class CompactorStats:
 
 class Compactor:
     def __init__(self, pool: Pool, *, auto: bool, min_pages: int, batch: int,
-                 activity: Callable[[], int] = lambda: 0) -> None:
+                 activity: Callable[[], int] = lambda: 0,
+                 release_heap: Callable[[], None] = lambda: None) -> None:
         self.pool = pool
         self.activity = activity  # a counter of foreground requests: has anyone come by?
+        # Gives the C heap's free pages back to the OS (malloc_trim): called when a look finds
+        # the pool empty, since an empty pool has dropped its tables (Pool._release_handle).
+        self.release_heap = release_heap
         self.auto = auto
         self.min_pages = max(1, min_pages)
         self.batch = max(1, batch)
@@ -94,6 +98,12 @@ class Compactor:
                 await self._compact()
             else:
                 self.pool.trim()  # no pass needed, but the frames kept warm go back
+            if self.pool.objects == 0:
+                # Everything was deleted: the pool's handle and zspage tables started afresh,
+                # and the old ones (about 12 bytes per object ever held) are holes in the C
+                # heap until it is trimmed. Once per look at most, after a quiet SETTLE_SECONDS,
+                # so a loop that empties and refills the pool pays it at most ~50 times a second.
+                self.release_heap()
 
     async def _settle(self) -> None:
         """Wait until requests pause for SETTLE_SECONDS, or until a busy pass is due.

@@ -73,6 +73,14 @@ class Pool(ABC):
         return h
 
     def _release_handle(self, h: int) -> None:
+        """Put handle `h` back and count its object gone. The table keeps its peak length
+        while objects live (handles cannot be renumbered), but a pool that empties starts a
+        fresh one: after an rm of everything, its 8 bytes per object ever held go back too."""
+        self.objects -= 1
+        if self.objects == 0:
+            self.hloc = array("Q", [0])
+            self.hfree = 0
+            return
         self.hloc[h] = self.hfree << 1
         self.hfree = h
 

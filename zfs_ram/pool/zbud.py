@@ -166,7 +166,6 @@ class ZbudPool(Pool):
         if size >= _HUGE_SIZE:
             self.huge_objects -= 1
         self._release_handle(h)
-        self.objects -= 1
         self.bytes_stored -= size
         return size
 

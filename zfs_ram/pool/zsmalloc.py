@@ -111,6 +111,16 @@ class _Class:
         self.chain_init = array("I", [(s + 2) << 1 for s in range(n - 1)] + [0])
         #: Frame entries of a fresh zspage: none made yet.
         self.no_frames = array("I", [NOFRAME] * self.pages)
+        self.zspages = 0
+        self.obj_used = 0
+        self.frames_used = 0
+        self.empty_out()
+
+    def empty_out(self) -> None:
+        """Forget every zspage (there must be none left). The per-zspage arrays keep their
+        peak length while any zspage lives, since zspage numbers are in the handle words;
+        once the class is empty they start afresh, so that the 20-odd bytes per zspage it
+        ever had go back to the OS too."""
         self.frames = array("I")
         self.slots = array("I")
         self.inuse = array("H")
@@ -121,9 +131,6 @@ class _Class:
         self.heads = [-1] * NR_GROUPS
         self.mask = 0
         self.free_zs = array("i")
-        self.zspages = 0
-        self.obj_used = 0
-        self.frames_used = 0
 
     def can_compact(self) -> int:
         """Kernel zs_can_compact(): frames that whole zspages' worth of free slots would free."""
@@ -260,6 +267,8 @@ class ZsmallocPool(Pool):
         c.zspages -= 1
         c.frames_used -= freed
         self.pages_used -= freed
+        if c.zspages == 0:
+            c.empty_out()
         return freed
 
     # -- object alloc/free --------------------------------------------------------------------
@@ -360,7 +369,6 @@ class ZsmallocPool(Pool):
                     c.unlink(z)
                     c.link(z, g)
         self._release_handle(h)
-        self.objects -= 1
         size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
         self.bytes_stored -= size
         return size
