@@ -774,20 +774,19 @@ def render_memory(report: Report) -> list[str]:
     lines = ["memory with the seqwrite_1m file in place (medians over repetitions):"]
     data = report.memory[0]["data_bytes"]
     lines.append(f"  data written: {data / MIB:.1f} MiB")
-    for name in ("tmpfs", "nullfs", "lz4null"):
-        rows = [m for m in report.memory if m["system"] == name]
-        if rows and name == "tmpfs":
-            shmem = statistics.median(r["shmem_bytes"] for r in rows)
-            lines.append(f"  tmpfs Shmem (df used): {shmem / MIB:.1f} MiB")
-        if rows and name == "nullfs":
-            rss = statistics.median(r["rss_bytes"] for r in rows)
-            lines.append(f"  nullfs daemon RSS: {rss / MIB:.1f} MiB (pyfuse3+trio baseline)")
-        if rows and name == "lz4null":
-            rss = statistics.median(r["rss_bytes"] for r in rows)
-            after = [r["rss_after_rm"] for r in rows if "rss_after_rm" in r]
-            lines.append(f"  lz4null daemon RSS: {rss / MIB:.1f} MiB, after deleting everything "
-                         + (f"{statistics.median(after) / MIB:.1f} MiB" if after else "-")
-                         + " (pages as Python objects: what malloc gives back)")
+    def median_of(system: str, key: str) -> float | None:
+        values = [r[key] for r in report.memory if r["system"] == system and key in r]
+        return statistics.median(values) if values else None
+
+    if (shmem := median_of("tmpfs", "shmem_bytes")) is not None:
+        lines.append(f"  tmpfs Shmem (df used): {shmem / MIB:.1f} MiB")
+    if (rss := median_of("nullfs", "rss_bytes")) is not None:
+        lines.append(f"  nullfs daemon RSS: {rss / MIB:.1f} MiB (pyfuse3+trio baseline)")
+    if (rss := median_of("lz4null", "rss_bytes")) is not None:
+        rss_after = median_of("lz4null", "rss_after_rm")
+        lines.append(f"  lz4null daemon RSS: {rss / MIB:.1f} MiB, after deleting everything "
+                     + (f"{rss_after / MIB:.1f} MiB" if rss_after is not None else "-")
+                     + " (pages as Python objects: what malloc gives back)")
     if zfs:
         rss = statistics.median(r["rss_bytes"] for r in zfs)
         pool = statistics.median(r["pool_bytes"] for r in zfs)
@@ -797,12 +796,11 @@ def render_memory(report: Report) -> list[str]:
                      f"{compr / MIB:.1f} MiB, ratio {data / pool if pool else 0:.2f})")
         lines.append(f"  zfs_ram daemon RSS: {rss / MIB:.1f} MiB; target <= 1.05 x pool + 64 MiB"
                      f" = {limit / MIB:.1f} MiB: {'ok' if rss <= limit else 'MISS'}")
-        after = [r["rss_after_rm"] for r in zfs if "rss_after_rm" in r]
-        pool_after = [r["pool_after_rm"] for r in zfs if "pool_after_rm" in r]
-        if after:
-            lines.append(f"  zfs_ram after deleting everything: RSS "
-                         f"{statistics.median(after) / MIB:.1f} MiB, pool "
-                         f"{statistics.median(pool_after) / MIB:.1f} MiB")
+        rss_after = median_of("zfs_ram", "rss_after_rm")
+        pool_after = median_of("zfs_ram", "pool_after_rm")
+        if rss_after is not None and pool_after is not None:
+            lines.append(f"  zfs_ram after deleting everything: RSS {rss_after / MIB:.1f} MiB, "
+                         f"pool {pool_after / MIB:.1f} MiB")
         if report.zram:
             zram = report.zram["mem_used_total"]
             off = pool / zram - 1 if zram else 0.0

@@ -78,7 +78,7 @@ class CodecStore:
             # Pages covered in part are forgotten, so that they never read back stale.
             if skip:
                 self._forget(table, off // PAGE_SIZE)
-            if (off + len(buf)) % PAGE_SIZE and off + len(buf) > (first + len(pages)) * PAGE_SIZE:
+            if (off + len(buf)) % PAGE_SIZE:
                 self._forget(table, (off + len(buf)) // PAGE_SIZE)
         if len(table) < first + len(encoded):
             table.extend([None] * (first + len(encoded) - len(table)))

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from zfs_ram.testing.fsx import make_data
+
 PAGE = 4096
 FILLER = b"\x5a" * (1 << 20)
 
@@ -24,28 +26,18 @@ def load_nullfs() -> ModuleType:
     return module
 
 
-def real_bytes(size: int, seed: int) -> bytes:
-    """Compressible but not trivial: slices of a real library, with zero and random runs."""
-    with open("/usr/lib/x86_64-linux-gnu/libc.so.6", "rb") as f:
-        lib = f.read(1 << 20)
+def mixed_bytes(size: int, seed: int) -> bytes:
+    """Runs of every kind the codec treats apart (fsx's generator): text, random, zeros,
+    same-filled words and partly compressible data, in pieces that straddle pages."""
     rng = random.Random(seed)
-    parts = []
-    while sum(map(len, parts)) < size:
-        kind = rng.random()
-        if kind < 0.6:
-            start = rng.randrange(len(lib) - PAGE)
-            parts.append(lib[start : start + rng.randrange(1, 3 * PAGE)])
-        elif kind < 0.8:
-            parts.append(bytes(rng.randrange(1, 2 * PAGE)))
-        else:
-            parts.append(rng.randbytes(rng.randrange(1, 2 * PAGE)))
+    parts = [make_data(rng, rng.randrange(1, 3 * PAGE), tag)[1] for tag in range(size // PAGE)]
     return b"".join(parts)[:size]
 
 
 def test_whole_pages_read_back_and_partly_written_pages_never_read_stale() -> None:
     store = load_nullfs().CodecStore()
     rng = random.Random(7)
-    data = real_bytes(4 << 20, seed=1)
+    data = mixed_bytes(4 << 20, seed=1)
     model: dict[int, bytes | None] = {}  # page -> its bytes, or None: reads as the filler
     size = 0
     for _ in range(1500):
@@ -88,7 +80,7 @@ def test_whole_pages_read_back_and_partly_written_pages_never_read_stale() -> No
 
 def test_a_deleted_file_keeps_no_pages() -> None:
     store = load_nullfs().CodecStore()
-    store.write(3, 0, real_bytes(64 * PAGE, seed=2))
+    store.write(3, 0, mixed_bytes(64 * PAGE, seed=2))
     assert store.read(3, 0, PAGE, FILLER) is not None
     store.drop(3)
     assert store.read(3, 0, PAGE, FILLER) is None

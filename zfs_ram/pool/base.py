@@ -61,7 +61,9 @@ class Pool(ABC):
             raise PoolFullError("out of handles")
 
     def _take_handle(self, word: int) -> int:
-        """Issue a handle for `word` (call `_check_handle_room` first)."""
+        """Issue a handle for `word` and count its object in (call `_check_handle_room`
+        first); `_release_handle` is its inverse."""
+        self.objects += 1
         h = self.hfree
         hloc = self.hloc
         if h:

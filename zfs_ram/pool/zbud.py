@@ -127,7 +127,6 @@ class ZbudPool(Pool):
                 self.max_pages_used = self.pages_used
         if size >= _HUGE_SIZE:
             self.huge_objects += 1
-        self.objects += 1
         self.bytes_stored += size
         return self._take_handle(f << _FRAME_SHIFT | buddy | (size - 1) << _SIZE_SHIFT | LIVE)
 

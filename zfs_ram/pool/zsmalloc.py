@@ -331,7 +331,6 @@ class ZsmallocPool(Pool):
                 c.unlink(z)
                 c.link(z, g)
             c.obj_used += 1
-        self.objects += 1
         self.bytes_stored += size
         return h
 
