@@ -99,10 +99,21 @@ def run_mount8(mount_command: str, mountpoint: Path, tmp_path: Path) -> dict[str
     (bindir / "zfs_ram").symlink_to(Path(sys.executable).parent / "zfs_ram")
     env = dict(os.environ, MNT=str(mountpoint), BIN=str(bindir))
     result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         NAMESPACE_SCRIPT.format(mount_command=mount_command)],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            NAMESPACE_SCRIPT.format(mount_command=mount_command),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == "daemon-exited"
     facts: dict[str, str] = {}

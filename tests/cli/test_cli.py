@@ -248,10 +248,18 @@ def test_signal_during_writes_unmounts_and_exits_0(mountpoint: Path, signum: int
     log = mountpoint.parent / "daemon.log"
     with open(log, "wb") as log_file:
         daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "zfs-ram"), "mount", "-f", str(mountpoint),
-             "-o", "size=256m"],
-            stdout=log_file, stderr=subprocess.STDOUT, env=cli_env(),
-        )  # fmt: skip
+            [
+                str(Path(sys.executable).parent / "zfs-ram"),
+                "mount",
+                "-f",
+                str(mountpoint),
+                "-o",
+                "size=256m",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+        )
     try:
         deadline = time.monotonic() + 30
         while not (mounted(mountpoint) and os.path.ismount(mountpoint)):
@@ -328,8 +336,12 @@ def test_fstab_line(mountpoint: Path, tmp_path: Path) -> None:
 def test_mount_helper_without_source_and_options_first(mountpoint: Path) -> None:
     result = subprocess.run(
         [str(Path(sys.executable).parent / "zfs_ram"), "-o", "size=4m", str(mountpoint)],
-        capture_output=True, text=True, env=cli_env(), timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert _statvfs_size(mountpoint) == 4 * MIB
 
@@ -338,8 +350,10 @@ def test_mount_helper_errors_are_one_line(tmp_path: Path) -> None:
     helper = str(Path(sys.executable).parent / "zfs_ram")
     result = subprocess.run(
         [helper, "zfs_ram", str(tmp_path / "missing"), "-o", "size=1m"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 1
     assert one_error_line(result).endswith("does not exist")
     result = subprocess.run([helper, "a", "b", "c"], capture_output=True, text=True, check=False)
@@ -384,8 +398,11 @@ def test_stat_without_mountpoint_lists_every_zfs_ram_mount(tmp_path: Path) -> No
         assert by_mountpoint[str(b)]["fs"]["pool"] == "zbud"
         piped = subprocess.run(
             f"'{Path(sys.executable).parent / 'zfs-ram'}' stat --json | head -c 1",
-            shell=True, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            shell=True,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert "Traceback" not in piped.stderr
     finally:
         for path in (a, b):

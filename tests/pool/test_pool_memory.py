@@ -118,8 +118,9 @@ def test_an_emptied_pool_drops_its_tables_and_still_works(kind: str) -> None:
         if kind == "zsmalloc":  # and the per-zspage arrays: what stays is the frame stack
             assert after - fresh <= (peak - fresh) // 4, (fresh, peak, after)
         # The fresh tables work: objects stored again read back, in every class.
-        again = {pool.store(bytes([i % 251]) * size): (i, size)
-                 for i, size in enumerate(sizes[:3000])}
+        again = {
+            pool.store(bytes([i % 251]) * size): (i, size) for i, size in enumerate(sizes[:3000])
+        }
         for handle, (i, size) in again.items():
             assert pool.read(handle) == bytes([i % 251]) * size
         pool.check()

@@ -104,21 +104,31 @@ def verify(root: Path, digests: dict[str, str]) -> None:
 
 @pytest.mark.timeout(180 if SOAK else 90)
 @pytest.mark.parametrize("pool", ["zsmalloc", "zbud"])
-def test_parallel_writers_renamers_and_deleters_lose_nothing(
-    zfs_ram_mount: Any, pool: str
-) -> None:
+def test_parallel_writers_renamers_and_deleters_lose_nothing(zfs_ram_mount: Any, pool: str) -> None:
     mount = zfs_ram_mount(HARD_COMPACTION, pool=pool)
     mnt = mount.path
-    fsx = [sys.executable, "-m", "zfs_ram.testing.fsx", "--mount", str(mnt),
-           "--ops", str(CONCURRENT_OPS), "--compact-every", "0"]  # fmt: skip
+    fsx = [
+        sys.executable,
+        "-m",
+        "zfs_ram.testing.fsx",
+        "--mount",
+        str(mnt),
+        "--ops",
+        str(CONCURRENT_OPS),
+        "--compact-every",
+        "0",
+    ]
     procs = {
-        "fsx-1": subprocess.Popen([*fsx, "--seed", "1"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT),
-        "fsx-2": subprocess.Popen([*fsx, "--seed", "2", "--no-mmap"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT),
-        "churn": subprocess.Popen([*fsx, "--seed", "3", "--churn", "2"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
-    }  # fmt: skip
+        "fsx-1": subprocess.Popen(
+            [*fsx, "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ),
+        "fsx-2": subprocess.Popen(
+            [*fsx, "--seed", "2", "--no-mmap"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ),
+        "churn": subprocess.Popen(
+            [*fsx, "--seed", "3", "--churn", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ),
+    }
     compactions = 0
     while any(p.poll() is None for p in procs.values()):
         mount.compact()  # on top of the background compactor, as often as it goes
@@ -249,9 +259,11 @@ def test_at_mem_limit_a_write_that_fits_after_compaction_succeeds(
         with open(mnt / name, "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             assert f.read() == expected[name], name
-    print(f"{pool}: {len(names)} pages filled {full['mem_used_total'] // PAGE} frames;"
-          f" {len(again) - failed} of {len(again)} incompressible pages fit after deleting"
-          f" {len(deleted)}")  # fmt: skip
+    print(
+        f"{pool}: {len(names)} pages filled {full['mem_used_total'] // PAGE} frames;"
+        f" {len(again) - failed} of {len(again)} incompressible pages fit after deleting"
+        f" {len(deleted)}"
+    )
 
 
 # ---- no leaks
@@ -289,9 +301,7 @@ def test_creating_and_deleting_many_files_leaks_nothing(zfs_ram_mount: Any) -> N
 
 @pytest.mark.timeout(300 if SOAK else 90)
 @pytest.mark.parametrize("pool", ["zsmalloc", "zbud"])
-def test_writing_and_deleting_256_mib_gives_the_memory_back(
-    zfs_ram_mount: Any, pool: str
-) -> None:
+def test_writing_and_deleting_256_mib_gives_the_memory_back(zfs_ram_mount: Any, pool: str) -> None:
     mount = zfs_ram_mount("", pool=pool)
     rng = random.Random(5)
     block = b"".join(page_of(rng, rng.choice(["random", "text", "half"])) for _ in range(256))

@@ -98,8 +98,9 @@ def test_an_emptied_pool_gets_the_c_heap_trimmed_once_things_are_quiet() -> None
     kept = pool.store(b"k" * 1000)
     handles = [pool.store(bytes([i % 251]) * 1000) for i in range(OBJECTS)]
     trims: list[int] = []
-    compactor = Compactor(pool, auto=True, min_pages=1, batch=4,
-                          release_heap=lambda: trims.append(pool.objects))
+    compactor = Compactor(
+        pool, auto=True, min_pages=1, batch=4, release_heap=lambda: trims.append(pool.objects)
+    )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -57,8 +57,10 @@ def real_dir(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     paths = []
     for i in range(40):
         path = root / f"f{i:02d}"
-        body = (f"line {i} of a text file\n" * (i * 40 + 1)).encode() if i % 2 else os.urandom(
-            i * 1000 + 1
+        body = (
+            (f"line {i} of a text file\n" * (i * 40 + 1)).encode()
+            if i % 2
+            else os.urandom(i * 1000 + 1)
         )
         path.write_bytes(body)
         paths.append(str(path))
@@ -195,8 +197,12 @@ def _mm(compr: int, mem: int, compacted: int = 0) -> MmStat:
 def fake_run(arm: str = "zsmalloc-off", fraction: float = 0.5) -> RunResult:
     """fill: 100 MiB compr in 102 MiB; delete frees 50 compr but only 20 mem; compact fixes it."""
     run = RunResult(arm=arm, fraction=fraction, target={"name": arm})
-    figures = {"fill": (100, 102, 0), "delete": (50, 82, 0), "wait": (50, 82, 0),
-               "compact": (50, 52, 30 * 256)}
+    figures = {
+        "fill": (100, 102, 0),
+        "delete": (50, 82, 0),
+        "wait": (50, 82, 0),
+        "compact": (50, 52, 30 * 256),
+    }
     for i, stage in enumerate(STAGES):
         compr, mem, compacted = figures[stage]
         sample = Sample(float(i), _mm(compr * MIB, mem * MIB, compacted), 200 * MIB - i * MIB)
@@ -336,10 +342,14 @@ def test_run_experiment_records_failures_and_tears_down(
     good, bad = DirTarget(str(tmp_path)), DirTarget(str(tmp_path), fail_on="compact")
     bad.base = os.path.join(str(tmp_path), "bad")
     os.mkdir(bad.base)
-    result = run_experiment(fs, [("good", lambda f: good), ("bad", lambda f: bad)], [0.25, 0.75],
-                            wait=0.0, retries=1)
+    result = run_experiment(
+        fs, [("good", lambda f: good), ("bad", lambda f: bad)], [0.25, 0.75], wait=0.0, retries=1
+    )
     assert [(r.arm, r.fraction) for r in result.runs] == [
-        ("good", 0.25), ("good", 0.75), ("bad", 0.25), ("bad", 0.75)
+        ("good", 0.25),
+        ("good", 0.75),
+        ("bad", 0.25),
+        ("bad", 0.75),
     ]
     assert [r.error for r in result.runs[:2]] == [None, None]
     assert all("compaction failed" in (r.error or "") for r in result.runs[2:])
@@ -349,9 +359,7 @@ def test_run_experiment_records_failures_and_tears_down(
     assert "retried bad at 25% after: RuntimeError" in render_table(result)
 
 
-def test_run_experiment_retry_can_succeed(
-    real_dir: list[str], tmp_path: os.PathLike[str]
-) -> None:
+def test_run_experiment_retry_can_succeed(real_dir: list[str], tmp_path: os.PathLike[str]) -> None:
     fs = small_set(real_dir, size=MIB // 4)
     flaky = DirTarget(str(tmp_path), fail_on="compact")
 
@@ -460,7 +468,9 @@ def test_real_run_zsmalloc_arms(real_dir: list[str], tmp_path: os.PathLike[str])
 def test_module_runs_as_script() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "zfs_ram.experiments", "--help"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0 and "--fractions" in proc.stdout
 
@@ -495,13 +505,18 @@ def _demo_mounts() -> list[str]:
 @pytest.mark.timeout(120)
 def test_fragmentation_sh_prints_four_stages() -> None:
     """examples/fragmentation.sh as `./run demo` calls it, small: one line per stage."""
-    script = os.path.join(os.path.dirname(__file__), "..", "examples", "fragmentation.sh")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "fragmentation.sh")
     env = dict(os.environ, WAIT="0.5", MIN_KIB="64")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     before = _demo_mounts()
     try:
-        proc = subprocess.run(["bash", script, "0.5", "4", "zsmalloc", "off", "3"],
-                              capture_output=True, text=True, timeout=110, env=env)
+        proc = subprocess.run(
+            ["bash", script, "0.5", "4", "zsmalloc", "off", "3"],
+            capture_output=True,
+            text=True,
+            timeout=110,
+            env=env,
+        )
     finally:
         leftover = [m for m in _demo_mounts() if m not in before]
         for line in leftover:
@@ -526,10 +541,24 @@ def test_sigterm_mid_run_still_unmounts(tmp_path: os.PathLike[str]) -> None:
     import time
 
     before = _experiment_mounts()
-    cmd = [sys.executable, "-m", "zfs_ram.experiments", "--arms", "zsmalloc-off", "--size-mib",
-           "2", "--fractions", "0.5", "--wait", "60", "--out", str(tmp_path)]
-    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True) as proc:
+    cmd = [
+        sys.executable,
+        "-m",
+        "zfs_ram.experiments",
+        "--arms",
+        "zsmalloc-off",
+        "--size-mib",
+        "2",
+        "--fractions",
+        "0.5",
+        "--wait",
+        "60",
+        "--out",
+        str(tmp_path),
+    ]
+    with subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as proc:
         try:
             assert proc.stderr is not None
             for line in proc.stderr:  # one line per stage: wait until the delete is done

@@ -57,8 +57,11 @@ def request_meter(mount: Any) -> Callable[[], int]:
 def test_copy_a_real_tree_and_diff(mnt: Path) -> None:
     source = Path("/usr/share/doc")
     sh("cp", "-a", str(source), str(mnt / "doc"))
-    result = subprocess.run(["diff", "-r", "--no-dereference", str(source), str(mnt / "doc")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["diff", "-r", "--no-dereference", str(source), str(mnt / "doc")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     # Metadata survived cp -a too: a sample of modes and mtimes.
     for path in list(source.rglob("*"))[:200]:
@@ -100,8 +103,11 @@ def test_enospc_at_size_keeps_earlier_files(zfs_ram_mount: Any) -> None:
     mnt = Path(zfs_ram_mount("size=4m").path)
     keep = os.urandom(PAGE * 100)
     (mnt / "keep").write_bytes(keep)
-    result = subprocess.run(["dd", "if=/dev/urandom", f"of={mnt}/fill", "bs=64k", "count=100"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["dd", "if=/dev/urandom", f"of={mnt}/fill", "bs=64k", "count=100"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "No space left on device" in result.stderr
     assert (mnt / "fill").stat().st_size == 4 * 1024 * 1024 - len(keep)
     assert (mnt / "keep").read_bytes() == keep
@@ -240,8 +246,10 @@ def test_chmod_chown_utimens_and_ctime(mnt: Path) -> None:
     assert (st.st_uid, st.st_gid) == (1234, 5678)
     os.utime(path, ns=(1_234_567_891_234_567_891, 1_111_111_111_222_222_222))
     st = path.stat()
-    assert (st.st_atime_ns, st.st_mtime_ns) == (1_234_567_891_234_567_891,
-                                                1_111_111_111_222_222_222)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (
+        1_234_567_891_234_567_891,
+        1_111_111_111_222_222_222,
+    )
     os.setxattr(path, "user.tag", b"value")
     assert os.getxattr(path, "user.tag") == b"value"
     assert "user.tag" in os.listxattr(path)
@@ -297,7 +305,6 @@ def test_deleting_files_returns_pool_memory(zfs_ram_mount: Any) -> None:
     empty = mount.mm_stat()
     assert empty["orig_data_size"] == 0 and empty["compr_data_size"] == 0
     assert empty["mem_used_total"] == 0
-
 
 
 def test_fsync_and_close_cost_no_requests(zfs_ram_mount: Any) -> None:
@@ -374,9 +381,12 @@ def test_noxattr_saves_the_getxattr_before_each_write(zfs_ram_mount: Any, option
     assert path.read_bytes() == b"".join(bytes([i]) * PAGE for i in range(50))
     if options:
         assert per_write == 1  # WRITE only
-        for call in (lambda: os.setxattr(path, "user.a", b"1"),
-                     lambda: os.getxattr(path, "user.a"), lambda: os.listxattr(path),
-                     lambda: os.removexattr(path, "user.a")):
+        for call in (
+            lambda: os.setxattr(path, "user.a", b"1"),
+            lambda: os.getxattr(path, "user.a"),
+            lambda: os.listxattr(path),
+            lambda: os.removexattr(path, "user.a"),
+        ):
             with pytest.raises(OSError) as excinfo:
                 call()
             assert excinfo.value.errno == errno.EOPNOTSUPP

@@ -37,8 +37,10 @@ def as_comparable(encoded: list[codec.Encoded]) -> list[object]:
     return [e if isinstance(e, int) else bytes(e) for e in encoded]
 
 
-@pytest.mark.parametrize("count", [1, codec.PARALLEL_MIN_PAGES - 1, codec.PARALLEL_MIN_PAGES,
-                                   codec.PARALLEL_MIN_PAGES + 1, 256])
+@pytest.mark.parametrize(
+    "count",
+    [1, codec.PARALLEL_MIN_PAGES - 1, codec.PARALLEL_MIN_PAGES, codec.PARALLEL_MIN_PAGES + 1, 256],
+)
 def test_two_threads_encode_as_one(count: int) -> None:
     pages = mixed_pages(count, count)
     encoded = codec.encode_pages(pages, HUGE)

@@ -68,18 +68,32 @@ def user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", USER], check=True)  # fmt: skip
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
+            check=True,
+        )
         return pwd.getpwnam(USER)
 
 
 def as_user(who: pwd.struct_passwd, actions: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
     """Run the actions as the user; each result is "OK", a value or an errno name."""
     done = subprocess.run(
-        ["setpriv", f"--reuid={who.pw_uid}", f"--regid={who.pw_gid}", "--clear-groups",
-         USER_PYTHON, "-c", PROBE, json.dumps(actions)],
-        capture_output=True, text=True, timeout=SNIPPET_TIMEOUT, check=False, cwd="/",
-    )  # fmt: skip
+        [
+            "setpriv",
+            f"--reuid={who.pw_uid}",
+            f"--regid={who.pw_gid}",
+            "--clear-groups",
+            USER_PYTHON,
+            "-c",
+            PROBE,
+            json.dumps(actions),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SNIPPET_TIMEOUT,
+        check=False,
+        cwd="/",
+    )
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result
@@ -109,12 +123,15 @@ def test_without_allow_other_the_user_is_locked_out(
 ) -> None:
     mount = public_mounts("size=8m")
     (mount.path / "f").write_text("root's")
-    got = as_user(user, {
-        "stat": ("stat", [str(mount.path)]),
-        "list": ("listdir", [str(mount.path)]),
-        "read": ("read", [str(mount.path / "f")]),
-        "stats": ("read", [str(mount.control / "mm_stat")]),
-    })  # fmt: skip
+    got = as_user(
+        user,
+        {
+            "stat": ("stat", [str(mount.path)]),
+            "list": ("listdir", [str(mount.path)]),
+            "read": ("read", [str(mount.path / "f")]),
+            "stats": ("read", [str(mount.control / "mm_stat")]),
+        },
+    )
     assert got == {"stat": "EACCES", "list": "EACCES", "read": "EACCES", "stats": "EACCES"}
 
 
@@ -130,28 +147,41 @@ def test_with_allow_other_the_kernel_enforces_modes_and_the_sticky_bit(
     (mnt / "shared").mkdir(mode=0o755)
     (mnt / "open").write_text("anyone")
     (mnt / "open").chmod(0o666)
-    got = as_user(user, {
-        "read": ("read", [str(mnt / "rootfile")]),
-        "write": ("write", [str(mnt / "rootfile"), "x"]),
-        "unlink": ("unlink", [str(mnt / "rootfile")]),
-        "rename": ("rename", [str(mnt / "rootfile"), str(mnt / "taken")]),
-        "chmod": ("chmod", [str(mnt / "rootfile"), 0o666]),
-        "chown": ("chown", [str(mnt / "rootfile"), user.pw_uid, -1]),
-        "utime": ("utime", [str(mnt / "rootfile")]),
-        "setxattr": ("setxattr", [str(mnt / "rootfile"), "user.x", "1"]),
-        "private": ("listdir", [str(mnt / "private")]),
-        "in_755_dir": ("write", [str(mnt / "shared" / "x"), "x"]),
-        "write_666": ("write", [str(mnt / "open"), "mine"]),
-        "unlink_666": ("unlink", [str(mnt / "open")]),  # sticky: not the owner
-        "create": ("write", [str(mnt / "mine"), "mine"]),
-        "chmod_own": ("chmod", [str(mnt / "mine"), 0o600]),
-    })  # fmt: skip
+    got = as_user(
+        user,
+        {
+            "read": ("read", [str(mnt / "rootfile")]),
+            "write": ("write", [str(mnt / "rootfile"), "x"]),
+            "unlink": ("unlink", [str(mnt / "rootfile")]),
+            "rename": ("rename", [str(mnt / "rootfile"), str(mnt / "taken")]),
+            "chmod": ("chmod", [str(mnt / "rootfile"), 0o666]),
+            "chown": ("chown", [str(mnt / "rootfile"), user.pw_uid, -1]),
+            "utime": ("utime", [str(mnt / "rootfile")]),
+            "setxattr": ("setxattr", [str(mnt / "rootfile"), "user.x", "1"]),
+            "private": ("listdir", [str(mnt / "private")]),
+            "in_755_dir": ("write", [str(mnt / "shared" / "x"), "x"]),
+            "write_666": ("write", [str(mnt / "open"), "mine"]),
+            "unlink_666": ("unlink", [str(mnt / "open")]),  # sticky: not the owner
+            "create": ("write", [str(mnt / "mine"), "mine"]),
+            "chmod_own": ("chmod", [str(mnt / "mine"), 0o600]),
+        },
+    )
     assert got == {
-        "read": "root's", "write": "EACCES", "unlink": "EPERM", "rename": "EPERM",
-        "chmod": "EPERM", "chown": "EPERM", "utime": "EACCES", "setxattr": "EACCES",
-        "private": "EACCES", "in_755_dir": "EACCES", "write_666": 4, "unlink_666": "EPERM",
-        "create": 4, "chmod_own": "OK",
-    }  # fmt: skip
+        "read": "root's",
+        "write": "EACCES",
+        "unlink": "EPERM",
+        "rename": "EPERM",
+        "chmod": "EPERM",
+        "chown": "EPERM",
+        "utime": "EACCES",
+        "setxattr": "EACCES",
+        "private": "EACCES",
+        "in_755_dir": "EACCES",
+        "write_666": 4,
+        "unlink_666": "EPERM",
+        "create": 4,
+        "chmod_own": "OK",
+    }
     assert (mnt / "rootfile").read_text() == "root's"
     assert (mnt / "open").read_text() == "minene"  # four bytes over "anyone"
     assert not (mnt / "shared" / "x").exists() and not (mnt / "taken").exists()
@@ -168,25 +198,39 @@ def test_a_write_by_another_user_clears_setuid_and_group_exec_setgid(
 ) -> None:
     mount = public_mounts("size=8m,allow_other")
     mnt = mount.path
-    modes = {"suid": 0o4777, "sgid": 0o2777, "both": 0o6777, "trunc": 0o4777, "plain": 0o777,
-             "sgid_noexec": 0o2666}
+    modes = {
+        "suid": 0o4777,
+        "sgid": 0o2777,
+        "both": 0o6777,
+        "trunc": 0o4777,
+        "plain": 0o777,
+        "sgid_noexec": 0o2666,
+    }
     for name, mode in modes.items():
         (mnt / name).write_text("data")
         (mnt / name).chmod(mode)
-    got = as_user(user, {
-        "suid": ("write", [str(mnt / "suid"), "x"]),
-        "sgid": ("write", [str(mnt / "sgid"), "x"]),
-        "both": ("write", [str(mnt / "both"), "x"]),
-        "trunc": ("truncate", [str(mnt / "trunc"), 0]),
-        "plain": ("write", [str(mnt / "plain"), "x"]),
-        # Not group-executable: tmpfs still clears setgid for a writer outside the group.
-        "sgid_noexec": ("write", [str(mnt / "sgid_noexec"), "x"]),
-    })  # fmt: skip
-    assert got == {"suid": 1, "sgid": 1, "both": 1, "trunc": "OK", "plain": 1,
-                   "sgid_noexec": 1}  # fmt: skip
+    got = as_user(
+        user,
+        {
+            "suid": ("write", [str(mnt / "suid"), "x"]),
+            "sgid": ("write", [str(mnt / "sgid"), "x"]),
+            "both": ("write", [str(mnt / "both"), "x"]),
+            "trunc": ("truncate", [str(mnt / "trunc"), 0]),
+            "plain": ("write", [str(mnt / "plain"), "x"]),
+            # Not group-executable: tmpfs still clears setgid for a writer outside the group.
+            "sgid_noexec": ("write", [str(mnt / "sgid_noexec"), "x"]),
+        },
+    )
+    assert got == {"suid": 1, "sgid": 1, "both": 1, "trunc": "OK", "plain": 1, "sgid_noexec": 1}
     after = {name: stat.S_IMODE((mnt / name).stat().st_mode) for name in modes}
-    assert after == {"suid": 0o777, "sgid": 0o777, "both": 0o777, "trunc": 0o777,
-                     "plain": 0o777, "sgid_noexec": 0o666}  # fmt: skip
+    assert after == {
+        "suid": 0o777,
+        "sgid": 0o777,
+        "both": 0o777,
+        "trunc": 0o777,
+        "plain": 0o777,
+        "sgid_noexec": 0o666,
+    }
     # Root's own write keeps the bits (CAP_FSETID), as on tmpfs.
     (mnt / "rootsuid").write_text("data")
     (mnt / "rootsuid").chmod(0o4755)
@@ -200,16 +244,19 @@ def test_only_the_mount_owner_may_write_control_files_but_anyone_may_read(
 ) -> None:
     mount = public_mounts("size=8m,mem_limit=16m,allow_other")
     ctl = mount.control
-    got = as_user(user, {
-        "mm_stat": ("read", [str(ctl / "mm_stat")]),
-        "stats": ("read", [str(ctl / "stats.json")]),
-        "classes": ("read", [str(ctl / "classes")]),
-        "mem_limit": ("read", [str(ctl / "mem_limit")]),
-        "pid": ("read", [str(ctl / "pid")]),
-        "compact": ("write", [str(ctl / "compact"), "1"]),
-        "set_limit": ("write", [str(ctl / "mem_limit"), "0"]),
-        "reset_max": ("write", [str(ctl / "mem_used_max"), "0"]),
-    })  # fmt: skip
+    got = as_user(
+        user,
+        {
+            "mm_stat": ("read", [str(ctl / "mm_stat")]),
+            "stats": ("read", [str(ctl / "stats.json")]),
+            "classes": ("read", [str(ctl / "classes")]),
+            "mem_limit": ("read", [str(ctl / "mem_limit")]),
+            "pid": ("read", [str(ctl / "pid")]),
+            "compact": ("write", [str(ctl / "compact"), "1"]),
+            "set_limit": ("write", [str(ctl / "mem_limit"), "0"]),
+            "reset_max": ("write", [str(ctl / "mem_used_max"), "0"]),
+        },
+    )
     assert len(got["mm_stat"].split()) == 9
     assert json.loads(got["stats"])["pid"] == mount.pid
     assert "obj_allocated" in got["classes"]

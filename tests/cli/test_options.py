@@ -226,12 +226,38 @@ def test_mount_fuse3_style_string_is_accepted() -> None:
 @pytest.mark.parametrize(
     "generic",
     [
-        "rw", "defaults", "auto", "noauto", "user", "nouser", "nofail", "_netdev", "nosuid",
-        "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime", "relatime", "norelatime",
-        "strictatime", "nodiratime", "diratime", "sync", "async", "dirsync", "lazytime",
-        "nolazytime", "silent", "loud", "x-gvfs-show", "comment=x-foo",
+        "rw",
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "nofail",
+        "_netdev",
+        "nosuid",
+        "suid",
+        "nodev",
+        "dev",
+        "noexec",
+        "exec",
+        "noatime",
+        "atime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nodiratime",
+        "diratime",
+        "sync",
+        "async",
+        "dirsync",
+        "lazytime",
+        "nolazytime",
+        "silent",
+        "loud",
+        "x-gvfs-show",
+        "comment=x-foo",
     ],
-)  # fmt: skip
+)
 def test_generic_mount_options_are_accepted(generic: str) -> None:
     opts = fuse(generic)
     # Passed on only if libfuse 3.14 accepts it (probed), dropped otherwise.

@@ -161,8 +161,9 @@ def _foreground(mountpoint: Path, log: Path, *args: str) -> subprocess.Popen[byt
     with open(log, "wb") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "zfs_ram", "mount", "-f", str(mountpoint), *args],
-            stdout=f, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait_mounted(proc: subprocess.Popen[bytes], mountpoint: Path, log: Path) -> None:
@@ -219,8 +220,11 @@ def test_log_option_in_the_background(mountpoint: Path, tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
     result = subprocess.run(
         [sys.executable, "-m", "zfs_ram", "mount", str(mountpoint), "-o", f"log={log}"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == result.stderr == ""
     pid = int((mountpoint / ".zfs_ram" / "pid").read_text())
@@ -331,9 +335,10 @@ def test_systemd_notify_ready_and_stopping(mountpoint: Path, tmp_path: Path) -> 
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "zfs_ram", "mount", "-f", str(mountpoint)],
-            stdout=f, stderr=subprocess.STDOUT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
             env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")),
-        )  # fmt: skip
+        )
     try:
         ready = sock.recv(4096).decode()
         assert "READY=1" in ready.splitlines()

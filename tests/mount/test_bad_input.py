@@ -101,10 +101,12 @@ def test_the_daemon_checks_name_lengths_itself() -> None:
         with pytest.raises(pyfuse3.FUSEError) as excinfo:
             await ops.create(ROOT_INODE, long, 0o644, os.O_RDWR, ctx)
         assert excinfo.value.errno == errno.ENAMETOOLONG
-        for request in (ops.mkdir(ROOT_INODE, long, 0o755, ctx),
-                        ops.lookup(ROOT_INODE, long, ctx),
-                        ops.symlink(ROOT_INODE, long, b"t", ctx),
-                        ops.unlink(ROOT_INODE, long, ctx)):  # fmt: skip
+        for request in (
+            ops.mkdir(ROOT_INODE, long, 0o755, ctx),
+            ops.lookup(ROOT_INODE, long, ctx),
+            ops.symlink(ROOT_INODE, long, b"t", ctx),
+            ops.unlink(ROOT_INODE, long, ctx),
+        ):
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
                 await request
             assert excinfo.value.errno == errno.ENAMETOOLONG
@@ -153,10 +155,12 @@ def test_the_daemon_checks_xattr_limits_itself() -> None:
         ctx = Ctx()
         info, attrs = await ops.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ctx)
         ino = attrs.st_ino
-        for name, value, code in ((b"user." + b"n" * 251, b"v", errno.ERANGE),
-                                  (b"", b"v", errno.ERANGE),
-                                  (b"user.big", b"v" * 65537, errno.E2BIG),
-                                  (b"nope.x", b"v", errno.EOPNOTSUPP)):  # fmt: skip
+        for name, value, code in (
+            (b"user." + b"n" * 251, b"v", errno.ERANGE),
+            (b"", b"v", errno.ERANGE),
+            (b"user.big", b"v" * 65537, errno.E2BIG),
+            (b"nope.x", b"v", errno.EOPNOTSUPP),
+        ):
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
                 await ops.setxattr(ino, name, value, ctx)
             assert excinfo.value.errno == code, name
@@ -170,12 +174,20 @@ def test_the_daemon_checks_xattr_limits_itself() -> None:
 
 
 CONTROL_GARBAGE = [
-    ("compact", b"2"), ("compact", b"yes"), ("compact", b"\xff\x00"), ("compact", b"1\n1"),
+    ("compact", b"2"),
+    ("compact", b"yes"),
+    ("compact", b"\xff\x00"),
+    ("compact", b"1\n1"),
     ("compact", b"1" * 100_000),
-    ("mem_limit", b"abc"), ("mem_limit", b"-1"), ("mem_limit", b"12q"),
-    ("mem_limit", b"1e9"), ("mem_limit", b"0x10"), ("mem_limit", b"\n"),
-    ("mem_used_max", b"5"), ("mem_used_max", b"reset"),
-]  # fmt: skip
+    ("mem_limit", b"abc"),
+    ("mem_limit", b"-1"),
+    ("mem_limit", b"12q"),
+    ("mem_limit", b"1e9"),
+    ("mem_limit", b"0x10"),
+    ("mem_limit", b"\n"),
+    ("mem_used_max", b"5"),
+    ("mem_used_max", b"reset"),
+]
 
 
 @pytest.mark.mount
@@ -300,7 +312,9 @@ def test_huge_offsets_are_holes_that_cost_nothing(mount: Any) -> None:
         assert os.pread(fd, 1, MAX_FILE_SIZE - 2) == b"\0"
         # One byte further cannot be expressed: the kernel refuses it before the daemon.
         assert errno_of(lambda: os.pwrite(fd, b"zz", MAX_FILE_SIZE - 1)) in (
-            errno.EFBIG, errno.EINVAL)  # fmt: skip
+            errno.EFBIG,
+            errno.EINVAL,
+        )
         assert errno_of(lambda: os.ftruncate(fd, -1)) == errno.EINVAL
         os.ftruncate(fd, 0)
         os.ftruncate(fd, MAX_FILE_SIZE)

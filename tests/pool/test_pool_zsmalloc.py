@@ -35,7 +35,7 @@ def payload(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def class_row(pool: ZsmallocPool, size: int):  # noqa: ANN201 - a ClassStats
+def class_row(pool: ZsmallocPool, size: int):
     """The class_statistics() row of the class that a request of `size` bytes lands in."""
     rows = [r for r in pool.class_statistics() if r.size >= size]
     return min(rows, key=lambda r: r.size)
@@ -455,7 +455,7 @@ def _corrupt_free_frame(p: ZsmallocPool) -> None:
         _corrupt_free_frame,
     ],
 )
-def test_check_catches_corruption(corrupt) -> None:  # noqa: ANN001
+def test_check_catches_corruption(corrupt) -> None:
     p = filled()
     try:
         corrupt(p)

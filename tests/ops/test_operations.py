@@ -25,8 +25,9 @@ CTX = Ctx()
 run = run_ops
 
 
-async def create(ops: ZfsRamOperations, name: bytes, parent: int = ROOT_INODE,
-                 mode: int = 0o644) -> tuple[int, int]:
+async def create(
+    ops: ZfsRamOperations, name: bytes, parent: int = ROOT_INODE, mode: int = 0o644
+) -> tuple[int, int]:
     info, attrs = await ops.create(parent, name, mode, os.O_RDWR, CTX)
     return info.fh, attrs.st_ino
 
@@ -274,8 +275,11 @@ def test_xattrs_namespaces_and_limits() -> None:
         await ops.setxattr(ino, b"trusted.t", b"1", CTX)
         await ops.setxattr(ino, b"security.s", b"2", CTX)
         assert await ops.getxattr(ino, b"user.colour", CTX) == b"blue"
-        assert sorted(await ops.listxattr(ino, CTX)) == [b"security.s", b"trusted.t",
-                                                        b"user.colour"]
+        assert sorted(await ops.listxattr(ino, CTX)) == [
+            b"security.s",
+            b"trusted.t",
+            b"user.colour",
+        ]
         cases = [
             (b"system.foo", b"v", errno.EOPNOTSUPP),
             (b"user." + b"n" * 251, b"v", errno.ERANGE),
@@ -443,15 +447,21 @@ def test_mass_delete_gives_the_metadata_capacity_back() -> None:
             inos.append(ino)
         directory = ops.inodes[d.st_ino].dir
         assert directory is not None
-        peak = [sys.getsizeof(directory.entries), sys.getsizeof(directory.cookies),
-                sys.getsizeof(ops.inodes)]  # fmt: skip
+        peak = [
+            sys.getsizeof(directory.entries),
+            sys.getsizeof(directory.cookies),
+            sys.getsizeof(ops.inodes),
+        ]
         keep = set(names[::1000])
         for name, ino in zip(names, inos, strict=True):
             if name not in keep:
                 await ops.unlink(d.st_ino, name, CTX)
                 ops.forget([(ino, 1)])
-        after = [sys.getsizeof(directory.entries), sys.getsizeof(directory.cookies),
-                 sys.getsizeof(ops.inodes)]  # fmt: skip
+        after = [
+            sys.getsizeof(directory.entries),
+            sys.getsizeof(directory.cookies),
+            sys.getsizeof(ops.inodes),
+        ]
         for before, now in zip(peak, after, strict=True):
             assert now < before // 10, (peak, after)
         # What is left still works: names, listing and data.

@@ -10,7 +10,7 @@ from conftest import cli_env, requires_fuse, run_mount8
 
 from zfs_ram.daemon.lifecycle import find_mount
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPT = EXAMPLES / "ci-scratch.sh"
 MM_STAT = re.compile(r"^mm_stat:((?:\s+\d+){9})$", re.MULTILINE)
 
@@ -21,8 +21,12 @@ def run_script(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[
     env["TMPDIR"] = str(tmp_path)
     result = subprocess.run(
         ["bash", str(SCRIPT), *args],
-        capture_output=True, text=True, env=env, timeout=110, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=110,
+        check=False,
+    )
     match = re.search(r"^scratch: (\S+) ", result.stdout, re.MULTILINE)
     assert match, result.stdout + result.stderr
     return result, Path(match.group(1))
@@ -48,9 +52,11 @@ def test_ci_scratch_demo_job(tmp_path: Path) -> None:
 @requires_fuse
 def test_ci_scratch_runs_a_command_and_keeps_its_failure(tmp_path: Path) -> None:
     result, mnt = run_script(
-        "sh", "-c", 'test "$PWD" = "$SCRATCH" && head -c 100000 /dev/zero > z && exit 7',
+        "sh",
+        "-c",
+        'test "$PWD" = "$SCRATCH" && head -c 100000 /dev/zero > z && exit 7',
         tmp_path=tmp_path,
-    )  # fmt: skip
+    )
     assert result.returncode == 7, result.stdout + result.stderr
     stats = MM_STAT.search(result.stdout)
     assert stats, result.stdout

@@ -173,7 +173,7 @@ def _corrupt_free_frame(p: ZbudPool) -> None:
 @pytest.mark.parametrize(
     "corrupt", [_corrupt_chunks, _corrupt_list, _corrupt_handle, _corrupt_mask, _corrupt_free_frame]
 )
-def test_check_catches_corruption(corrupt) -> None:  # noqa: ANN001
+def test_check_catches_corruption(corrupt) -> None:
     p = ZbudPool()
     try:
         rng = random.Random(1)

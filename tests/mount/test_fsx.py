@@ -134,8 +134,14 @@ def test_churn_content_detects_torn_files() -> None:
 def test_fsx_on_a_mount_with_compaction_forced(zfs_ram_mount: Any, pool: str) -> None:
     mount = zfs_ram_mount(HARD_COMPACTION, pool=pool)
     seed = {"zsmalloc": 11, "zbud": 12}[pool]
-    cfg = FsxConfig(root=mount.path / "fsx", seed=seed, ops=FSX_OPS, compact_every=10,
-                    control=mount.control, check_accounting=True)  # fmt: skip
+    cfg = FsxConfig(
+        root=mount.path / "fsx",
+        seed=seed,
+        ops=FSX_OPS,
+        compact_every=10,
+        control=mount.control,
+        check_accounting=True,
+    )
     result = Fsx(cfg).run()  # raises FsxFailure with the replay recipe
     assert result.compactions == FSX_OPS // 10 + 1
     print(f"fsx {pool}: {result}")

@@ -89,8 +89,11 @@ def test_single_page_overwrites_keep_contents_and_accounting(kind: str) -> None:
             assert store.write(data, number * PAGE, content) == PAGE
         except NoSpaceError as error:
             assert (error.written, error.physical) == (0, False)
-            assert (data.size, store.stored_pages,
-                    store.read(data, number * PAGE, PAGE)) == before  # nothing changed
+            assert (
+                data.size,
+                store.stored_pages,
+                store.read(data, number * PAGE, PAGE),
+            ) == before  # nothing changed
             refused += 1
             continue
         stored[number] = content

@@ -17,7 +17,7 @@ FILLER = b"\x5a" * (1 << 20)
 
 
 def load_nullfs() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "nullfs.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "nullfs.py"
     spec = importlib.util.spec_from_file_location("bench_nullfs", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
