@@ -50,12 +50,17 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     def at(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    return {"median": statistics.median(ordered), "p90": at(0.90), "p99": at(0.99),
-            "max": ordered[-1]}
+    return {
+        "median": statistics.median(ordered),
+        "p90": at(0.90),
+        "p99": at(0.99),
+        "max": ordered[-1],
+    }
 
 
-def probe_reads(path: Path, count: int, rng: random.Random,
-                until: threading.Event | None = None) -> list[float]:
+def probe_reads(
+    path: Path, count: int, rng: random.Random, until: threading.Event | None = None
+) -> list[float]:
     """Latencies (seconds) of uncached 4 KiB reads at random page offsets."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -84,8 +89,10 @@ def main() -> int:
     mnt = tmp / "mnt"
     mnt.mkdir()
     zfs_ram = [sys.executable, "-m", "zfs_ram"]
-    subprocess.run(zfs_ram + ["mount", str(mnt), "-o",
-                              f"size=0,compact=off,compact_batch={args.batch}"], check=True)
+    subprocess.run(
+        zfs_ram + ["mount", str(mnt), "-o", f"size=0,compact=off,compact_batch={args.batch}"],
+        check=True,
+    )
     try:
         blob = real_blob(args.fill_mib * MIB, args.seed)
         probe = mnt / "probe"
@@ -124,14 +131,18 @@ def main() -> int:
             mnt.rmdir()
             tmp.rmdir()
     freed = int(after[6]) - int(before[6])
-    print(f"fill {args.fill_mib} MiB, compact_batch={args.batch}: compaction freed {freed} pages"
-          f" ({freed * PAGE / MIB:.1f} MiB) in {timing['seconds']:.2f} s;"
-          f" {len(busy)} reads ran meanwhile")
+    print(
+        f"fill {args.fill_mib} MiB, compact_batch={args.batch}: compaction freed {freed} pages"
+        f" ({freed * PAGE / MIB:.1f} MiB) in {timing['seconds']:.2f} s;"
+        f" {len(busy)} reads ran meanwhile"
+    )
     print(f"{'4 KiB read':12} {'median':>9} {'p90':>9} {'p99':>9} {'max':>9}   (microseconds)")
     rows = {"idle": percentiles(idle), "compacting": percentiles(busy)}
     for name, row in rows.items():
-        print(f"{name:12} " + " ".join(f"{row[k] * 1e6:9.0f}" for k in
-                                        ("median", "p90", "p99", "max")))
+        print(
+            f"{name:12} "
+            + " ".join(f"{row[k] * 1e6:9.0f}" for k in ("median", "p90", "p99", "max"))
+        )
     ratio = rows["compacting"]["p99"] / rows["idle"]["p99"]
     print(f"p99 ratio compacting/idle: {ratio:.2f} (target <= 2)")
     return 0

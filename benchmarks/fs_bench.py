@@ -73,8 +73,12 @@ DATA_ROOTS = ("/usr/share", "/usr/lib")
 # A real source tree of >100 MB and ~10^4 files: Python's stdlib plus Debian's docs.
 TREE_PATHS = ("usr/lib/python3.11", "usr/lib/python3", "usr/share/doc")
 # --quick: a few MB of the same kind of tree, so the whole run stays under a minute.
-QUICK_TREE_PATHS = ("usr/lib/python3.11/email", "usr/lib/python3.11/json",
-                    "usr/lib/python3.11/asyncio", "usr/lib/python3.11/unittest")  # fmt: skip
+QUICK_TREE_PATHS = (
+    "usr/lib/python3.11/email",
+    "usr/lib/python3.11/json",
+    "usr/lib/python3.11/asyncio",
+    "usr/lib/python3.11/unittest",
+)
 SMALL_FILES = 20_000  # the count
 SMALL_MIN, SMALL_MAX = 1 * KIB, 16 * KIB  # the sizes
 SMALL_PER_DIR = 1000  # files per directory: real trees are not one flat 20k-entry directory
@@ -98,8 +102,15 @@ TARGETS: dict[str, float] = {
 RSS_FACTOR, RSS_SLACK = 1.05, 64 * MIB  # RSS <= 1.05 x pool pages + 64 MiB (issue's target)
 ZRAM_TOLERANCE = 0.05  # pool pages within 5% of kernel zram's mem_used_total
 ZRAM_CONTROL = Path("/sys/class/zram-control")
-WORKLOADS = ("seqwrite_1m", "seqread", "randread", "randwrite", "seqwrite_4k", "smallfiles",
-             "untar")  # fmt: skip
+WORKLOADS = (
+    "seqwrite_1m",
+    "seqread",
+    "randread",
+    "randwrite",
+    "seqwrite_4k",
+    "smallfiles",
+    "untar",
+)
 SEQ_FILE = "seq.bin"
 PREWARM_FACTOR = 2  # warm 2x the data: page cache plus pool frames (or the read buffer)
 MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module of Python 3.11 does not name it
@@ -204,8 +215,12 @@ class FuseSystem(System):
         for _ in range(UNMOUNT_TRIES):
             if not is_mounted(self.path):
                 return
-            if subprocess.run(["fusermount3", "-u", str(self.path)], check=False,
-                              stderr=subprocess.DEVNULL).returncode == 0:
+            if (
+                subprocess.run(
+                    ["fusermount3", "-u", str(self.path)], check=False, stderr=subprocess.DEVNULL
+                ).returncode
+                == 0
+            ):
                 return
             time.sleep(0.25)
         subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
@@ -225,15 +240,17 @@ class ZfsRam(FuseSystem):
         self.tool = shutil.which("zfs-ram") or str(Path(sys.executable).parent / "zfs-ram")
 
     def mount(self) -> None:
-        options = f"size={self.size_bytes}" + (f",{self.extra_options}" if self.extra_options
-                                                else "")
+        options = f"size={self.size_bytes}" + (
+            f",{self.extra_options}" if self.extra_options else ""
+        )
         run([self.tool, "mount", str(self.path), "-o", options])
         self._pid = int((self.path / ".zfs_ram" / "pid").read_text())
 
     def unmount(self) -> None:
         if is_mounted(self.path):
-            subprocess.run([self.tool, "umount", str(self.path)], check=False,
-                           stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [self.tool, "umount", str(self.path)], check=False, stderr=subprocess.DEVNULL
+            )
         super().unmount()
 
     def pid(self) -> int | None:
@@ -454,16 +471,25 @@ def wl_seqread(ctx: Context, system: System) -> Result:
 def _fio(ctx: Context, path: Path, mode: str) -> float:
     assert ctx.fio is not None
     cmd = [
-        ctx.fio, "--name=bench", f"--filename={path}", f"--rw={mode}", "--bs=4k",
-        "--iodepth=1", "--ioengine=psync", f"--size={len(ctx.data)}",
-        f"--runtime={ctx.random_seconds}", "--time_based", "--invalidate=1",
-        f"--randseed={ctx.seed}", "--output-format=json",
-    ]  # fmt: skip
+        ctx.fio,
+        "--name=bench",
+        f"--filename={path}",
+        f"--rw={mode}",
+        "--bs=4k",
+        "--iodepth=1",
+        "--ioengine=psync",
+        f"--size={len(ctx.data)}",
+        f"--runtime={ctx.random_seconds}",
+        "--time_based",
+        "--invalidate=1",
+        f"--randseed={ctx.seed}",
+        "--output-format=json",
+    ]
     if mode == "randwrite":
         # Half-compressible buffers, refilled per write: neither all-same nor incompressible.
         cmd += ["--buffer_compress_percentage=50", "--refill_buffers", "--end_fsync=1"]
     out = run(cmd, stdout=subprocess.PIPE).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     return float(job["read" if mode == "randread" else "write"]["iops"])
 
 
@@ -603,8 +629,16 @@ def zram_mem_used(data: bytes) -> dict[str, int] | None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        names = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit",
-                 "mem_used_max", "same_pages", "pages_compacted", "huge_pages")  # fmt: skip
+        names = (
+            "orig_data_size",
+            "compr_data_size",
+            "mem_used_total",
+            "mem_limit",
+            "mem_used_max",
+            "same_pages",
+            "pages_compacted",
+            "huge_pages",
+        )
         values = (sysdir / "mm_stat").read_text().split()
         return {n: int(v) for n, v in zip(names, values, strict=False)}
     finally:
@@ -643,9 +677,14 @@ def environment(argv: list[str]) -> dict[str, Any]:
         except OSError:
             return ""
 
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               "?")  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -684,8 +723,11 @@ def ratio_ranges(report: Report, num: str, den: str) -> dict[str, tuple[float, f
 
 
 def _median_cpu(report: Report, metric: str, system: str) -> float | None:
-    values = [s.daemon_cpu_s for s in report.samples
-              if s.workload == metric and s.system == system and s.daemon_cpu_s is not None]
+    values = [
+        s.daemon_cpu_s
+        for s in report.samples
+        if s.workload == metric and s.system == system and s.daemon_cpu_s is not None
+    ]
     return statistics.median(values) if values else None
 
 
@@ -717,8 +759,9 @@ def render(report: Report, systems: list[str]) -> str:
     head = f"{'workload':<20}{'unit':>8}" + "".join(f"{n:>10}" for n in systems)
     head += f"{'zfs/ceil':>10}{'zfs/tmpfs':>10}{'target':>8}  verdict"
     if "zfs_ram" in systems and "nullfs" in systems:  # the CPU column needs both
-        head += "  daemon CPU s " + "/".join({"zfs_ram": "zfs", "nullfs": "null"}.get(n, n)
-                                            for n in CPU_SYSTEMS if n in systems)
+        head += "  daemon CPU s " + "/".join(
+            {"zfs_ram": "zfs", "nullfs": "null"}.get(n, n) for n in CPU_SYSTEMS if n in systems
+        )
     lines += [head, "-" * len(head)]
     for m in metrics:
         row = f"{m:<20}{units[m]:>8}"
@@ -748,22 +791,33 @@ def render(report: Report, systems: list[str]) -> str:
     bound = ratios(report, "lz4null", "nullfs")
     if bound:
         spread = ratio_ranges(report, "lz4null", "nullfs")
-        lines += ["", "the pure-Python bound, lz4null/nullfs (nullfs plus zfs_ram's codec on "
-                  "every page, no pool): median (per-repetition range)"]
+        lines += [
+            "",
+            "the pure-Python bound, lz4null/nullfs (nullfs plus zfs_ram's codec on "
+            "every page, no pool): median (per-repetition range)",
+        ]
         for m in metrics:
             if m in bound and m in TARGETS:
                 low, high = spread[m]
-                verdict = ("the bound is below the target" if high < TARGETS[m]
-                           else "the bound is above the target" if low >= TARGETS[m]
-                           else "the target is within the bound's spread")
-                lines.append(f"  {m:<20}{bound[m]:>6.2f} ({low:.2f}-{high:.2f})  target "
-                             f"{TARGETS[m]:.2f}: {verdict}")
+                verdict = (
+                    "the bound is below the target"
+                    if high < TARGETS[m]
+                    else "the bound is above the target"
+                    if low >= TARGETS[m]
+                    else "the target is within the bound's spread"
+                )
+                lines.append(
+                    f"  {m:<20}{bound[m]:>6.2f} ({low:.2f}-{high:.2f})  target "
+                    f"{TARGETS[m]:.2f}: {verdict}"
+                )
     lines.append("")
     lines += render_memory(report)
     lines.append("")
     lines += [f"FAILED: {e}" for e in report.errors]
-    lines.append("medians of per-repetition ratios; values are rates (higher is better); daemon "
-                 "CPU: utime+stime of the FUSE daemon over the whole workload (all its phases)")
+    lines.append(
+        "medians of per-repetition ratios; values are rates (higher is better); daemon "
+        "CPU: utime+stime of the FUSE daemon over the whole workload (all its phases)"
+    )
     return "\n".join(lines)
 
 
@@ -774,6 +828,7 @@ def render_memory(report: Report) -> list[str]:
     lines = ["memory with the seqwrite_1m file in place (medians over repetitions):"]
     data = report.memory[0]["data_bytes"]
     lines.append(f"  data written: {data / MIB:.1f} MiB")
+
     def median_of(system: str, key: str) -> float | None:
         values = [r[key] for r in report.memory if r["system"] == system and key in r]
         return statistics.median(values) if values else None
@@ -784,30 +839,40 @@ def render_memory(report: Report) -> list[str]:
         lines.append(f"  nullfs daemon RSS: {rss / MIB:.1f} MiB (pyfuse3+trio baseline)")
     if (rss := median_of("lz4null", "rss_bytes")) is not None:
         rss_after = median_of("lz4null", "rss_after_rm")
-        lines.append(f"  lz4null daemon RSS: {rss / MIB:.1f} MiB, after deleting everything "
-                     + (f"{rss_after / MIB:.1f} MiB" if rss_after is not None else "-")
-                     + " (pages as Python objects: what malloc gives back)")
+        lines.append(
+            f"  lz4null daemon RSS: {rss / MIB:.1f} MiB, after deleting everything "
+            + (f"{rss_after / MIB:.1f} MiB" if rss_after is not None else "-")
+            + " (pages as Python objects: what malloc gives back)"
+        )
     if zfs:
         rss = statistics.median(r["rss_bytes"] for r in zfs)
         pool = statistics.median(r["pool_bytes"] for r in zfs)
         compr = statistics.median(r["compr_data_size"] for r in zfs)
         limit = RSS_FACTOR * pool + RSS_SLACK
-        lines.append(f"  zfs_ram pool pages: {pool / MIB:.1f} MiB (compr_data_size "
-                     f"{compr / MIB:.1f} MiB, ratio {data / pool if pool else 0:.2f})")
-        lines.append(f"  zfs_ram daemon RSS: {rss / MIB:.1f} MiB; target <= 1.05 x pool + 64 MiB"
-                     f" = {limit / MIB:.1f} MiB: {'ok' if rss <= limit else 'MISS'}")
+        lines.append(
+            f"  zfs_ram pool pages: {pool / MIB:.1f} MiB (compr_data_size "
+            f"{compr / MIB:.1f} MiB, ratio {data / pool if pool else 0:.2f})"
+        )
+        lines.append(
+            f"  zfs_ram daemon RSS: {rss / MIB:.1f} MiB; target <= 1.05 x pool + 64 MiB"
+            f" = {limit / MIB:.1f} MiB: {'ok' if rss <= limit else 'MISS'}"
+        )
         rss_after = median_of("zfs_ram", "rss_after_rm")
         pool_after = median_of("zfs_ram", "pool_after_rm")
         if rss_after is not None and pool_after is not None:
-            lines.append(f"  zfs_ram after deleting everything: RSS {rss_after / MIB:.1f} MiB, "
-                         f"pool {pool_after / MIB:.1f} MiB")
+            lines.append(
+                f"  zfs_ram after deleting everything: RSS {rss_after / MIB:.1f} MiB, "
+                f"pool {pool_after / MIB:.1f} MiB"
+            )
         if report.zram:
             zram = report.zram["mem_used_total"]
             off = pool / zram - 1 if zram else 0.0
-            lines.append(f"  kernel zram (lz4) mem_used_total for the same data: "
-                         f"{zram / MIB:.1f} MiB (compr {report.zram['compr_data_size'] / MIB:.1f}"
-                         f" MiB); zfs_ram pool is {off:+.1%}: "
-                         f"{'ok' if abs(off) <= ZRAM_TOLERANCE else 'MISS'} (target within 5%)")
+            lines.append(
+                f"  kernel zram (lz4) mem_used_total for the same data: "
+                f"{zram / MIB:.1f} MiB (compr {report.zram['compr_data_size'] / MIB:.1f}"
+                f" MiB); zfs_ram pool is {off:+.1%}: "
+                f"{'ok' if abs(off) <= ZRAM_TOLERANCE else 'MISS'} (target within 5%)"
+            )
         else:
             lines.append("  kernel zram: not measured (--no-zram, or no /sys/class/zram-control)")
     return lines
@@ -830,8 +895,10 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
     workloads = [w for w in WORKLOADS if w in args.only] if args.only else list(WORKLOADS)
     fio = shutil.which("fio")
     if fio is None:
-        log("fio not found: random I/O falls back to Python pread/pwrite; "
-            "for fio: apt-get install -y fio")
+        log(
+            "fio not found: random I/O falls back to Python pread/pwrite; "
+            "for fio: apt-get install -y fio"
+        )
     dataset = build_dataset(size)
     data = dataset.read_bytes()
     ctx = Context(
@@ -842,8 +909,9 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
         fio=fio,
         prewarm=not args.no_prewarm,
     )
-    report = Report(env=environment(argv) | {"random_seconds": ctx.random_seconds,
-                                             "prewarm": ctx.prewarm})
+    report = Report(
+        env=environment(argv) | {"random_seconds": ctx.random_seconds, "prewarm": ctx.prewarm}
+    )
     fs_size = max(4 * 1024 * MIB, 3 * size)  # room for the data, the tree and slack
     root = Path(tempfile.mkdtemp(prefix="fs_bench-"))
     systems: list[System] = []
@@ -864,7 +932,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
             log(f"mounting {system.name} at {system.path}")
             system.mount()
         for rep in range(args.reps):
-            order = systems[rep % len(systems):] + systems[: rep % len(systems)]
+            order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
             for workload in workloads:
                 for system in order:
                     system.settle()
@@ -926,29 +994,54 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Needs root. Random I/O uses fio if installed (apt-get install -y fio).",
     )
     parser.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
-    parser.add_argument("--size-mib", type=int, default=1024,
-                        help="sequential data size in MiB (default 1024)")
+    parser.add_argument(
+        "--size-mib", type=int, default=1024, help="sequential data size in MiB (default 1024)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run < 1 min")
-    parser.add_argument("--only", nargs="+", choices=WORKLOADS, metavar="WORKLOAD",
-                        help=f"run only these workloads, of: {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=WORKLOADS,
+        metavar="WORKLOAD",
+        help=f"run only these workloads, of: {', '.join(WORKLOADS)}",
+    )
     parser.add_argument("--json", type=Path, help="write samples and summary to this file")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS,
-                        help="the systems to run (default tmpfs zfs_ram nullfs; lz4null is "
-                        "nullfs plus zfs_ram's codec: the bound for pure-Python compression)")
-    parser.add_argument("--small-files", type=int, default=SMALL_FILES,
-                        help=f"files in the smallfiles workload (default {SMALL_FILES})")
-    parser.add_argument("--random-seconds", type=float, default=RANDOM_SECONDS,
-                        help=f"seconds per random-I/O run (default {RANDOM_SECONDS})")
-    parser.add_argument("--nullfs-xattrs", action="store_true",
-                        help="nullfs and lz4null support xattrs (getxattr -> ENODATA) as zfs_ram "
-                        "does: the kernel then sends GETXATTR security.capability on every "
-                        "write(2)")
-    parser.add_argument("--zfs-ram-options", default="",
-                        help="extra zfs-ram mount options, e.g. pool=zbud")
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=SYSTEMS,
+        help="the systems to run (default tmpfs zfs_ram nullfs; lz4null is "
+        "nullfs plus zfs_ram's codec: the bound for pure-Python compression)",
+    )
+    parser.add_argument(
+        "--small-files",
+        type=int,
+        default=SMALL_FILES,
+        help=f"files in the smallfiles workload (default {SMALL_FILES})",
+    )
+    parser.add_argument(
+        "--random-seconds",
+        type=float,
+        default=RANDOM_SECONDS,
+        help=f"seconds per random-I/O run (default {RANDOM_SECONDS})",
+    )
+    parser.add_argument(
+        "--nullfs-xattrs",
+        action="store_true",
+        help="nullfs and lz4null support xattrs (getxattr -> ENODATA) as zfs_ram "
+        "does: the kernel then sends GETXATTR security.capability on every "
+        "write(2)",
+    )
+    parser.add_argument(
+        "--zfs-ram-options", default="", help="extra zfs-ram mount options, e.g. pool=zbud"
+    )
     parser.add_argument("--no-zram", action="store_true", help="skip the kernel zram comparison")
-    parser.add_argument("--no-prewarm", action="store_true",
-                        help="do not warm guest memory before the sequential workloads "
-                        "(see the module comment: free page reporting in a VM)")
+    parser.add_argument(
+        "--no-prewarm",
+        action="store_true",
+        help="do not warm guest memory before the sequential workloads "
+        "(see the module comment: free page reporting in a VM)",
+    )
     args = parser.parse_args(argv)
     if args.reps is None:
         args.reps = 1 if args.quick else DEFAULT_REPS

@@ -72,8 +72,9 @@ class CodecStore:
             skip = -off % PAGE_SIZE
             first = (off + skip) // PAGE_SIZE
             view = memoryview(buf)
-            pages = [view[i : i + PAGE_SIZE]
-                     for i in range(skip, len(buf) - PAGE_SIZE + 1, PAGE_SIZE)]
+            pages = [
+                view[i : i + PAGE_SIZE] for i in range(skip, len(buf) - PAGE_SIZE + 1, PAGE_SIZE)
+            ]
             encoded = self.codec.encode_pages(pages, self.huge_size)
             # Pages covered in part are forgotten, so that they never read back stale.
             if skip:
@@ -106,10 +107,14 @@ class CodecStore:
         elif all(obj.__class__ is bytes for obj in objects):  # the common case: one batch
             pages = self.codec.decode_many(objects)  # type: ignore[arg-type]
         else:
-            pages = [self.codec.decode(obj) if isinstance(obj, bytes)
-                     else self.codec.fill_page(obj) if isinstance(obj, int)
-                     else filler[:PAGE_SIZE]
-                     for obj in objects]
+            pages = [
+                self.codec.decode(obj)
+                if isinstance(obj, bytes)
+                else self.codec.fill_page(obj)
+                if isinstance(obj, int)
+                else filler[:PAGE_SIZE]
+                for obj in objects
+            ]
         return b"".join(pages)[start : start + size]
 
     def cut(self, ino: int, size: int) -> None:
@@ -202,8 +207,9 @@ class NullOperations(pyfuse3.Operations):
         attrs.st_ctime_ns = node.mtime_ns
         return attrs
 
-    def _new(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
-             rdev: int = 0) -> Node:
+    def _new(
+        self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0
+    ) -> Node:
         entries = self._dir(parent)
         if name in entries:
             raise pyfuse3.FUSEError(errno.EEXIST)
@@ -241,8 +247,9 @@ class NullOperations(pyfuse3.Operations):
 
     # -- names ---------------------------------------------------------------------------------
 
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if name == b".":
             return self._attrs(self._node(parent_inode))
         if name == b"..":
@@ -252,13 +259,19 @@ class NullOperations(pyfuse3.Operations):
             return negative_entry()  # cached by the kernel, as zfs_ram's
         return self._attrs(self.nodes[ino])
 
-    async def getattr(self, inode: int,
-                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if fields.update_size:
             node.size = attr.st_size
@@ -274,16 +287,19 @@ class NullOperations(pyfuse3.Operations):
             node.mtime_ns = attr.st_mtime_ns
         return self._attrs(node)
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._attrs(self._new(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx))
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._attrs(self._new(parent_inode, name, mode, ctx, rdev))
 
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self._new(parent_inode, name, stat.S_IFLNK | 0o777, ctx)
         node.target = target
         node.size = len(target)
@@ -295,8 +311,9 @@ class NullOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return target
 
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         entries = self._dir(new_parent_inode)
         if new_name in entries:
@@ -317,8 +334,15 @@ class NullOperations(pyfuse3.Operations):
         self._drop_name(parent_inode, name)
         self.nodes[parent_inode].nlink -= 1
 
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         old = self._dir(parent_inode_old)
         ino = old.get(name_old)
         if ino is None:
@@ -333,9 +357,9 @@ class NullOperations(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------------
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
-                                                           pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx)
         return pyfuse3.FileInfo(fh=self._fh(node.ino), keep_cache=True), self._attrs(node)
 
@@ -424,10 +448,16 @@ async def _serve() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("mountpoint")
-    parser.add_argument("--xattrs", action="store_true",
-                        help="answer getxattr with ENODATA (xattr support) instead of ENOSYS")
-    parser.add_argument("--lz4", action="store_true",
-                        help="encode written pages and decode read ones with zfs_ram's codec")
+    parser.add_argument(
+        "--xattrs",
+        action="store_true",
+        help="answer getxattr with ENODATA (xattr support) instead of ENOSYS",
+    )
+    parser.add_argument(
+        "--lz4",
+        action="store_true",
+        help="encode written pages and decode read ones with zfs_ram's codec",
+    )
     args = parser.parse_args(argv)
     pyfuse3.init(NullOperations(args.xattrs, args.lz4), args.mountpoint, set(FUSE_OPTIONS))
     try:

@@ -23,7 +23,7 @@ import lz4.block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zfs_ram.pool import PAGE_SIZE, create_pool  # noqa: E402
+from zfs_ram.pool import PAGE_SIZE, create_pool
 
 MiB = 1 << 20
 #: Where the input pages come from: large, varied, present on every Debian system.
@@ -171,7 +171,9 @@ def print_table(kind: str, runs: list[Run]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--mib", type=int, default=400,
+        "--mib",
+        type=int,
+        default=400,
         help="MiB of input pages (default 400, the size of the kernel measurement)",
     )
     ap.add_argument("--seed", type=int, default=1)

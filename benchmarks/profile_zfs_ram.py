@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fs_bench  # noqa: E402  (a sibling script, not a package)
+import fs_bench
 
 DEFAULT_PY_SPY = "/tmp/prof-venv/bin/py-spy"
 SAMPLE_RATE = 250  # per second: ~10^3 samples in a few seconds, low enough not to stall the daemon
@@ -86,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--py-spy", default=DEFAULT_PY_SPY, help="py-spy binary")
     parser.add_argument("--native", action="store_true", help="also sample C frames (slower)")
     parser.add_argument("--top", type=int, default=20, help="rows per table")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/zfs_ram_profile"),
-                        help="folder for the raw stacks")
+    parser.add_argument(
+        "--out", type=Path, default=Path("/tmp/zfs_ram_profile"), help="folder for the raw stacks"
+    )
     parser.add_argument("--options", default="", help="extra zfs-ram mount options")
-    parser.add_argument("--nullfs", action="store_true",
-                        help="profile the do-nothing ceiling instead: what FUSE+pyfuse3+trio "
-                        "cost by themselves")
+    parser.add_argument(
+        "--nullfs",
+        action="store_true",
+        help="profile the do-nothing ceiling instead: what FUSE+pyfuse3+trio cost by themselves",
+    )
     args = parser.parse_args(argv)
     if not Path(args.py_spy).exists():
         parser.error(f"no py-spy at {args.py_spy}; see this script's docstring")
@@ -108,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="profile_zfs_ram-"))
     (root / "mnt").mkdir()
     fs_size = max(4096 * fs_bench.MIB, 3 * size)
-    system: fs_bench.System = (fs_bench.NullFs(root / "mnt", fs_size) if args.nullfs
-                               else fs_bench.ZfsRam(root / "mnt", fs_size, args.options))
+    system: fs_bench.System = (
+        fs_bench.NullFs(root / "mnt", fs_size)
+        if args.nullfs
+        else fs_bench.ZfsRam(root / "mnt", fs_size, args.options)
+    )
     try:
         system.mount()
         pid = system.pid()
@@ -119,8 +125,18 @@ def main(argv: list[str] | None = None) -> int:
                 fs_bench.ensure_seq_file(ctx, system)  # set-up outside the profile
             system.settle()
             raw = args.out / f"{workload}.txt"
-            cmd = [args.py_spy, "record", "-p", str(pid), "--format", "raw", "-o", str(raw),
-                   "--rate", str(SAMPLE_RATE)]  # fmt: skip
+            cmd = [
+                args.py_spy,
+                "record",
+                "-p",
+                str(pid),
+                "--format",
+                "raw",
+                "-o",
+                str(raw),
+                "--rate",
+                str(SAMPLE_RATE),
+            ]
             if args.native:
                 cmd.append("--native")
             spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -26,10 +26,10 @@ import lz4.block
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fs_bench  # noqa: E402  (a sibling script: its cached real data)
+import fs_bench
 
-from zfs_ram.pagestore import FileData, PageStore  # noqa: E402
-from zfs_ram.pool import create_pool  # noqa: E402
+from zfs_ram.pagestore import FileData, PageStore
+from zfs_ram.pool import create_pool
 
 PAGE = 4096
 MIB = 1 << 20
@@ -75,12 +75,17 @@ def main() -> int:
         lz4_us.append(lz4_s / args.writes * 1e6)
     store.pool.check()
     write, alone = statistics.median(write_us), statistics.median(lz4_us)
-    print(f"{args.pool}, {args.size_mib} MiB file, {args.writes} random 4 KiB overwrites "
-          f"x {args.reps}, medians:")
+    print(
+        f"{args.pool}, {args.size_mib} MiB file, {args.writes} random 4 KiB overwrites "
+        f"x {args.reps}, medians:"
+    )
     print(f"  PageStore.write  {write:6.2f} us per page")
     print(f"  lz4 alone        {alone:6.2f} us per page")
-    print(f"  ratio            {write / alone:6.2f}x  (per repetition: "
-          + " ".join(f"{w / a:.2f}" for w, a in zip(write_us, lz4_us, strict=True)) + ")")
+    print(
+        f"  ratio            {write / alone:6.2f}x  (per repetition: "
+        + " ".join(f"{w / a:.2f}" for w, a in zip(write_us, lz4_us, strict=True))
+        + ")"
+    )
     return 0
 
 

@@ -51,9 +51,16 @@ class CompactorStats:
 
 
 class Compactor:
-    def __init__(self, pool: Pool, *, auto: bool, min_pages: int, batch: int,
-                 activity: Callable[[], int] = lambda: 0,
-                 release_heap: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        auto: bool,
+        min_pages: int,
+        batch: int,
+        activity: Callable[[], int] = lambda: 0,
+        release_heap: Callable[[], None] = lambda: None,
+    ) -> None:
         self.pool = pool
         self.activity = activity  # a counter of foreground requests: has anyone come by?
         # Gives the C heap's free pages back to the OS (malloc_trim): called when a look finds

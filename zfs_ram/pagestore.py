@@ -192,10 +192,14 @@ class PageStore:
             return decoded
         objects = iter(decoded)
         words = data.same_words
-        return [next(objects) if value & 1
-                else fill_page(words.get(page, 0) if words else 0) if value == SAME_ENTRY
-                else ZERO_PAGE
-                for page, value in enumerate(entries, first)]
+        return [
+            next(objects)
+            if value & 1
+            else fill_page(words.get(page, 0) if words else 0)
+            if value == SAME_ENTRY
+            else ZERO_PAGE
+            for page, value in enumerate(entries, first)
+        ]
 
     def _drop(self, data: FileData, page: int, value: int) -> None:
         """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
@@ -292,8 +296,9 @@ class PageStore:
                 first = position // PAGE_SIZE
                 base = position - offset
                 view = memoryview(buf)
-                pages = [view[base + i * PAGE_SIZE : base + (i + 1) * PAGE_SIZE]
-                         for i in range(whole)]
+                pages = [
+                    view[base + i * PAGE_SIZE : base + (i + 1) * PAGE_SIZE] for i in range(whole)
+                ]
                 for i, encoded in enumerate(encode_pages(pages, self._huge_size)):
                     self._store(data, first + i, encoded)
                     position += PAGE_SIZE
@@ -305,8 +310,9 @@ class PageStore:
             raise NoSpaceError(position - offset, error.physical) from None
         return len(buf)
 
-    def _write_partial(self, data: FileData, offset: int, buf: bytes, position: int,
-                       end: int) -> int:
+    def _write_partial(
+        self, data: FileData, offset: int, buf: bytes, position: int, end: int
+    ) -> int:
         """Read-modify-write the page holding `position`; returns where the write goes on."""
         page, start = divmod(position, PAGE_SIZE)
         page_start = page * PAGE_SIZE

@@ -38,23 +38,21 @@ __all__ = [
 # Options passed to libfuse as they are. This is exactly the set libfuse 3.14 (Debian 12) accepts
 # among the generic mount(8) flags, checked by mounting with each one.
 FUSE_FLAGS = frozenset(
-    {
-        "rw", "ro", "suid", "nosuid", "dev", "nodev", "exec", "noexec",
-        "async", "sync", "atime", "noatime", "dirsync",
-        "allow_other", "allow_root",
-    }
-)  # fmt: skip
+    (
+        "rw ro suid nosuid dev nodev exec noexec async sync atime noatime dirsync allow_other "
+        "allow_root"
+    ).split()
+)
 
 # Generic mount(8) and fstab options that libfuse would refuse: the kernel's FUSE mount either
 # has no use for them (relatime is the kernel default anyway) or they are meant for mount(8)
 # and systemd only (auto, nofail, _netdev, x-*). tmpfs accepts them, so zfs_ram does too.
 IGNORED_FLAGS = frozenset(
-    {
-        "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
-        "relatime", "norelatime", "strictatime", "nostrictatime", "diratime", "nodiratime",
-        "lazytime", "nolazytime", "silent", "loud",
-    }
-)  # fmt: skip
+    (
+        "defaults auto noauto user nouser users nofail _netdev relatime norelatime "
+        "strictatime nostrictatime diratime nodiratime lazytime nolazytime silent loud"
+    ).split()
+)
 
 # Added to every mount. default_permissions: the kernel checks modes and owners, so the
 # filesystem does not have to (libfuse's advice for filesystems without their own checks).
@@ -254,16 +252,22 @@ def parse_options(
 
 
 # Flag pairs of which only the later may reach libfuse: it gets an unordered set.
-_PAIRS = (("rw", "ro"), ("suid", "nosuid"), ("dev", "nodev"), ("exec", "noexec"),
-          ("async", "sync"), ("atime", "noatime"))  # fmt: skip
+_PAIRS = (
+    ("rw", "ro"),
+    ("suid", "nosuid"),
+    ("dev", "nodev"),
+    ("exec", "noexec"),
+    ("async", "sync"),
+    ("atime", "noatime"),
+)
 _OPPOSITE = {a: b for a, b in _PAIRS} | {b: a for a, b in _PAIRS}
 # The atime policy the filesystem applies itself (FsConfig.noatime); the last one given wins.
 _ATIME_FLAGS = frozenset({"atime", "noatime", "relatime", "norelatime", "strictatime"})
 
 # Keys that only make sense with "=value": a bare "size" is a missing value, not an unknown option.
 _VALUED = frozenset(
-    {
-        "size", "nr_inodes", "mode", "uid", "gid", "mem_limit", "pool", "compact",
-        "compact_min_pages", "compact_batch", "fsname", "subtype", "log",
-    }
-)  # fmt: skip
+    (
+        "size nr_inodes mode uid gid mem_limit pool compact compact_min_pages compact_batch "
+        "fsname subtype log"
+    ).split()
+)

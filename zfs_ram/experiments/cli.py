@@ -37,7 +37,7 @@ ALL_ARMS = (*ZFS_RAM_ARMS, KERNEL_ARM)
 
 
 def _fractions(text: str) -> list[float]:
-    """"25,50" or "0.25,0.5" -> [0.25, 0.5] (numbers above 1 are percentages)."""
+    """ "25,50" or "0.25,0.5" -> [0.25, 0.5] (numbers above 1 are percentages)."""
     out = []
     for part in text.split(","):
         value = float(part)
@@ -65,21 +65,48 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "delete a random fraction, wait, compact, and compare memory per compressed byte "
         "across zfs_ram's allocators and the kernel's zram (as root).",
     )
-    p.add_argument("--fractions", type=_fractions, default=_fractions(DEFAULT_FRACTIONS),
-                   help=f"delete fractions, comma-separated (default {DEFAULT_FRACTIONS})")
-    p.add_argument("--size-mib", type=float, default=DEFAULT_SIZE_MIB,
-                   help=f"workload size in MiB (default {DEFAULT_SIZE_MIB})")
-    p.add_argument("--arms", type=_arms, default=list(ALL_ARMS),
-                   help=f"arms, comma-separated (default {','.join(ALL_ARMS)})")
+    p.add_argument(
+        "--fractions",
+        type=_fractions,
+        default=_fractions(DEFAULT_FRACTIONS),
+        help=f"delete fractions, comma-separated (default {DEFAULT_FRACTIONS})",
+    )
+    p.add_argument(
+        "--size-mib",
+        type=float,
+        default=DEFAULT_SIZE_MIB,
+        help=f"workload size in MiB (default {DEFAULT_SIZE_MIB})",
+    )
+    p.add_argument(
+        "--arms",
+        type=_arms,
+        default=list(ALL_ARMS),
+        help=f"arms, comma-separated (default {','.join(ALL_ARMS)})",
+    )
     p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
-    p.add_argument("--wait", type=float, default=DEFAULT_WAIT,
-                   help=f"seconds to wait idle after the delete (default {DEFAULT_WAIT:g})")
-    p.add_argument("--order", choices=WRITE_ORDERS, default="shuffled",
-                   help="page write order during the fill (default shuffled)")
-    p.add_argument("--out", default="zfs_ram-experiment",
-                   help="directory for experiment.json and experiment.png")
-    p.add_argument("--retries", type=int, default=1,
-                   help="tries more per failed run, each on a fresh target (default 1)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=DEFAULT_WAIT,
+        help=f"seconds to wait idle after the delete (default {DEFAULT_WAIT:g})",
+    )
+    p.add_argument(
+        "--order",
+        choices=WRITE_ORDERS,
+        default="shuffled",
+        help="page write order during the fill (default shuffled)",
+    )
+    p.add_argument(
+        "--out",
+        default="zfs_ram-experiment",
+        help="directory for experiment.json and experiment.png",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="tries more per failed run, each on a fresh target (default 1)",
+    )
     p.add_argument("--no-kernel", action="store_true", help="skip the kernel zram arm")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -156,8 +183,16 @@ def _run_experiment(args: argparse.Namespace) -> int:
         "order": args.order,
         "kernel": os.uname().release,
     }
-    result = run_experiment(file_set, arms, args.fractions, args.wait, args.order, progress,
-                            params, retries=args.retries)
+    result = run_experiment(
+        file_set,
+        arms,
+        args.fractions,
+        args.wait,
+        args.order,
+        progress,
+        params,
+        retries=args.retries,
+    )
     result.skipped.update(skipped)
 
     print(render_table(result, markdown=args.markdown))

@@ -149,8 +149,9 @@ def render_table(result: ExperimentResult, markdown: bool = False) -> str:
     else:
         widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(TABLE_HEADER))]
         text = "\n".join(
-            "  ".join(cell.rjust(widths[i]) if i else cell.ljust(widths[i]) for i, cell in
-                      enumerate(r)).rstrip()
+            "  ".join(
+                cell.rjust(widths[i]) if i else cell.ljust(widths[i]) for i, cell in enumerate(r)
+            ).rstrip()
             for r in rows
         )
     notes = [
@@ -196,26 +197,43 @@ def write_plot(result: ExperimentResult, path: str) -> None:
     arms = list(dict.fromkeys(r.arm for r in result.runs))
     if not arms:
         return
-    fig, axes = plt.subplots(
-        len(arms), 1, figsize=(9, 2.8 * len(arms)), sharex=True, squeeze=False
-    )
+    fig, axes = plt.subplots(len(arms), 1, figsize=(9, 2.8 * len(arms)), sharex=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, arm in zip(axes[:, 0], arms, strict=True):
         runs = [r for r in result.runs if r.arm == arm and r.timeline]
         for i, run in enumerate(runs):
             color = colors[i % len(colors)]
             t = [s.t for s in run.timeline]
-            ax.plot(t, [s.mm.mem_used_total / MIB for s in run.timeline], color=color,
-                    label=f"delete {run.fraction:.0%}: mem_used")
-            ax.plot(t, [s.mm.compr_data_size / MIB for s in run.timeline], color=color,
-                    linestyle="--", linewidth=0.8)
+            ax.plot(
+                t,
+                [s.mm.mem_used_total / MIB for s in run.timeline],
+                color=color,
+                label=f"delete {run.fraction:.0%}: mem_used",
+            )
+            ax.plot(
+                t,
+                [s.mm.compr_data_size / MIB for s in run.timeline],
+                color=color,
+                linestyle="--",
+                linewidth=0.8,
+            )
             rss = [(s.t, s.rss / MIB) for s in run.timeline if s.rss is not None]
             if rss:
-                ax.plot([t for t, _ in rss], [r for _, r in rss], color=color, linestyle=":",
-                        linewidth=0.8)
+                ax.plot(
+                    [t for t, _ in rss],
+                    [r for _, r in rss],
+                    color=color,
+                    linestyle=":",
+                    linewidth=0.8,
+                )
             stages = [run.stages[s] for s in STAGES if s in run.stages]
-            ax.plot([s.t for s in stages], [s.mm.mem_used_total / MIB for s in stages], "o",
-                    color=color, markersize=3)
+            ax.plot(
+                [s.t for s in stages],
+                [s.mm.mem_used_total / MIB for s in stages],
+                "o",
+                color=color,
+                markersize=3,
+            )
         failed = [f"{r.fraction:.0%}" for r in result.runs if r.arm == arm and r.error]
         ax.set_title(arm + (f" (failed: {', '.join(failed)})" if failed else ""))
         ax.set_ylabel("MiB")

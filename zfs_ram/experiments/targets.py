@@ -312,9 +312,9 @@ class KernelZramTarget(Target):
         }
 
 
-def read_vmstat(keys: tuple[str, ...] = ("drop_slab", "pgscan_kswapd", "pgscan_direct")) -> dict[
-    str, int
-]:
+def read_vmstat(
+    keys: tuple[str, ...] = ("drop_slab", "pgscan_kswapd", "pgscan_direct"),
+) -> dict[str, int]:
     """Counters that reveal a shrinker run (which compacts every zram pool behind our back)."""
     out: dict[str, int] = {}
     with contextlib.suppress(OSError), open("/proc/vmstat") as f:

@@ -155,9 +155,7 @@ def synthetic_file_data(seed: int, index: int, size: int, random_share: float) -
     return b"".join(pages)
 
 
-def build_file_set(
-    spec: WorkloadSpec, candidates: Sequence[str] | None = None
-) -> FileSet:
+def build_file_set(spec: WorkloadSpec, candidates: Sequence[str] | None = None) -> FileSet:
     """Generate the file set: real files first (sampled), then synthetic ones, then shuffled.
 
     ``candidates`` overrides the scan of spec.real_roots (tests pass a small list).

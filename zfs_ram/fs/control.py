@@ -35,9 +35,16 @@ from zfs_ram.pool import ClassStats
 
 # zram's mm_stat columns, in its order (Documentation/admin-guide/blockdev/zram.rst).
 MM_STAT_FIELDS = (
-    "orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
-    "same_pages", "pages_compacted", "huge_pages", "huge_pages_since",
-)  # fmt: skip
+    "orig_data_size",
+    "compr_data_size",
+    "mem_used_total",
+    "mem_limit",
+    "mem_used_max",
+    "same_pages",
+    "pages_compacted",
+    "huge_pages",
+    "huge_pages_since",
+)
 CONTROL_NAME = b".zfs_ram"
 CONTROL_DIR_INO = 2  # pyfuse3.ROOT_INODE is 1; 2..15 are the control directory and its files
 FIRST_CONTROL_FILE_INO = 3
@@ -90,7 +97,10 @@ def classes_table(rows: list[ClassStats]) -> bytes:
     totals = [0] * (len(buckets) + 4)
     for row in rows:
         values = list(row.inuse_histogram) + [
-            row.obj_allocated, row.obj_used, row.pages_used, row.freeable,
+            row.obj_allocated,
+            row.obj_used,
+            row.pages_used,
+            row.freeable,
         ]
         for i, value in enumerate(values):
             totals[i] += value
@@ -101,9 +111,7 @@ def classes_table(rows: list[ClassStats]) -> bytes:
         )
         lines.append(line)
     total = f"{'Total':>5} {'':>5} " + " ".join(f"{v:6d}" for v in totals[: len(buckets)])
-    total += (
-        f" {totals[-4]:13d} {totals[-3]:10d} {totals[-2]:10d} {'':>16} {totals[-1]:8d}"
-    )
+    total += f" {totals[-4]:13d} {totals[-3]:10d} {totals[-2]:10d} {'':>16} {totals[-1]:8d}"
     lines.append(total)
     return ("\n".join(lines) + "\n").encode()
 

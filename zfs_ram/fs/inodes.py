@@ -70,8 +70,22 @@ class Inode:
     """One file, directory, symlink or special file."""
 
     __slots__ = (
-        "ino", "mode", "uid", "gid", "nlink", "rdev", "atime_ns", "mtime_ns", "ctime_ns",
-        "lookups", "opens", "data", "dir", "target", "xattrs", "detached",
+        "ino",
+        "mode",
+        "uid",
+        "gid",
+        "nlink",
+        "rdev",
+        "atime_ns",
+        "mtime_ns",
+        "ctime_ns",
+        "lookups",
+        "opens",
+        "data",
+        "dir",
+        "target",
+        "xattrs",
+        "detached",
     )
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, rdev: int = 0) -> None:
@@ -115,4 +129,3 @@ class Inode:
         stamp = now_ns()
         self.mtime_ns = stamp
         self.ctime_ns = stamp
-

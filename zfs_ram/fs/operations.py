@@ -198,7 +198,7 @@ class ZfsRamOperations(pyfuse3.Operations):
 
     @staticmethod
     def _negative_entry() -> pyfuse3.EntryAttributes:
-        """"No such name", which the kernel may cache as long as a name (CACHE_TIMEOUT): every
+        """ "No such name", which the kernel may cache as long as a name (CACHE_TIMEOUT): every
         create, link and rename goes through the kernel, which drops the negative entry then.
         Build tools stat the same missing paths again and again (include and module search
         paths); with a cached answer those cost no request."""
@@ -211,8 +211,9 @@ class ZfsRamOperations(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             raise fail(errno.ENAMETOOLONG)
 
-    def _new_inode(self, parent: Inode, mode: int, ctx: pyfuse3.RequestContext,
-                   rdev: int = 0) -> Inode:
+    def _new_inode(
+        self, parent: Inode, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0
+    ) -> Inode:
         if self.config.nr_inodes and len(self.inodes) >= self.config.nr_inodes:
             raise fail(errno.ENOSPC)
         gid = ctx.gid
@@ -226,16 +227,25 @@ class ZfsRamOperations(pyfuse3.Operations):
         self.inodes[inode.ino] = inode
         return inode
 
-    def _link_new(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
-                  rdev: int = 0, target: bytes | None = None) -> Inode:
+    def _link_new(
+        self,
+        parent_ino: int,
+        name: bytes,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Inode:
         """Create an inode and its first directory entry in parent."""
         self._check_writable()
         self._check_name(name)
         parent, directory = self._dir(parent_ino)
         if parent.nlink == 0:
             raise fail(errno.ENOENT)
-        if name in directory.entries or name in (b".", b"..") or (
-            parent_ino == ROOT_INODE and name == CONTROL_NAME
+        if (
+            name in directory.entries
+            or name in (b".", b"..")
+            or (parent_ino == ROOT_INODE and name == CONTROL_NAME)
         ):
             raise fail(errno.EEXIST)
         inode = self._new_inode(parent, mode, ctx, rdev)
@@ -313,8 +323,9 @@ class ZfsRamOperations(pyfuse3.Operations):
     # -- names ---------------------------------------------------------------------------------
 
     @total
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if parent_inode == CONTROL_DIR_INO:
             if name == b"..":
                 return self._attrs(self.inodes[ROOT_INODE])
@@ -355,8 +366,9 @@ class ZfsRamOperations(pyfuse3.Operations):
                 log.exception("forget(%d, %d) failed", ino, count)
 
     @total
-    async def getattr(self, inode: int,
-                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         if inode == CONTROL_DIR_INO:
             return self._control_dir_attrs()
         cfile = self._control_by_ino.get(inode)
@@ -365,12 +377,19 @@ class ZfsRamOperations(pyfuse3.Operations):
         return self._attrs(self._inode(inode))
 
     @total
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         if inode == CONTROL_DIR_INO or inode in self._control_by_ino:
-            if inode in self._control_by_ino and fields.update_size and not (
-                fields.update_mode or fields.update_uid or fields.update_gid
+            if (
+                inode in self._control_by_ino
+                and fields.update_size
+                and not (fields.update_mode or fields.update_uid or fields.update_gid)
             ):
                 # `echo 1 > .zfs_ram/compact` may truncate first; there is nothing to cut.
                 return await self.getattr(inode, ctx)
@@ -432,30 +451,34 @@ class ZfsRamOperations(pyfuse3.Operations):
         return node.target
 
     @total
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
             raise fail(errno.EINVAL)
         return self._attrs(self._link_new(parent_inode, name, mode, ctx, rdev=rdev))
 
     @total
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         mode = stat.S_IFDIR | (mode & 0o7777)
         return self._attrs(self._link_new(parent_inode, name, mode, ctx))
 
     @total
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if len(target) >= PAGE_SIZE:
             raise fail(errno.ENAMETOOLONG)
         mode = stat.S_IFLNK | 0o777
         return self._attrs(self._link_new(parent_inode, name, mode, ctx, target=target))
 
     @total
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         self._check_writable()
         self._check_name(new_name)
         if inode == CONTROL_DIR_INO or inode in self._control_by_ino:
@@ -536,8 +559,15 @@ class ZfsRamOperations(pyfuse3.Operations):
             ino = directory.parent
 
     @total
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         self._check_writable()
         self._check_name(name_old)
         self._check_name(name_new)
@@ -567,8 +597,9 @@ class ZfsRamOperations(pyfuse3.Operations):
             assert target is not None
             if target.is_dir and self._is_ancestor(target.ino, parent_inode_old):
                 raise fail(errno.EINVAL)
-            self._exchange(old_parent, old_dir, name_old, node, new_parent, new_dir, name_new,
-                           target)
+            self._exchange(
+                old_parent, old_dir, name_old, node, new_parent, new_dir, name_new, target
+            )
             return
         if target is not None:
             if target is node:
@@ -604,14 +635,25 @@ class ZfsRamOperations(pyfuse3.Operations):
         if target is not None:
             self._maybe_free(target)
 
-    def _exchange(self, old_parent: Inode, old_dir: Directory, name_old: bytes, node: Inode,
-                  new_parent: Inode, new_dir: Directory, name_new: bytes, target: Inode) -> None:
+    def _exchange(
+        self,
+        old_parent: Inode,
+        old_dir: Directory,
+        name_old: bytes,
+        node: Inode,
+        new_parent: Inode,
+        new_dir: Directory,
+        name_new: bytes,
+        target: Inode,
+    ) -> None:
         stamp = now_ns()
         old_dir.replace(name_old, target.ino)
         new_dir.replace(name_new, node.ino)
         if old_parent is not new_parent:
-            for moved, src, dst in ((node, old_parent, new_parent),
-                                    (target, new_parent, old_parent)):
+            for moved, src, dst in (
+                (node, old_parent, new_parent),
+                (target, new_parent, old_parent),
+            ):
                 if moved.dir is not None:
                     moved.dir.parent = dst.ino
                     src.nlink -= 1
@@ -625,9 +667,9 @@ class ZfsRamOperations(pyfuse3.Operations):
     # -- files -----------------------------------------------------------------------------------
 
     @total
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
-                                                           pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         mode = stat.S_IFREG | (mode & 0o7777)
         inode = self._link_new(parent_inode, name, mode, ctx)
         inode.opens += 1
@@ -802,8 +844,9 @@ class ZfsRamOperations(pyfuse3.Operations):
             raise fail(errno.EOPNOTSUPP)
 
     @total
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         node = self._xattr_node(inode)
         self._check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
@@ -930,12 +973,15 @@ class ZfsRamOperations(pyfuse3.Operations):
     def _control_files(self) -> list[ControlFile]:
         specs: list[tuple[bytes, int, Callable[[], bytes] | None, Any]] = [
             (b"mm_stat", 0o444, lambda: control.mm_stat_line(self.mm_stat()), None),
-            (b"classes", 0o444,
-             lambda: control.classes_table(self.pool.class_statistics()), None),
+            (b"classes", 0o444, lambda: control.classes_table(self.pool.class_statistics()), None),
             (b"stats.json", 0o444, lambda: control.as_json(self.stats()), None),
             (b"compact", 0o200, None, self._apply_compact),
-            (b"mem_limit", 0o644,
-             lambda: f"{self.pool.page_limit * PAGE_SIZE}\n".encode(), self._apply_mem_limit),
+            (
+                b"mem_limit",
+                0o644,
+                lambda: f"{self.pool.page_limit * PAGE_SIZE}\n".encode(),
+                self._apply_mem_limit,
+            ),
             (b"mem_used_max", 0o200, None, self._apply_mem_used_max),
             (b"pid", 0o444, lambda: f"{os.getpid()}\n".encode(), None),
         ]

@@ -93,10 +93,29 @@ class _Class:
     """Bookkeeping of one distinct size class (see the module comment for the arrays)."""
 
     __slots__ = (
-        "cid", "index", "size", "pages", "objs", "huge", "group_of", "chain_init",
-        "frames", "slots", "inuse", "freeobj", "group", "prev", "next",
-        "heads", "mask", "free_zs", "zspages", "obj_used", "frames_used", "no_frames",
-    )  # fmt: skip
+        "cid",
+        "index",
+        "size",
+        "pages",
+        "objs",
+        "huge",
+        "group_of",
+        "chain_init",
+        "frames",
+        "slots",
+        "inuse",
+        "freeobj",
+        "group",
+        "prev",
+        "next",
+        "heads",
+        "mask",
+        "free_zs",
+        "zspages",
+        "obj_used",
+        "frames_used",
+        "no_frames",
+    )
 
     def __init__(self, cid: int, sc: SizeClass) -> None:
         self.cid = cid
@@ -164,9 +183,20 @@ class _Class:
 
     def structures(self) -> list[object]:
         return [
-            self, self.group_of, self.chain_init, self.no_frames, self.frames, self.slots,
-            self.inuse, self.freeobj, self.group, self.prev, self.next, self.heads, self.free_zs,
-        ]  # fmt: skip
+            self,
+            self.group_of,
+            self.chain_init,
+            self.no_frames,
+            self.frames,
+            self.slots,
+            self.inuse,
+            self.freeobj,
+            self.group,
+            self.prev,
+            self.next,
+            self.heads,
+            self.free_zs,
+        ]
 
 
 class ZsmallocPool(Pool):
@@ -434,8 +464,10 @@ class ZsmallocPool(Pool):
             head = PAGE_SIZE - inoff
             nxt = c.frames[fi + 1]
             pos2 = (nxt & SEGMENT_MASK) << 12
-            append(segments[frame >> SEGMENT_SHIFT][pos : pos + head]
-                   + segments[nxt >> SEGMENT_SHIFT][pos2 : pos2 + n - head])
+            append(
+                segments[frame >> SEGMENT_SHIFT][pos : pos + head]
+                + segments[nxt >> SEGMENT_SHIFT][pos2 : pos2 + n - head]
+            )
         return out
 
     def read(self, h: int) -> bytes:

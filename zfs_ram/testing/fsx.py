@@ -206,10 +206,16 @@ class Fsx:
         self.verified = 0
         self._made_root = False
         ops: list[tuple[Callable[[], None], int]] = [
-            (self.op_write, 20), (self.op_append, 8), (self.op_truncate, 8),
-            (self.op_sparse_write, 2), (self.op_read, 12), (self.op_rename, 5),
-            (self.op_link, 3), (self.op_unlink, 4), (self.op_write_unlinked, 2),
-        ]  # fmt: skip
+            (self.op_write, 20),
+            (self.op_append, 8),
+            (self.op_truncate, 8),
+            (self.op_sparse_write, 2),
+            (self.op_read, 12),
+            (self.op_rename, 5),
+            (self.op_link, 3),
+            (self.op_unlink, 4),
+            (self.op_write_unlinked, 2),
+        ]
         if config.use_mmap:
             ops += [(self.op_mmap_read, 5), (self.op_mmap_write, 5)]
         self._ops = [op for op, _ in ops]
@@ -244,8 +250,7 @@ class Fsx:
         return FsxResult(
             ops=self.cfg.ops,
             compactions=self.compactions,
-            pages_compacted=(compacted_after - compacted_before
-                             if compacted_before >= 0 else -1),  # fmt: skip
+            pages_compacted=(compacted_after - compacted_before if compacted_before >= 0 else -1),
             bytes_written=self.written,
             bytes_verified=self.verified,
             seconds=time.monotonic() - started,
@@ -272,8 +277,9 @@ class Fsx:
         try:
             action()
         except OSError as error:
-            self.check(error.errno == code,
-                       f"{what}: expected {errno.errorcode[code]}, got {error!r}")  # fmt: skip
+            self.check(
+                error.errno == code, f"{what}: expected {errno.errorcode[code]}, got {error!r}"
+            )
             return
         raise self.failure(f"{what}: expected {errno.errorcode[code]}, it succeeded")
 
@@ -368,8 +374,10 @@ class Fsx:
         model = self.model_of(path)
         assert model is not None
         span = max(model.size, 1)
-        offset = self.rng.randrange(span + PAGE) if span < self.cfg.max_len * 4 else (
-            self.rng.choice(sorted(model.pages)) * PAGE if model.pages else 0
+        offset = (
+            self.rng.randrange(span + PAGE)
+            if span < self.cfg.max_len * 4
+            else (self.rng.choice(sorted(model.pages)) * PAGE if model.pages else 0)
         )
         length = self.rng.randrange(1, self.cfg.max_write + 1)
         self.note(f"read {path} off={offset} len={length}")
@@ -388,8 +396,7 @@ class Fsx:
         with self._open(path, os.O_RDONLY) as fd:
             _drop_cache(fd)
             base = offset - offset % mmap.ALLOCATIONGRANULARITY
-            with mmap.mmap(fd, offset + length - base, prot=mmap.PROT_READ,
-                           offset=base) as view:  # fmt: skip
+            with mmap.mmap(fd, offset + length - base, prot=mmap.PROT_READ, offset=base) as view:
                 got = view[offset - base : offset - base + length]
         self._compare(path, offset, got, model.read(offset, length))
 
@@ -433,8 +440,11 @@ class Fsx:
         dst = self.pick_path()
         self.note(f"link {src} -> {dst}")
         if dst in self.names:
-            self.expect_error(errno.EEXIST, lambda: os.link(self.root / src, self.root / dst),
-                              f"link {src} onto existing {dst}")  # fmt: skip
+            self.expect_error(
+                errno.EEXIST,
+                lambda: os.link(self.root / src, self.root / dst),
+                f"link {src} onto existing {dst}",
+            )
             return
         os.link(self.root / src, self.root / dst)
         key = self.names[src]
@@ -446,8 +456,9 @@ class Fsx:
         path = self.pick_path()
         self.note(f"unlink {path}")
         if path not in self.names:
-            self.expect_error(errno.ENOENT, lambda: os.unlink(self.root / path),
-                              f"unlink missing {path}")  # fmt: skip
+            self.expect_error(
+                errno.ENOENT, lambda: os.unlink(self.root / path), f"unlink missing {path}"
+            )
             return
         os.unlink(self.root / path)
         model = self.drop_name(path)
@@ -512,13 +523,14 @@ class Fsx:
         if got == want:
             return
         if len(got) != len(want):
-            raise self.failure(f"{path}: read at {offset} gave {len(got)} bytes, model has"
-                               f" {len(want)}")  # fmt: skip
+            raise self.failure(
+                f"{path}: read at {offset} gave {len(got)} bytes, model has {len(want)}"
+            )
         first = next(i for i in range(len(got)) if got[i] != want[i])
         at = offset + first
         raise self.failure(
             f"{path}: bytes differ from offset {at} (page {at // PAGE}, +{at % PAGE}):"
-            f" got {got[first:first + 16].hex()} want {want[first:first + 16].hex()}"
+            f" got {got[first : first + 16].hex()} want {want[first : first + 16].hex()}"
         )
 
     def compact_and_verify_all(self) -> None:
@@ -532,9 +544,10 @@ class Fsx:
         if self.cfg.check_accounting and self.control is not None:
             held = sum(len(m.pages) for m in self.inodes.values())
             stat = _mm_stat(self.control)
-            self.check(stat[0] == held * PAGE,
-                       f"mm_stat orig_data_size {stat[0]}, model holds {held} pages"
-                       f" ({held * PAGE} bytes)")  # fmt: skip
+            self.check(
+                stat[0] == held * PAGE,
+                f"mm_stat orig_data_size {stat[0]}, model holds {held} pages ({held * PAGE} bytes)",
+            )
 
     def check_tree(self) -> None:
         """The directory listings name exactly the model's paths."""
@@ -543,8 +556,9 @@ class Fsx:
             for entry in os.scandir(self.root / d if d else self.root):
                 if entry.is_file(follow_symlinks=False):
                     found.add(f"{d}/{entry.name}" if d else entry.name)
-        self.check(found == set(self.names),
-                   f"listing {sorted(found)} != model {sorted(self.names)}")  # fmt: skip
+        self.check(
+            found == set(self.names), f"listing {sorted(found)} != model {sorted(self.names)}"
+        )
 
     def cleanup(self) -> None:
         self.note("cleanup")
@@ -559,8 +573,10 @@ class Fsx:
         if self.cfg.check_accounting and self.control is not None:
             (self.control / "compact").write_text("1")
             stat = _mm_stat(self.control)
-            self.check(stat[:3] == [0, 0, 0],
-                       f"after deleting everything mm_stat is {stat}: the pool is not empty")
+            self.check(
+                stat[:3] == [0, 0, 0],
+                f"after deleting everything mm_stat is {stat}: the pool is not empty",
+            )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -666,8 +682,9 @@ def check_churn_content(data: bytes) -> str | None:
     return None
 
 
-def run_churn(root: Path, worker: int, seed: int, ops: int,
-              max_len: int = 192 << 10) -> ChurnResult:  # fmt: skip
+def run_churn(
+    root: Path, worker: int, seed: int, ops: int, max_len: int = 192 << 10
+) -> ChurnResult:
     """One of several processes sharing ROOT/shared: publish, read, rename, delete.
 
     Files are written whole in the worker's own directory and published by rename, so a reader
@@ -683,8 +700,7 @@ def run_churn(root: Path, worker: int, seed: int, ops: int,
     shared.mkdir(parents=True, exist_ok=True)
     result = ChurnResult()
     for step in range(ops):
-        action = rng.choices(("publish", "read", "rename", "delete", "rewrite"),
-                             (4, 6, 2, 2, 1))[0]  # fmt: skip
+        action = rng.choices(("publish", "read", "rename", "delete", "rewrite"), (4, 6, 2, 2, 1))[0]
         try:
             if action == "publish":
                 name = f"w{worker}-{step}"
@@ -702,8 +718,9 @@ def run_churn(root: Path, worker: int, seed: int, ops: int,
                     _drop_cache(f.fileno())
                     problem = check_churn_content(f.read())
                 if problem is not None:
-                    raise FsxFailure(f"churn worker {worker} seed {seed} step {step}: "
-                                     f"{SHARED}/{name}: {problem}")  # fmt: skip
+                    raise FsxFailure(
+                        f"churn worker {worker} seed {seed} step {step}: {SHARED}/{name}: {problem}"
+                    )
                 result.verified += 1
             elif action == "rename":  # may replace another worker's file: atomic either way
                 os.rename(shared / name, shared / rng.choice(names + [f"r{worker}-{step}"]))
@@ -764,8 +781,11 @@ def new_mount(options: str) -> Iterator[Path]:
         try:
             yield where
         finally:
-            done = subprocess.run([sys.executable, "-m", "zfs_ram", "umount", str(where)],
-                                  check=False, timeout=MOUNT_TIMEOUT)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-m", "zfs_ram", "umount", str(where)],
+                check=False,
+                timeout=MOUNT_TIMEOUT,
+            )
             if done.returncode != 0:
                 subprocess.run(["fusermount3", "-u", "-z", str(where)], check=False)
 
@@ -777,8 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--mount", type=Path, help="an existing mount; works in DIR/fsx-SEED")
-    where.add_argument("--new-mount", metavar="OPTIONS",
-                       help="mount zfs_ram with these -o options for the run, then unmount")
+    where.add_argument(
+        "--new-mount",
+        metavar="OPTIONS",
+        help="mount zfs_ram with these -o options for the run, then unmount",
+    )
     p.add_argument("--ops", type=int, default=10000, help="operations per run (default 10000)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
     p.add_argument("--files", type=int, default=4, help="paths per directory (3 directories)")
@@ -786,8 +809,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact-every", type=int, default=25, help="0: no forced compaction")
     p.add_argument("--no-mmap", action="store_true")
     p.add_argument("--keep", action="store_true", help="leave the files (no final clean-up)")
-    p.add_argument("--churn", type=int, metavar="N", default=0,
-                   help="instead: N processes churning a shared directory, --ops each")
+    p.add_argument(
+        "--churn",
+        type=int,
+        metavar="N",
+        default=0,
+        help="instead: N processes churning a shared directory, --ops each",
+    )
     p.add_argument("--log", type=Path, help="where to write the operation log on failure")
     return p
 
@@ -797,10 +825,16 @@ def _run(args: argparse.Namespace, mount_dir: Path, owns_mount: bool) -> int:
     if args.churn:
         return _run_churn_cli(mount_dir / f"churn-{seed}", args.churn, seed, args.ops)
     cfg = FsxConfig(
-        root=mount_dir / f"fsx-{seed}", seed=seed, ops=args.ops, files_per_dir=args.files,
-        max_len=args.max_len, compact_every=args.compact_every, use_mmap=not args.no_mmap,
-        cleanup=not args.keep, check_accounting=owns_mount,
-    )  # fmt: skip
+        root=mount_dir / f"fsx-{seed}",
+        seed=seed,
+        ops=args.ops,
+        files_per_dir=args.files,
+        max_len=args.max_len,
+        compact_every=args.compact_every,
+        use_mmap=not args.no_mmap,
+        cleanup=not args.keep,
+        check_accounting=owns_mount,
+    )
     fsx = Fsx(cfg)
     try:
         result = fsx.run()
@@ -810,20 +844,26 @@ def _run(args: argparse.Namespace, mount_dir: Path, owns_mount: bool) -> int:
         print(failure, file=sys.stderr)
         print(f"full operation log: {log_path}", file=sys.stderr)
         return 1
-    print(f"fsx seed={seed}: {result.ops} operations, {result.compactions} forced compactions,"
-          f" {result.pages_compacted} pages compacted, {result.bytes_written} bytes written,"
-          f" {result.bytes_verified} verified, {result.seconds:.1f} s")  # fmt: skip
+    print(
+        f"fsx seed={seed}: {result.ops} operations, {result.compactions} forced compactions,"
+        f" {result.pages_compacted} pages compacted, {result.bytes_written} bytes written,"
+        f" {result.bytes_verified} verified, {result.seconds:.1f} s"
+    )
     print("  " + ", ".join(f"{k} {v}" for k, v in result.op_counts.items()))
     return 0
 
 
 def _run_churn_cli(root: Path, workers: int, seed: int, ops: int) -> int:
-    cmd = [sys.executable, "-c",
-           "import sys; from pathlib import Path; from zfs_ram.testing.fsx import run_churn;"
-           "print(run_churn(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),"
-           " int(sys.argv[4])))"]  # fmt: skip
-    procs = [subprocess.Popen([*cmd, str(root), str(w), str(seed), str(ops)])
-             for w in range(workers)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from pathlib import Path; from zfs_ram.testing.fsx import run_churn;"
+        "print(run_churn(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),"
+        " int(sys.argv[4])))",
+    ]
+    procs = [
+        subprocess.Popen([*cmd, str(root), str(w), str(seed), str(ops)]) for w in range(workers)
+    ]
     status = max(p.wait() for p in procs)
     count = verify_churn_tree(root)
     print(f"churn seed={seed}: {workers} workers x {ops} operations, {count} files verified")

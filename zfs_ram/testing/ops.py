@@ -39,8 +39,9 @@ class Fields:
     update_size: bool = False
 
 
-def run_ops(fn: Callable[[ZfsRamOperations], Coroutine[Any, Any, None]],
-            config: FsConfig | None = None) -> None:
+def run_ops(
+    fn: Callable[[ZfsRamOperations], Coroutine[Any, Any, None]], config: FsConfig | None = None
+) -> None:
     """Run fn against a fresh filesystem in trio; check the pool after it, then shut down."""
     ops = ZfsRamOperations(config or FsConfig())
 

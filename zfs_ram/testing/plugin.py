@@ -243,8 +243,10 @@ class Mount:
             if find_mount(resolve(path)) is None:
                 clean = True  # unmounted some other way, and the daemon already ended
             else:
-                problems.append(f"zfs_ram daemon exited with status {self.process.returncode}"
-                                " while still mounted")  # fmt: skip
+                problems.append(
+                    f"zfs_ram daemon exited with status {self.process.returncode}"
+                    " while still mounted"
+                )
         if find_mount(resolve(path)) is not None:  # a dead mount left by a crash
             _run_fusermount(path, lazy=True)
         status = self.process.returncode
