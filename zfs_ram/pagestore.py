@@ -21,7 +21,7 @@ one is freed, as zram does, so a failed store never loses the old page.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from zfs_ram.codec import (
@@ -57,7 +57,7 @@ class NoSpaceError(Exception):
 class FileData:
     """The contents of one regular file: its logical size and its page table."""
 
-    __slots__ = ("size", "chunks", "same_words", "stored_pages", "footprint")
+    __slots__ = ("size", "chunks", "same_words", "stored_pages", "footprint", "detached")
 
     def __init__(self) -> None:
         self.size = 0
@@ -65,6 +65,7 @@ class FileData:
         self.same_words: dict[int, int] | None = None  # page -> word, only for words != 0
         self.stored_pages = 0  # pages that are not holes
         self.footprint = 0  # bytes of pool objects, for st_blocks
+        self.detached = False
 
     def entry(self, page: int) -> int:
         chunk = self.chunks.get(page >> CHUNK_SHIFT)
@@ -123,15 +124,18 @@ class StoreStats:
     huge_pages: int
     huge_pages_since: int
     stored_pages: int
-    page_limit: int
+    size_limit_pages: int
 
 
 class PageStore:
     """All files' pages over one pool; enforces the logical page limit (tmpfs size=)."""
 
-    def __init__(self, pool: Pool, page_limit: int = 0) -> None:
+    def __init__(
+        self, pool: Pool, size_limit_pages: int = 0, on_free: Callable[[], None] = lambda: None
+    ) -> None:
+        self.on_free = on_free
         self.pool = pool
-        self.page_limit = page_limit  # 0 = unlimited
+        self.size_limit_pages = size_limit_pages  # 0 = unlimited
         self._huge_size = pool.huge_class_size
         self.stored_pages = 0
         self.compr_bytes = 0
@@ -140,7 +144,7 @@ class PageStore:
         self.huge_pages_since = 0
         self.frees = 0  # objects freed so far: a change tells the caller to wake the compactor
         # Pages of files nobody can reach by name or handle any more, kept only until the
-        # kernel forgets the inode (see detach); they no longer count against page_limit.
+        # kernel forgets the inode (see detach); they no longer count against size_limit_pages.
         self.detached_pages = 0
 
     # -- statistics -----------------------------------------------------------------------
@@ -153,7 +157,7 @@ class PageStore:
             huge_pages=self.huge_pages,
             huge_pages_since=self.huge_pages_since,
             stored_pages=self.stored_pages,
-            page_limit=self.page_limit,
+            size_limit_pages=self.size_limit_pages,
         )
 
     @property
@@ -166,10 +170,16 @@ class PageStore:
 
         They are not freed yet: a path walk that ended before the unlink may still open the
         inode (the kernel holds it until it sends forget), and must find the data intact."""
+        if data.detached:
+            return
+        data.detached = True
         self.detached_pages += data.stored_pages
 
     def reattach(self, data: FileData) -> None:
         """A detached file was opened after all: its pages count again."""
+        if not data.detached:
+            return
+        data.detached = False
         self.detached_pages -= data.stored_pages
 
     # -- one page ---------------------------------------------------------------------------
@@ -206,6 +216,7 @@ class PageStore:
         if value & 1:
             size = self.pool.free(value >> 1)
             self.frees += 1
+            self.on_free()
             self.compr_bytes -= size
             data.footprint -= size
             if size == PAGE_SIZE:
@@ -226,7 +237,7 @@ class PageStore:
 
         Raises NoSpaceError(0, ...) and changes nothing if a limit stops it."""
         old = data.entry(page)
-        if not old and self.page_limit and self.used_pages >= self.page_limit:
+        if not old and self.size_limit_pages and self.used_pages >= self.size_limit_pages:
             raise NoSpaceError(0, physical=False)
         if encoded.__class__ is int:
             new = SAME_ENTRY
@@ -363,5 +374,6 @@ class PageStore:
 
     def release(self, data: FileData) -> None:
         """Free every page of a file that is gone."""
+        self.reattach(data)
         self._free_from(data, 0)
         data.size = 0

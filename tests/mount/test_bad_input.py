@@ -110,7 +110,7 @@ def test_the_daemon_checks_name_lengths_itself() -> None:
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
                 await request
             assert excinfo.value.errno == errno.ENAMETOOLONG
-        assert ops.inodes.keys() == {ROOT_INODE}
+        assert ops.namespace.inodes.keys() == {ROOT_INODE}
 
     _run(body)
 

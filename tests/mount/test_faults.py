@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from zfs_ram.codec import PAGE_SIZE
+from zfs_ram.daemon.stack import build
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.pool import PoolCorruptionError
@@ -34,13 +35,13 @@ DATA = b"zfs_ram fault test " * 1000  # a few compressible pages
 
 
 def run(fn: Callable[[ZfsRamOperations], Coroutine[Any, Any, None]]) -> None:
-    ops = ZfsRamOperations(FsConfig())
+    filesystem = build(FsConfig())
 
     async def main() -> None:
         try:
-            await fn(ops)
+            await fn(filesystem.operations)
         finally:
-            ops.shutdown()
+            filesystem.shutdown()
 
     trio.run(main)
 
@@ -97,10 +98,10 @@ def test_a_bug_in_one_request_is_eio_and_the_next_request_works(
         before = len(calls)
         await request()
         assert len(calls) == before + 1
-        assert ops.failsafe_reason is None
+        assert ops.namespace.read_only_reason is None
         fh2, _ = await new_file(ops, b"g")  # writes still allowed
         assert await ops.read(fh2, 0, 10) == DATA[:10]
-        ops.pool.check()
+        ops.store.pool.check()
 
     with caplog.at_level("ERROR"):
         run(body)
@@ -116,8 +117,14 @@ def test_pool_corruption_makes_the_filesystem_read_only(
         dir_attrs = await ops.mkdir(ROOT_INODE, b"d", 0o755, CTX)
         fail_once(ops.store, "read", PoolCorruptionError("injected: bad handle"))
         assert await errno_of(ops.read(fh, 0, 100)) == errno.EIO
-        assert ops.failsafe_reason is not None and "injected: bad handle" in ops.failsafe_reason
-        assert ops.stats()["fs"]["read_only_reason"] == ops.failsafe_reason
+        assert (
+            ops.namespace.read_only_reason is not None
+            and "injected: bad handle" in ops.namespace.read_only_reason
+        )
+        assert (
+            ops.control.statistics.stats()["fs"]["read_only_reason"]
+            == ops.namespace.read_only_reason
+        )
         # Every change is refused from now on ...
         changes: list[Callable[[], Coroutine[Any, Any, Any]]] = [
             lambda: ops.write(fh, 0, b"x"),
@@ -150,9 +157,9 @@ def test_corruption_seen_while_storing_a_page_also_goes_read_only() -> None:
 
     async def body(ops: ZfsRamOperations) -> None:
         fh, ino = await new_file(ops)
-        fail_once(ops.pool, "store", PoolCorruptionError("injected in store"))
+        fail_once(ops.store.pool, "store", PoolCorruptionError("injected in store"))
         assert await errno_of(ops.write(fh, 3 * PAGE_SIZE, os.urandom(PAGE_SIZE))) == errno.EIO
-        assert ops.failsafe_reason is not None
+        assert ops.namespace.read_only_reason is not None
         assert await errno_of(ops.write(fh, 0, b"y")) == errno.EROFS
         assert await ops.read(fh, 0, 20) == DATA[:20]
 
@@ -164,7 +171,7 @@ def test_forget_never_raises() -> None:
         fh, ino = await new_file(ops)
         await ops.release(fh)
         ops.forget([(ino, 10**9), (999_999, 1), (ROOT_INODE, 5), (ino, 1)])
-        fail_once(ops, "_maybe_free", RuntimeError("injected in forget"))
+        fail_once(ops.namespace, "forget", RuntimeError("injected in forget"))
         ops.forget([(ino, 1)])  # logged, not raised: pyfuse3 would end the mount
         assert (await ops.getattr(ROOT_INODE, CTX)).st_mode & stat.S_IFDIR
 

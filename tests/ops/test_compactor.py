@@ -11,7 +11,7 @@ import random
 import trio
 import trio.testing
 
-from zfs_ram.compactor import BUSY_SHARE_DIVISOR, REST_SECONDS, SETTLE_SECONDS, Compactor
+from zfs_ram.daemon.compactor import BUSY_SHARE_DIVISOR, REST_SECONDS, SETTLE_SECONDS, Compactor
 from zfs_ram.pool import create_pool
 
 OBJECTS = 4000  # of 1000 bytes: a pool of 1000 pages, so 1% = 10 pages

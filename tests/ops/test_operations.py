@@ -16,9 +16,10 @@ import pytest
 import trio
 
 from zfs_ram.codec import PAGE_SIZE
+from zfs_ram.daemon.heap import MALLOC_TRIM
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.control import CONTROL_DIR_INO, CONTROL_NAME
-from zfs_ram.fs.operations import MALLOC_TRIM, ROOT_INODE, ZfsRamOperations
+from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.testing.ops import Ctx, Fields, run_ops
 
 CTX = Ctx()
@@ -103,7 +104,7 @@ def test_same_filled_pages_take_no_pool_memory() -> None:
         fh, _ = await create(ops, b"zeros")
         await ops.write(fh, 0, bytes(8 * PAGE_SIZE))
         await ops.write(fh, 8 * PAGE_SIZE, b"\xab\xcd\xef\x01\x02\x03\x04\x05" * 512)
-        stats = ops.mm_stat()
+        stats = ops.control.statistics.mm_stat()
         assert stats["same_pages"] == 9
         assert stats["mem_used_total"] == 0
         assert stats["orig_data_size"] == 9 * PAGE_SIZE
@@ -118,7 +119,7 @@ def test_incompressible_page_is_stored_raw_as_a_huge_page() -> None:
         fh, _ = await create(ops, b"random")
         data = os.urandom(2 * PAGE_SIZE)
         await ops.write(fh, 0, data)
-        stats = ops.mm_stat()
+        stats = ops.control.statistics.mm_stat()
         assert stats["huge_pages"] == 2
         assert stats["compr_data_size"] == 2 * PAGE_SIZE
         assert await ops.read(fh, 0, 2 * PAGE_SIZE) == data
@@ -136,11 +137,11 @@ def test_unlinked_open_file_lives_until_release_and_forget() -> None:
         assert (await ops.read(fh, 0, 10)) == b"still here"
         assert ops.store.stored_pages == 3
         await ops.release(fh)
-        assert ino in ops.inodes  # the kernel still knows it (lookup count 1 from create)
+        assert ino in ops.namespace.inodes  # the kernel still knows it (lookup count 1 from create)
         ops.forget([(ino, 1)])
-        assert ino not in ops.inodes
+        assert ino not in ops.namespace.inodes
         assert ops.store.stored_pages == 0
-        assert ops.pool.statistics().pages_used == 0
+        assert ops.store.pool.statistics().pages_used == 0
 
     run(body)
 
@@ -360,7 +361,7 @@ def test_control_files_report_and_compact() -> None:
             if i % 2:
                 await ops.unlink(ROOT_INODE, f"f{i}".encode(), CTX)
                 ops.forget([(ino, 1)])
-        assert ops.pool.can_compact() > 0
+        assert ops.store.pool.can_compact() > 0
         attrs = await ops.lookup(CONTROL_DIR_INO, b"mm_stat", CTX)
         info = await ops.open(attrs.st_ino, os.O_RDONLY, CTX)
         line = await ops.read(info.fh, 0, 4096)
@@ -375,7 +376,7 @@ def test_control_files_report_and_compact() -> None:
         assert errno_of(excinfo) == errno.EINVAL
         assert await ops.write(info.fh, 0, b"1\n") == 2
         await ops.release(info.fh)
-        assert ops.pool.can_compact() == 0
+        assert ops.store.pool.can_compact() == 0
 
     run(body, FsConfig(compact="off"))
 
@@ -392,14 +393,14 @@ def test_mem_limit_control_file_rounds_up_and_rejects_absurd_sizes() -> None:
                 await ops.release(info.fh)
 
         await write(b"1k\n")  # less than a page is one page, not "no limit"
-        assert ops.pool.page_limit == 1
+        assert ops.store.pool.mem_limit_pages == 1
         await write(b"8193")
-        assert ops.pool.page_limit == 3
+        assert ops.store.pool.mem_limit_pages == 3
         for bad in (b"9" * 40, b"-1", b"12q", b""):
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
                 await write(bad)
             assert errno_of(excinfo) == errno.EINVAL
-        assert ops.pool.page_limit == 3
+        assert ops.store.pool.mem_limit_pages == 3
         with pytest.raises(pyfuse3.FUSEError) as excinfo:
             await ops.link(attrs.st_ino, ROOT_INODE, b"x", CTX)
         assert errno_of(excinfo) == errno.EPERM
@@ -426,7 +427,7 @@ def test_open_after_unlink_of_a_looked_up_file_finds_its_data() -> None:
         assert ops.store.stored_pages == 4
         ops.forget([(ino, 1)])
         assert ops.store.stored_pages == 0 and ops.store.detached_pages == 0
-        assert ino not in ops.inodes
+        assert ino not in ops.namespace.inodes
 
     run(body, FsConfig(size_bytes=4 * PAGE_SIZE))
 
@@ -445,12 +446,12 @@ def test_mass_delete_gives_the_metadata_capacity_back() -> None:
             await ops.write(fh, 0, b"x")
             await ops.release(fh)
             inos.append(ino)
-        directory = ops.inodes[d.st_ino].dir
+        directory = ops.namespace.inodes[d.st_ino].dir
         assert directory is not None
         peak = [
             sys.getsizeof(directory.entries),
             sys.getsizeof(directory.cookies),
-            sys.getsizeof(ops.inodes),
+            sys.getsizeof(ops.namespace.inodes),
         ]
         keep = set(names[::1000])
         for name, ino in zip(names, inos, strict=True):
@@ -460,7 +461,7 @@ def test_mass_delete_gives_the_metadata_capacity_back() -> None:
         after = [
             sys.getsizeof(directory.entries),
             sys.getsizeof(directory.cookies),
-            sys.getsizeof(ops.inodes),
+            sys.getsizeof(ops.namespace.inodes),
         ]
         for before, now in zip(peak, after, strict=True):
             assert now < before // 10, (peak, after)

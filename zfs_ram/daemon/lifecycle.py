@@ -11,13 +11,13 @@ readiness handshake of libfuse 3.19's fuse_daemonize_early_*:
 3. ``pyfuse3.init`` mounts. The kernel queues FUSE_INIT; nobody can use the mount until the
    main loop answers it.
 4. Background mode forks. The parent waits on a pipe until the child writes ``ok`` (FUSE_INIT
-   handled, ``ops.ready`` set) and exits 0, or prints the child's error line and exits 1 if
+   handled, ``operations.ready`` set) and exits 0, or prints the child's error line and exits 1 if
    the child reports an error, dies or stays silent for READY_TIMEOUT. The child calls setsid,
    points stdio at /dev/null (or ``-o log=PATH``) and serves.
 5. Serving is one trio nursery: a signal watcher that turns SIGINT/SIGTERM/SIGHUP into
    ``pyfuse3.terminate()``, the background compactor, the readiness notifier, and
    ``pyfuse3.main()``. An unmount from outside (fusermount3 -u, umount) also ends main().
-6. After main() returns: cancel the nursery, ``ops.shutdown()``, unmount if still mounted,
+6. After main() returns: cancel the nursery, ``Filesystem.shutdown()``, unmount if still mounted,
    exit 0.
 
 Under systemd (Type=notify, ``zfs-ram mount -f``) readiness and stopping are also announced
@@ -80,12 +80,14 @@ class MountError(Exception):
     """Mounting cannot go ahead. ``str()`` is one line for the user."""
 
 
-class Operations(Protocol):
-    """What the lifecycle needs from the filesystem (zfs_ram.fs.operations.ZfsRamOperations)."""
+class Served(Protocol):
+    """What the lifecycle serves (zfs_ram.daemon.stack.Filesystem): the pyfuse3 Operations,
+    whose ``ready`` event is set once FUSE_INIT was handled, and the mount's background work."""
 
-    ready: Any  # trio.Event, set once FUSE_INIT was handled
+    @property
+    def operations(self) -> Any: ...
 
-    async def serve_background(self) -> None: ...
+    async def run_background(self) -> None: ...
 
     def shutdown(self) -> None: ...
 
@@ -181,11 +183,10 @@ def check_fuse_device(device: str = FUSE_DEVICE) -> None:
     os.close(fd)
 
 
-def _default_ops_factory(config: FsConfig) -> Operations:
-    from zfs_ram.fs.operations import ZfsRamOperations
+def _build_filesystem(config: FsConfig) -> Served:
+    from zfs_ram.daemon.stack import build
 
-    ops: Operations = ZfsRamOperations(config)
-    return ops
+    return build(config)
 
 
 def setup_logging(debug: bool) -> None:
@@ -201,7 +202,7 @@ def mount(
     *,
     foreground: bool = False,
     debug: bool = False,
-    ops_factory: Callable[[FsConfig], Operations] = _default_ops_factory,
+    build_filesystem: Callable[[FsConfig], Served] = _build_filesystem,
 ) -> int:
     """Mount zfs_ram and serve it until unmounted. Returns the exit status.
 
@@ -229,14 +230,14 @@ def mount(
     log.debug("options: fuse=%s ignored=%s", sorted(fuse_options), parsed.ignored)
 
     try:
-        ops = ops_factory(parsed.config)
+        served = build_filesystem(parsed.config)
     except Exception as e:
         log.debug("setting up the file system failed", exc_info=True)  # shown with -d
         raise MountError(f"cannot set up the file system: {type(e).__name__}: {e}") from None
-    assert isinstance(ops, pyfuse3.Operations), "the file system must be pyfuse3.Operations"
+    assert isinstance(served.operations, pyfuse3.Operations), "needs pyfuse3.Operations"
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        pyfuse3.init(ops, path, fuse_options)
+        pyfuse3.init(served.operations, path, fuse_options)
     except RuntimeError as e:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         raise MountError(f"mounting {mountpoint} failed: {e}") from None
@@ -246,7 +247,7 @@ def mount(
     if foreground:
         if log_fd is not None:
             _redirect_stdio(log_fd, keep_stdin=True)
-        return _serve_mounted(ops, path, mount_id, notify_fd=None)
+        return _serve_mounted(served, path, mount_id, notify_fd=None)
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -261,7 +262,7 @@ def mount(
     os.setsid()  # leave the terminal's session: no SIGHUP/SIGINT from the shell
     os.chdir("/")  # do not keep the caller's directory (maybe another mount) busy
     _redirect_stdio(log_fd if log_fd is not None else os.open(os.devnull, os.O_WRONLY))
-    return _serve_mounted(ops, path, mount_id, notify_fd=write_fd)
+    return _serve_mounted(served, path, mount_id, notify_fd=write_fd)
 
 
 def _open_log(parsed: MountOptions) -> int | None:
@@ -346,14 +347,14 @@ def _unmount_if_ours(path: str, mount_id: int | None, *, lazy: bool) -> None:
     subprocess.run(cmd, check=False, stderr=subprocess.DEVNULL)
 
 
-def _serve_mounted(ops: Operations, path: str, mount_id: int | None, notify_fd: int | None) -> int:
+def _serve_mounted(served: Served, path: str, mount_id: int | None, notify_fd: int | None) -> int:
     """Run the FUSE main loop until unmount or signal; then shut down. Returns the exit status."""
     import pyfuse3
     import trio
 
     state = _ServeState(notify_fd)
     try:
-        trio.run(_serve, ops, path, state)
+        trio.run(_serve, served, path, state)
     except BaseException as exc:  # the filesystem crashed: whatever it is, report and exit 1
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if not state.ready:  # failed before the mount was ready: nobody used it, remove it
@@ -372,7 +373,7 @@ def _serve_mounted(ops: Operations, path: str, mount_id: int | None, notify_fd: 
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # no KeyboardInterrupt from here on
     sd_notify("STOPPING=1")
     try:
-        ops.shutdown()
+        served.shutdown()
     except Exception:
         log.exception("dropping the inodes failed; unmounting anyway")
         status = 1
@@ -401,14 +402,14 @@ class _ServeState:
         self.notify_fd = None
 
 
-async def _serve(ops: Operations, path: str, state: _ServeState) -> None:
+async def _serve(served: Served, path: str, state: _ServeState) -> None:
     import pyfuse3
     import trio
 
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals)
-        nursery.start_soon(ops.serve_background)
-        nursery.start_soon(_announce_ready, ops, path, state)
+        nursery.start_soon(served.run_background)
+        nursery.start_soon(_announce_ready, served, path, state)
         await pyfuse3.main()
         log.debug("FUSE main loop returned")
         nursery.cancel_scope.cancel()
@@ -428,8 +429,8 @@ async def _watch_signals(task_status: Any) -> None:
             pyfuse3.terminate()
 
 
-async def _announce_ready(ops: Operations, path: str, state: _ServeState) -> None:
-    await ops.ready.wait()
+async def _announce_ready(served: Served, path: str, state: _ServeState) -> None:
+    await served.operations.ready.wait()
     log.info("mounted %s (pid %d)", path, os.getpid())
     state.ready = True
     state.report(READY_WORD.decode().strip())

@@ -24,7 +24,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from zfs_ram.fs.config import PAGE_SIZE, FsConfig
+from zfs_ram.fs.config import FsConfig
+from zfs_ram.vocabulary import PAGE_SIZE
 
 __all__ = [
     "MountOptions",

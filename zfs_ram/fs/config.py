@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-PAGE_SIZE = 4096
+from zfs_ram.vocabulary import PAGE_SIZE
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,19 @@
 """The control directory MOUNTPOINT/.zfs_ram: statistics and commands for shell scripts.
 
 It plays the part of zram's sysfs directory: `cat` reads a statistic, `echo` writes a command.
-The directory is not listed by readdir (like ZFS's .zfs), cannot be removed or renamed, and
-nothing can be created in it. Its files are generated when opened and served with direct I/O,
-so `cat` always sees fresh numbers although every file reports size 0.
+It is one object, ControlDirectory, that the FUSE layer asks once per request whether an inode
+(or an open handle) is its own, and then hands the request to. The directory is not listed by
+readdir (like ZFS's .zfs), cannot be removed or renamed, and nothing can be created in it (the
+namespace keeps its name reserved). Its files are rendered when opened and served with direct
+I/O, so `cat` always sees fresh numbers although every file reports size 0.
 
-Files:
-    mm_stat       zram's mm_stat line: orig_data_size compr_data_size mem_used_total mem_limit
-                  mem_used_max same_pages pages_compacted huge_pages huge_pages_since
+Files (names in zfs_ram.vocabulary.ControlFile):
+    mm_stat       zram's mm_stat line (vocabulary.MM_STAT_FIELDS)
     classes       the per-class table of the kernel's zsmalloc debugfs `classes`
     stats.json    everything above and more, as one JSON object
     compact       write 1: compact now; returns when done
-    mem_limit     read or write the physical limit (bytes, k/m/g suffixes; 0 = none)
+    mem_limit     read or write the physical limit (bytes, k/m/g/t suffixes or N% of RAM;
+                  0 = none)
     mem_used_max  write 0: reset the high-water mark to the current use
     pid           the daemon's process id
 """
@@ -22,67 +24,105 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pyfuse3
 
-from zfs_ram.codec import PAGE_SIZE
-from zfs_ram.pool import ClassStats
-
-# zram's mm_stat columns, in its order (Documentation/admin-guide/blockdev/zram.rst).
-MM_STAT_FIELDS = (
-    "orig_data_size",
-    "compr_data_size",
-    "mem_used_total",
-    "mem_limit",
-    "mem_used_max",
-    "same_pages",
-    "pages_compacted",
-    "huge_pages",
-    "huge_pages_since",
+from zfs_ram.fs.config import FsConfig
+from zfs_ram.fs.errors import FsError
+from zfs_ram.fs.namespace import Namespace
+from zfs_ram.fs.requests import RequestMeter
+from zfs_ram.pagestore import PageStore
+from zfs_ram.pool import ClassStats, Pool
+from zfs_ram.vocabulary import (
+    CONTROL_DIR,
+    MM_STAT_FIELDS,
+    PAGE_SIZE,
+    ControlFile,
+    mem_total_bytes,
+    parse_size,
 )
-CONTROL_NAME = b".zfs_ram"
+
+CONTROL_NAME = CONTROL_DIR.encode()
 CONTROL_DIR_INO = 2  # pyfuse3.ROOT_INODE is 1; 2..15 are the control directory and its files
 FIRST_CONTROL_FILE_INO = 3
 FIRST_REGULAR_INO = 16
 
 
-@dataclass(frozen=True)
-class ControlFile:
-    name: bytes
-    ino: int
-    mode: int  # permission bits; the owner is the mounting user
-    render: Callable[[], bytes] | None  # what a read returns
-    apply: Callable[[bytes], Awaitable[None]] | None  # what a write does
+class Compaction(Protocol):
+    """What the filesystem needs of the compactor, which the daemon runs beside it."""
+
+    async def compact_now(self) -> int: ...
+
+    def statistics(self) -> Any: ...
 
 
-_SIZE = re.compile(rb"\s*(\d+)\s*([kmgtKMGT]?)\s*")
-_UNITS = {b"": 1, b"k": 1 << 10, b"m": 1 << 20, b"g": 1 << 30, b"t": 1 << 40}
+class MountStatistics:
+    """What the control files report, gathered from the parts of one mount."""
 
+    def __init__(
+        self,
+        config: FsConfig,
+        pool: Pool,
+        store: PageStore,
+        compactor: Compaction,
+        namespace: Namespace,
+        meter: RequestMeter,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.store = store
+        self.compactor = compactor
+        self.namespace = namespace
+        self.meter = meter
 
-MAX_SIZE = (1 << 63) - 1  # what a 64-bit kernel could be asked for at all
+    def mm_stat(self) -> dict[str, int]:
+        """zram's mm_stat fields, by name. O(1): counters only."""
+        store, pool = self.store, self.pool
+        values = {
+            "orig_data_size": store.stored_pages * PAGE_SIZE,
+            "compr_data_size": store.compr_bytes,
+            "mem_used_total": pool.pages_used * PAGE_SIZE,
+            "mem_limit": pool.mem_limit_pages * PAGE_SIZE,
+            "mem_used_max": pool.max_pages_used * PAGE_SIZE,
+            "same_pages": store.same_pages,
+            "pages_compacted": pool.pages_compacted,
+            "huge_pages": store.huge_pages,
+            "huge_pages_since": store.huge_pages_since,
+        }
+        return {name: values[name] for name in MM_STAT_FIELDS}
 
-
-def parse_size(text: bytes) -> int:
-    """Bytes from '4096', '64k', '1G' (zram's memparse); raises FUSEError(EINVAL) otherwise,
-    also for sizes no machine has."""
-    match = _SIZE.fullmatch(text)
-    if match is None:
-        raise pyfuse3.FUSEError(errno.EINVAL)
-    size = int(match.group(1)) * _UNITS[match.group(2).lower()]
-    if size > MAX_SIZE:
-        raise pyfuse3.FUSEError(errno.EINVAL)
-    return size
+    def stats(self) -> dict[str, Any]:
+        """Everything a monitoring script may want, for stats.json and `zfs-ram stat`: the
+        short sections first, the per-class table (hundreds of rows) last."""
+        config, store, namespace = self.config, self.store, self.namespace
+        return {
+            "mm_stat": self.mm_stat(),
+            "fs": {
+                "size_bytes": store.size_limit_pages * PAGE_SIZE,
+                "used_bytes": store.used_pages * PAGE_SIZE,
+                "nr_inodes": config.nr_inodes,
+                "inodes_used": namespace.inodes_used,
+                "pool": config.pool,
+                "compact": config.compact,
+                "read_only_reason": namespace.read_only_reason,
+                "requests": self.meter.total,
+            },
+            "requests": self.meter.statistics(),
+            "pool": self.pool.statistics(),
+            "store": store.statistics(),
+            "compactor": self.compactor.statistics(),
+            "pid": os.getpid(),
+            "classes": self.pool.class_statistics(),
+        }
 
 
 def mm_stat_line(mm: dict[str, int]) -> bytes:
     """zram's mm_stat format: nine right-aligned columns."""
-    fields = MM_STAT_FIELDS
-    return (" ".join(f"{mm[name]:8d}" for name in fields) + "\n").encode()
+    return (" ".join(f"{mm[name]:8d}" for name in MM_STAT_FIELDS) + "\n").encode()
 
 
 def classes_table(rows: list[ClassStats]) -> bytes:
@@ -96,7 +136,8 @@ def classes_table(rows: list[ClassStats]) -> bytes:
     lines = [header]
     totals = [0] * (len(buckets) + 4)
     for row in rows:
-        values = list(row.inuse_histogram) + [
+        values = [
+            *row.inuse_histogram,
             row.obj_allocated,
             row.obj_used,
             row.pages_used,
@@ -117,25 +158,153 @@ def classes_table(rows: list[ClassStats]) -> bytes:
 
 
 def as_json(value: Any) -> bytes:
+    """Frozen statistics records as objects; keys in the order the sections were built."""
+
     def default(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return dataclasses.asdict(obj)
         raise TypeError(f"not serialisable: {type(obj).__name__}")
 
-    return (json.dumps(value, default=default, indent=1, sort_keys=True) + "\n").encode()
+    return (json.dumps(value, default=default, indent=2) + "\n").encode()
 
 
-def control_attributes(ino: int, mode: int, entry_timeout: float) -> pyfuse3.EntryAttributes:
-    """Attributes of the control directory or one of its files (owned by the daemon's user)."""
-    attrs = pyfuse3.EntryAttributes()
-    attrs.st_ino = ino
-    attrs.st_mode = mode
-    attrs.st_nlink = 2 if stat.S_ISDIR(mode) else 1
-    attrs.st_uid = os.geteuid()
-    attrs.st_gid = os.getegid()
-    attrs.st_size = 0
-    attrs.st_blksize = PAGE_SIZE
-    attrs.st_blocks = 0
-    attrs.entry_timeout = entry_timeout
-    attrs.attr_timeout = entry_timeout
-    return attrs
+@dataclass(frozen=True)
+class _File:
+    name: bytes
+    ino: int
+    mode: int  # permission bits; the owner is the mounting user
+    render: Callable[[], bytes] | None  # what a read returns
+    apply: Callable[[bytes], Awaitable[None]] | None  # what a write does
+
+
+class ControlDirectory:
+    """The control directory and its files, as the FUSE layer serves them."""
+
+    def __init__(
+        self,
+        statistics: MountStatistics,
+        *,
+        cache_timeout: float,
+        ram_bytes: Callable[[], int] = mem_total_bytes,
+    ) -> None:
+        self.statistics = statistics
+        self.cache_timeout = cache_timeout
+        self.ram_bytes = ram_bytes  # what `echo 50% > mem_limit` is a share of
+        self._buffers: dict[int, bytes] = {}  # open handle -> the file as rendered at open
+        pool = statistics.pool
+        specs: list[tuple[str, int, Callable[[], bytes] | None, Any]] = [
+            (ControlFile.MM_STAT, 0o444, lambda: mm_stat_line(statistics.mm_stat()), None),
+            (ControlFile.CLASSES, 0o444, lambda: classes_table(pool.class_statistics()), None),
+            (ControlFile.STATS_JSON, 0o444, lambda: as_json(statistics.stats()), None),
+            (ControlFile.COMPACT, 0o200, None, self._apply_compact),
+            (
+                ControlFile.MEM_LIMIT,
+                0o644,
+                lambda: f"{pool.mem_limit_pages * PAGE_SIZE}\n".encode(),
+                self._apply_mem_limit,
+            ),
+            (ControlFile.MEM_USED_MAX, 0o200, None, self._apply_mem_used_max),
+            (ControlFile.PID, 0o444, lambda: f"{os.getpid()}\n".encode(), None),
+        ]
+        self.files = [
+            _File(name.encode(), FIRST_CONTROL_FILE_INO + i, mode, render, apply)
+            for i, (name, mode, render, apply) in enumerate(specs)
+        ]
+        assert FIRST_CONTROL_FILE_INO + len(self.files) <= FIRST_REGULAR_INO
+        self._by_name = {f.name: f for f in self.files}
+        self._by_ino = {f.ino: f for f in self.files}
+
+    # -- the one check ------------------------------------------------------------------------
+
+    @staticmethod
+    def owns(ino: int) -> bool:
+        """Whether an inode number is the control directory's or one of its files'."""
+        return CONTROL_DIR_INO <= ino < FIRST_REGULAR_INO
+
+    def holds(self, fh: int) -> bool:
+        """Whether an open file handle is of a control file."""
+        return fh in self._buffers
+
+    # -- attributes and names -------------------------------------------------------------------
+
+    def attributes(self, ino: int) -> pyfuse3.EntryAttributes:
+        is_dir = ino == CONTROL_DIR_INO
+        mode = stat.S_IFDIR | 0o555 if is_dir else stat.S_IFREG | self._file(ino).mode
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = ino
+        attrs.st_mode = mode
+        attrs.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+        attrs.st_uid = os.geteuid()  # owned by the daemon's user
+        attrs.st_gid = os.getegid()
+        attrs.st_size = 0
+        attrs.st_blksize = PAGE_SIZE
+        attrs.st_blocks = 0
+        attrs.entry_timeout = self.cache_timeout
+        attrs.attr_timeout = self.cache_timeout
+        return attrs
+
+    def _file(self, ino: int) -> _File:
+        cfile = self._by_ino.get(ino)
+        if cfile is None:
+            raise FsError(errno.ENOENT)
+        return cfile
+
+    def lookup(self, name: bytes) -> int:
+        """The inode of a name inside the control directory ('..' is the caller's)."""
+        if name == b".":
+            return CONTROL_DIR_INO
+        cfile = self._by_name.get(name)
+        if cfile is None:
+            raise FsError(errno.ENOENT)
+        return cfile.ino
+
+    def setattr(self, ino: int, size_only: bool) -> None:
+        """`echo 1 > .zfs_ram/compact` may truncate first: there is nothing to cut, and
+        nothing else about these files can be changed."""
+        if ino == CONTROL_DIR_INO or not size_only:
+            raise FsError(errno.EPERM)
+        self._file(ino)
+
+    def listing(self) -> list[tuple[bytes, int]]:
+        """(name, inode) of the directory's entries after '.' and '..'."""
+        return [(f.name, f.ino) for f in self.files]
+
+    # -- open files -----------------------------------------------------------------------------
+
+    def open(self, fh: int, ino: int, write_only: bool) -> None:
+        if ino == CONTROL_DIR_INO:
+            raise FsError(errno.EISDIR)
+        cfile = self._file(ino)
+        render = cfile.render
+        self._buffers[fh] = render() if render is not None and not write_only else b""
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return self._buffers[fh][offset : offset + size]
+
+    async def write(self, ino: int, data: bytes) -> None:
+        apply = self._file(ino).apply
+        if apply is None:
+            raise FsError(errno.EACCES)
+        await apply(data)
+
+    def release(self, fh: int) -> None:
+        self._buffers.pop(fh, None)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def _apply_compact(self, value: bytes) -> None:
+        if value.strip() != b"1":
+            raise FsError(errno.EINVAL)
+        await self.statistics.compactor.compact_now()
+
+    async def _apply_mem_limit(self, value: bytes) -> None:
+        try:
+            limit = parse_size(value.decode("ascii", "replace"), self.ram_bytes())
+        except ValueError:
+            raise FsError(errno.EINVAL) from None
+        self.statistics.pool.mem_limit_pages = limit // PAGE_SIZE
+
+    async def _apply_mem_used_max(self, value: bytes) -> None:
+        if value.strip() != b"0":
+            raise FsError(errno.EINVAL)
+        self.statistics.pool.reset_max_pages()

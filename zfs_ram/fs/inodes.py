@@ -1,9 +1,7 @@
 """Inodes and directories in memory, with the counts that decide when an inode may go.
 
-An inode lives while any of these holds it: a directory entry (nlink), the kernel (lookup
-count: every lookup, create, mknod, mkdir, symlink, link and readdirplus entry adds one, forget
-takes them away), or an open file handle. Only when all three are zero are its pages freed:
-an unlinked file that is still open stays readable and writable.
+An inode carries three counts: its directory entries (nlink), the kernel's lookups, and its
+open handles; fs/namespace.py decides from them when it goes.
 
 Directories keep their entries in insertion order with a per-directory cookie that only grows,
 so readdir can resume at any cookie and neither loses nor repeats an entry while the directory
@@ -85,7 +83,6 @@ class Inode:
         "dir",
         "target",
         "xattrs",
-        "detached",
     )
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, rdev: int = 0) -> None:
@@ -105,7 +102,6 @@ class Inode:
         self.dir: Directory | None = None
         self.target: bytes | None = None  # symlinks
         self.xattrs: dict[bytes, bytes] | None = None
-        self.detached = False  # no name, no handle: pages wait for forget (see PageStore)
 
     @property
     def is_dir(self) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from zfs_ram.daemon.stack import build
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.operations import ZfsRamOperations
 
@@ -42,14 +43,15 @@ class Fields:
 def run_ops(
     fn: Callable[[ZfsRamOperations], Coroutine[Any, Any, None]], config: FsConfig | None = None
 ) -> None:
-    """Run fn against a fresh filesystem in trio; check the pool after it, then shut down."""
-    ops = ZfsRamOperations(config or FsConfig())
+    """Run fn against a fresh filesystem, wired as the daemon wires it, in trio; check the
+    pool after it, then shut down."""
+    filesystem = build(config or FsConfig())
 
     async def main() -> None:
         try:
-            await fn(ops)
-            ops.pool.check()
+            await fn(filesystem.operations)
+            filesystem.pool.check()
         finally:
-            ops.shutdown()
+            filesystem.shutdown()
 
     trio.run(main)

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from zfs_ram.daemon.lifecycle import find_mount, is_alive, resolve
-from zfs_ram.fs.control import MM_STAT_FIELDS
+from zfs_ram.vocabulary import MM_STAT_FIELDS
 
 __all__ = [
     "MM_STAT_FIELDS",

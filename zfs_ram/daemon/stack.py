@@ -1,0 +1,92 @@
+"""Wiring one mount: the parts are built here, bottom up, and handed to each other.
+
+As s3ql's mount.py builds its caches and hands them to its Operations, this is the one place
+that knows every layer: the pool (zsmalloc or zbud), the page store over it, the compactor that
+the page store wakes when it frees objects, the namespace, the control directory, and the
+pyfuse3 Operations that translate requests for them. No layer builds the one below it.
+
+A byte's way through the result: Operations.write -> PageStore.write cuts the buffer into
+pages -> codec.encode_pages compresses each (or finds it same-filled or incompressible) ->
+Pool.store allocates an object and returns a handle -> the file's page table keeps it. An
+unlink or truncate frees handles; the page store calls on_free, which wakes the compactor; the
+compactor moves objects out of sparse zspages and the arena hands emptied frames back to the OS
+(madvise). Reads walk the same way back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zfs_ram.daemon.compactor import Compactor
+from zfs_ram.daemon.heap import release_c_heap
+from zfs_ram.fs.config import FsConfig
+from zfs_ram.fs.control import (
+    CONTROL_DIR_INO,
+    CONTROL_NAME,
+    FIRST_REGULAR_INO,
+    ControlDirectory,
+    MountStatistics,
+)
+from zfs_ram.fs.namespace import Namespace, Reserved
+from zfs_ram.fs.operations import CACHE_TIMEOUT, ZfsRamOperations
+from zfs_ram.fs.requests import RequestMeter
+from zfs_ram.pagestore import PageStore
+from zfs_ram.pool import Pool, create_pool
+from zfs_ram.vocabulary import PAGE_SIZE
+
+
+@dataclass
+class Filesystem:
+    """One mount's parts, wired; what the lifecycle serves."""
+
+    config: FsConfig
+    pool: Pool
+    store: PageStore
+    compactor: Compactor
+    namespace: Namespace
+    control: ControlDirectory
+    operations: ZfsRamOperations
+
+    async def run_background(self) -> None:
+        """The mount's background work: the compactor. Runs until cancelled."""
+        await self.compactor.run()
+
+    def shutdown(self) -> None:
+        """After unmount: drop every inode and free the pool."""
+        self.namespace.release_all()
+        self.pool.close()
+
+
+def build(config: FsConfig) -> Filesystem:
+    """A fresh, empty filesystem for `config`."""
+    meter = RequestMeter()
+    pool = create_pool(config.pool, mem_limit_pages=config.mem_limit_pages)
+    compactor = Compactor(
+        pool,
+        auto=config.compact == "auto",
+        min_pages=config.compact_min_pages,
+        batch=config.compact_batch,
+        activity=lambda: meter.total,
+        release_heap=release_c_heap,
+    )
+    store = PageStore(
+        pool, size_limit_pages=config.size_bytes // PAGE_SIZE, on_free=compactor.notify_freed
+    )
+    namespace = Namespace(
+        store,
+        config,
+        reserved=Reserved(CONTROL_NAME, CONTROL_DIR_INO),
+        first_ino=FIRST_REGULAR_INO,
+        on_shrink=release_c_heap,
+    )
+    statistics = MountStatistics(config, pool, store, compactor, namespace, meter)
+    control = ControlDirectory(statistics, cache_timeout=CACHE_TIMEOUT)
+    operations = ZfsRamOperations(
+        namespace=namespace,
+        store=store,
+        compaction=compactor,
+        control=control,
+        meter=meter,
+        xattrs=config.xattrs,
+    )
+    return Filesystem(config, pool, store, compactor, namespace, control, operations)
