@@ -21,6 +21,7 @@ from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.control import CONTROL_DIR_INO, CONTROL_NAME
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.testing.ops import Ctx, Fields, run_ops
+from zfs_ram.vocabulary import mem_total_bytes
 
 CTX = Ctx()
 run = run_ops
@@ -396,7 +397,10 @@ def test_mem_limit_control_file_rounds_up_and_rejects_absurd_sizes() -> None:
         assert ops.store.pool.mem_limit_pages == 1
         await write(b"8193")
         assert ops.store.pool.mem_limit_pages == 3
-        for bad in (b"9" * 40, b"-1", b"12q", b""):
+        await write(b"50%\n")  # the syntax of -o mem_limit=: a share of the RAM
+        assert ops.store.pool.mem_limit_pages == -(-mem_total_bytes() // 2 // PAGE_SIZE)
+        await write(b"8193")
+        for bad in (b"9" * 40, b"-1", b"12q", b"", b"50%%", b"%"):
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
                 await write(bad)
             assert errno_of(excinfo) == errno.EINVAL
