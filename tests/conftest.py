@@ -84,6 +84,7 @@ mount --bind "$BIN" /usr/local/sbin
 stat -f -c 'blocks=%b bsize=%S files=%c' "$MNT"
 stat -c 'mode=%a' "$MNT"
 grep " $MNT " /proc/self/mountinfo | sed 's/.* - /fstype=/'
+grep " $MNT " /proc/self/mountinfo | cut -d' ' -f6 | sed 's/^/flags=/'
 pid=$(cat "$MNT/.zfs_ram/pid")
 umount "$MNT"
 i=0

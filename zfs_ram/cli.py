@@ -11,37 +11,36 @@ the numbers; this module parses arguments and renders. Every error is one line
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn, cast
 
 from zfs_ram import __version__
+from zfs_ram.client import ControlClient, ControlError, NoAnswer
+from zfs_ram.mounts import MountInfo, abort_connection, is_alive, is_stopped, locate, read_mounts
+from zfs_ram.vocabulary import PAGE_SIZE, SUBTYPE
 
 PROG = "zfs-ram"
-CONTROL_DIR = ".zfs_ram"
-FSTYPE = "fuse.zfs_ram"
 # How long umount waits for the daemon to exit after the kernel let go of the mount. The daemon
 # only drops its inodes and frees the pool then, which takes well under a second.
 DAEMON_EXIT_TIMEOUT = 30.0
-# Reading a control file of a hung (stopped, deadlocked) daemon blocks; give up after this.
-CONTROL_READ_TIMEOUT = 3.0
+# fusermount3 -u does not talk to the daemon; the bound guards against a wedged system.
+FUSERMOUNT_TIMEOUT = 5.0
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+# `zfs-ram stat --json`: the sections a reader looks at first; `classes` (hundreds of size
+# classes) goes last, anything else in between.
+JSON_FIRST = ("mountpoint", "mm_stat", "fs", "pool", "store", "compactor")
+JSON_LAST = ("classes",)
 
 
 class CliError(Exception):
     """A failure to report as one line and exit status 1."""
-
-
-class _NoAnswer(CliError):
-    """A control file read that did not return: the daemon is stopped or hung."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,73 +54,55 @@ class _Parser(argparse.ArgumentParser):
 # Helpers shared by the subcommands
 
 
-def _fusermount() -> str:
+def _fusermount(path: str, *, lazy: bool) -> str | None:
+    """``fusermount3 -u [-z] path``, bounded; None on success, else its last error line."""
     tool = shutil.which("fusermount3")
     if tool is None:
         raise CliError("fusermount3 not found (install the fuse3 package)")
-    return tool
+    cmd = [tool, "-u"] + (["-z"] if lazy else []) + [path]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=FUSERMOUNT_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return f"fusermount3 did not return within {FUSERMOUNT_TIMEOUT:.0f} s"
+    if done.returncode == 0:
+        return None
+    return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
 
 
-def _zfs_ram_mount(mountpoint: str) -> str:
-    """The resolved path of a zfs_ram mount, or CliError. Works for a dead mount too."""
-    from zfs_ram.daemon.lifecycle import find_mount, resolve
-
-    path = resolve(mountpoint)
-    info = find_mount(path)
-    if info is None:
-        if not os.path.exists(path):
+def _zfs_ram_mount(mountpoint: str, command: str) -> MountInfo:
+    """The zfs_ram mount at ``mountpoint``, or CliError. Never stats inside a zfs_ram mount, so
+    it works for a dead or stopped daemon too."""
+    where = locate(mountpoint)
+    info = where.mount
+    if info is not None and info.is_zfs_ram and not where.is_mountpoint:
+        raise CliError(
+            f"{mountpoint} is inside the zfs_ram mount {info.mountpoint};"
+            f" name the mount point: {PROG} {command} {info.mountpoint}"
+        )
+    if info is None or not where.is_mountpoint:
+        if not os.path.exists(where.path):  # not in a zfs_ram mount: stat() cannot hang
             raise CliError(f"{mountpoint} does not exist")
         raise CliError(f"{mountpoint} is not mounted")
-    if info.fstype != FSTYPE:
+    if not info.is_zfs_ram:
         raise CliError(f"{mountpoint} is not a zfs_ram mount (it is {info.fstype})")
-    return path
+    return info
 
 
-def _read_control(path: str, name: str, timeout: float = CONTROL_READ_TIMEOUT) -> str:
-    """Read MOUNTPOINT/.zfs_ram/NAME; CliError if the daemon is dead or does not answer."""
-    result: list[str | BaseException] = []
-
-    def read() -> None:
-        try:
-            with open(os.path.join(path, CONTROL_DIR, name), encoding="utf-8") as f:
-                result.append(f.read())
-        except BaseException as e:  # handed to the caller's thread
-            result.append(e)
-
-    # A thread, because a request to a stopped daemon blocks in the kernel; a daemon thread
-    # stuck there does not keep this process from exiting.
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not result:
-        raise _NoAnswer(f"the zfs_ram daemon of {path} does not answer (stopped or hung)")
-    value = result[0]
-    if isinstance(value, OSError):
-        if value.errno == errno.ENOTCONN:
-            raise CliError(f"the zfs_ram daemon of {path} is gone (use 'zfs-ram umount')")
-        raise CliError(f"cannot read {CONTROL_DIR}/{name} of {path}: {value.strerror}")
-    if isinstance(value, BaseException):
-        raise value
-    return value
-
-
-def _write_control(path: str, name: str, data: str) -> None:
+def _stats(path: str) -> dict[str, Any]:
     try:
-        with open(os.path.join(path, CONTROL_DIR, name), "w", encoding="utf-8") as f:
-            f.write(data)
-    except OSError as e:
-        raise CliError(f"cannot write {CONTROL_DIR}/{name} of {path}: {e.strerror}") from None
+        return ControlClient(path).stats()
+    except ControlError as e:
+        raise CliError(str(e)) from None
 
 
-def _read_stats(path: str) -> dict[str, Any]:
-    text = _read_control(path, "stats.json")
-    try:
-        stats = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CliError(f"{CONTROL_DIR}/stats.json of {path} is not JSON: {e}") from None
-    if not isinstance(stats, dict):
-        raise CliError(f"{CONTROL_DIR}/stats.json of {path} is not a JSON object")
-    return stats
+def _ordered(stats: dict[str, Any]) -> dict[str, Any]:
+    """stats.json's sections in JSON_FIRST order, the rest by name, JSON_LAST at the end."""
+    first = [k for k in JSON_FIRST if k in stats]
+    last = [k for k in JSON_LAST if k in stats]
+    middle = sorted(k for k in stats if k not in first and k not in last)
+    return {k: stats[k] for k in first + middle + last}
 
 
 def human_size(n: float) -> str:
@@ -151,39 +132,73 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from zfs_ram.daemon.lifecycle import is_alive
-
-    path = _zfs_ram_mount(args.mountpoint)
+    info = _zfs_ram_mount(args.mountpoint, "umount")
+    path = info.mountpoint
+    if args.lazy:
+        # Returns at once, while files may still be open: nothing to wait for, nothing to ask.
+        reason = _fusermount(path, lazy=True)
+        if reason is not None:
+            raise CliError(f"unmounting {args.mountpoint} failed: {reason}")
+        return 0
     pid: int | None = None
     try:
-        # Read before unmounting, to wait for the daemon afterwards. A lazy unmount returns
-        # at once, while files may still be open, so there is nothing to wait for.
-        if not args.lazy:
-            pid = int(_read_control(path, "pid").strip())
-    except _NoAnswer:
-        # Our own read is stuck in the mount now, so a plain unmount would only say "busy".
-        raise CliError(
-            f"the zfs_ram daemon of {args.mountpoint} does not answer (stopped or hung);"
-            " 'zfs-ram umount -z' detaches the mount"
-        ) from None
-    except (CliError, ValueError):
+        pid = ControlClient(path).pid()  # before unmounting, to wait for the daemon afterwards
+    except NoAnswer:
+        return _umount_unanswered(args.mountpoint, info)
+    except ControlError:
         pass  # a dead daemon (killed): nothing to wait for, fusermount3 -u still works
-    cmd = [_fusermount(), "-u"] + (["-z"] if args.lazy else []) + [path]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+    reason = _fusermount(path, lazy=False)
+    if reason is not None:
         if "busy" in reason.lower():
             raise CliError(
                 f"{args.mountpoint} is busy (open files or a working directory inside);"
-                " close them or use 'zfs-ram umount -z'"
+                f" close them or use '{PROG} umount -z'"
             )
         raise CliError(f"unmounting {args.mountpoint} failed: {reason}")
     if pid is not None:
         deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
         while _is_daemon(pid) and is_alive(pid):
+            if is_stopped(pid):
+                print(
+                    f"{PROG}: unmounted {args.mountpoint}; its daemon (pid {pid}) is stopped"
+                    " and exits once it runs again",
+                    file=sys.stderr,
+                )
+                return 0
             if time.monotonic() > deadline:
                 raise CliError(f"unmounted, but the daemon (pid {pid}) has not exited")
             time.sleep(0.05)
+    return 0
+
+
+def _umount_unanswered(mountpoint: str, info: MountInfo) -> int:
+    """Unmount a mount whose daemon is stopped or hung.
+
+    Our own pid read now waits inside the mount, so a plain unmount would only say "busy".
+    Aborting the FUSE connection fails every waiting request (ours included) and leaves a dead
+    mount, which unmounts; the daemon exits when it next runs. Without fusectl, a lazy unmount
+    still frees the mount point: the kernel lets go once the last waiter is gone.
+    """
+    problem = abort_connection(info)
+    if problem is None:
+        reason = _fusermount(info.mountpoint, lazy=False)
+        how = "aborted its connection and unmounted it"
+        if reason is not None:  # other processes still hold files in it
+            reason = _fusermount(info.mountpoint, lazy=True)
+            how = "aborted its connection and detached it (files were still open)"
+    else:
+        reason = _fusermount(info.mountpoint, lazy=True)
+        how = f"detached it lazily ({problem})"
+    if reason is not None:
+        raise CliError(
+            f"the zfs_ram daemon of {mountpoint} does not answer (stopped or hung) and"
+            f" unmounting failed: {reason}"
+        )
+    print(
+        f"{PROG}: the zfs_ram daemon of {mountpoint} does not answer (stopped or hung); {how};"
+        " the daemon exits once it runs again",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -237,30 +252,29 @@ def stat_row(stats: dict[str, Any], *, raw_bytes: bool) -> dict[str, str]:
 def cmd_stat(args: argparse.Namespace) -> int:
     """One mount's table or JSON object; without a MOUNTPOINT, every zfs_ram mount (zramctl)."""
     if args.mountpoint is not None:
-        path = _zfs_ram_mount(args.mountpoint)
-        stats = _read_stats(path)
+        path = _zfs_ram_mount(args.mountpoint, "stat").mountpoint
+        stats = _stats(path)
         if args.json:
-            print(json.dumps(stats, indent=1, sort_keys=True))
+            print(json.dumps(_ordered(stats), indent=2))
         else:
             _print_table([{"MOUNTPOINT": path, **stat_row(stats, raw_bytes=args.bytes)}])
         return 0
 
-    from zfs_ram.daemon.lifecycle import read_mounts
-
     status = 0
+    mounts = [info.mountpoint for info in read_mounts() if info.is_zfs_ram]
     found: list[tuple[str, dict[str, Any]]] = []
-    for info in read_mounts():
-        if info.fstype != FSTYPE:
-            continue
+    for mountpoint in mounts:
         try:
-            found.append((info.mountpoint, _read_stats(info.mountpoint)))
+            found.append((mountpoint, _stats(mountpoint)))
         except CliError as e:  # a dead or hung daemon: say so, list the others
             print(f"{PROG}: {e}", file=sys.stderr)
             status = EXIT_FAILURE
     if args.json:
-        print(json.dumps([{"mountpoint": m, **s} for m, s in found], indent=1, sort_keys=True))
+        print(json.dumps([_ordered({"mountpoint": m, **s}) for m, s in found], indent=2))
     elif found:
         _print_table([{"MOUNTPOINT": m, **stat_row(s, raw_bytes=args.bytes)} for m, s in found])
+    elif not mounts:
+        print(f"no {SUBTYPE} mounts")
     return status
 
 
@@ -278,12 +292,12 @@ def _print_table(rows: list[dict[str, str]]) -> None:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    path = _zfs_ram_mount(args.mountpoint)
-    before = _read_stats(path).get("mm_stat", {}).get("pages_compacted", 0)
-    _write_control(path, "compact", "1")
-    after = _read_stats(path).get("mm_stat", {}).get("pages_compacted", 0)
-    freed = max(0, after - before)
-    print(f"{freed} pages freed ({human_size(freed * 4096)})")
+    path = _zfs_ram_mount(args.mountpoint, "compact").mountpoint
+    try:
+        freed = ControlClient(path).compact()
+    except ControlError as e:
+        raise CliError(str(e)) from None
+    print(f"{freed} pages freed ({human_size(freed * PAGE_SIZE)})")
     return 0
 
 
@@ -298,13 +312,21 @@ def _add_mount_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="OPTIONS",
-        help="comma-separated mount options (size=, nr_inodes=, mode=, uid=, gid=, mem_limit=,"
-        " pool=, compact=, allow_other, fsname=, ...); may be repeated",
+        help="comma-separated mount options (listed below); may be repeated",
     )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument(
         "-d", "--debug", action="store_true", help="log every request (implies --foreground)"
     )
+
+
+def _mount_parser_settings() -> dict[str, Any]:
+    from zfs_ram.daemon.options import options_help
+
+    return {
+        "epilog": options_help(),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,29 +336,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("mount", help="mount zfs_ram on a directory (returns once ready)")
+    p = sub.add_parser(
+        "mount",
+        help="mount zfs_ram on a directory (returns once ready)",
+        description="Mount zfs_ram on an empty directory. Returns once the mount is ready;"
+        " the daemon stays in the background (with -f, in the foreground).",
+        **_mount_parser_settings(),
+    )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     _add_mount_arguments(p)
     p.set_defaults(func=cmd_mount)
 
-    p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon")
+    p = sub.add_parser(
+        "umount",
+        aliases=["unmount"],
+        help="unmount and wait for the daemon",
+        description="Unmount a zfs_ram mount and wait for its daemon to exit. A daemon that"
+        " does not answer (stopped or hung) has its FUSE connection aborted first.",
+    )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (fusermount3 -z)")
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("stat", help="memory statistics, like zramctl")
+    p = sub.add_parser(
+        "stat",
+        help="memory statistics, like zramctl",
+        description="Memory statistics of one zfs_ram mount, or of all of them, like zramctl.",
+    )
     p.add_argument(
         "mountpoint", metavar="MOUNTPOINT", nargs="?", help="default: every zfs_ram mount"
     )
     p.add_argument(
         "--json",
         action="store_true",
-        help="print .zfs_ram/stats.json as is (a list of them, with mountpoint, for all mounts)",
+        help="print .zfs_ram/stats.json (a list of them, with mountpoint, for all mounts)",
     )
     p.add_argument("-b", "--bytes", action="store_true", help="sizes in bytes")
     p.set_defaults(func=cmd_stat)
 
-    p = sub.add_parser("compact", help="compact the pool now and print the pages freed")
+    p = sub.add_parser(
+        "compact",
+        help="compact the pool now and print the pages freed",
+        description="Compact the pool of a zfs_ram mount now, as zram's compact does: move"
+        " objects out of sparsely used zspages and give the emptied pages back to the system."
+        " Prints the pages freed; returns when the pass is done.",
+    )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_compact)
 
@@ -348,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
         # The cast: argparse's subparser action is invariant in its parser class.
         add_experiment_parser(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown argument after a subcommand is that subcommand's usage error
+    (pointing to ``zfs-ram mount --help``, not ``zfs-ram --help``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        culprit: argparse.ArgumentParser = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                culprit = action.choices.get(args.command, parser)
+        culprit.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _run(func: Any, args: argparse.Namespace) -> int:
@@ -368,8 +425,47 @@ def _run(func: Any, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``zfs-ram COMMAND ...``"""
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     return _run(args.func, args)
+
+
+# mount.fuse3 appends these to the options of every mount root makes without nodev/nosuid,
+# so that mount(8)'s kernel default (dev, suid) applies; it cannot tell a user's explicit
+# "suid" from none. zfs_ram's default is nosuid,nodev on every path (OPTION_TABLE), so the
+# helper drops what mount.fuse3 added; `zfs-ram mount -o suid,dev` asks for them.
+_MOUNT_FUSE_ADDITIONS = ("dev", "suid")
+# mount.fuse3 execs /bin/sh, which execs us: our parent is then mount(8) itself.
+_MOUNT_FUSE_NAMES = frozenset({"mount", "mount.fuse3", "mount.fuse"})
+_SHELLS = frozenset({"sh", "dash", "bash"})
+
+
+def _run_by_mount_fuse() -> bool:
+    """Was this process started by mount(8) through mount.fuse3 (maybe via a shell)?"""
+    pid = os.getppid()
+    for _ in range(2):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read()
+        except OSError:
+            return False
+        name = fields[fields.index("(") + 1 : fields.rindex(")")]
+        if name in _MOUNT_FUSE_NAMES:
+            return True
+        if name not in _SHELLS:
+            return False
+        pid = int(fields.rpartition(")")[2].split()[1])
+    return False
+
+
+def _without_mount_fuse_additions(options: list[str]) -> list[str]:
+    """The -o strings without the trailing dev/suid that mount.fuse3 appended."""
+    if not options:
+        return options
+    words = options[-1].split(",")
+    for added in reversed(_MOUNT_FUSE_ADDITIONS):
+        if words and words[-1] == added:
+            words.pop()
+    return [*options[:-1], ",".join(words)]
 
 
 def mount_helper_main(argv: Sequence[str] | None = None) -> int:
@@ -380,9 +476,11 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _Parser(
         prog="zfs_ram",
+        usage="%(prog)s [SOURCE] MOUNTPOINT [-o OPTIONS]",
         description="Mount zfs_ram (for mount -t fuse.zfs_ram and fstab).",
+        **_mount_parser_settings(),
     )
-    parser.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
+    parser.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT", help=argparse.SUPPRESS)
     _add_mount_arguments(parser)
     # mount(8)'s helper flags (-n no mtab, -s sloppy, -v verbose): accepted, meaningless here.
     for flag in ("-n", "-s", "-v"):
@@ -391,4 +489,6 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     if len(args.paths) > 2:
         parser.error("expected [SOURCE] MOUNTPOINT")
     args.mountpoint = args.paths[-1]
+    if _run_by_mount_fuse():
+        args.options = _without_mount_fuse_additions(args.options)
     return _run(cmd_mount, args)

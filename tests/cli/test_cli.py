@@ -127,8 +127,37 @@ def test_already_mounted(mountpoint: Path) -> None:
     result = zfs_ram_cli("mount", str(mountpoint))
     assert result.returncode == 1
     assert one_error_line(result) == (
-        f"zfs-ram: {mountpoint} is already a mount point (fuse.zfs_ram)"
+        f"zfs-ram: {mountpoint} is already a mount point (fuse.zfs_ram);"
+        f" unmount it first with 'zfs-ram umount {mountpoint}'"
     )
+
+
+@requires_fuse
+def test_mounting_over_a_dead_mount_says_it_is_dead(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    pid = daemon_pid(mountpoint)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    result = zfs_ram_cli("mount", str(mountpoint))
+    assert result.returncode == 1
+    assert one_error_line(result) == (
+        f"zfs-ram: {mountpoint} is already a mount point (fuse.zfs_ram, its daemon is dead);"
+        f" remove it with 'zfs-ram umount {mountpoint}'"
+    )
+
+
+@requires_fuse
+def test_a_path_inside_a_mount_is_named_as_such(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    (mountpoint / "sub").mkdir()
+    for command in ("umount", "stat", "compact"):
+        result = zfs_ram_cli(command, str(mountpoint / "sub"))
+        assert result.returncode == 1
+        assert one_error_line(result) == (
+            f"zfs-ram: {mountpoint}/sub is inside the zfs_ram mount {mountpoint};"
+            f" name the mount point: zfs-ram {command} {mountpoint}"
+        )
+    assert mounted(mountpoint)
 
 
 @requires_fuse
@@ -361,22 +390,58 @@ def test_mount_helper_errors_are_one_line(tmp_path: Path) -> None:
     one_error_line(result)
 
 
-@requires_fuse
-def test_umount_of_a_stopped_daemon(mountpoint: Path) -> None:
+def _stop_after_writing_the_top_directory(mountpoint: Path) -> int:
+    """Mount, write a file into the top directory (so the kernel must ask the daemon about the
+    root again), SIGSTOP the daemon; returns its pid."""
     mount_ok(mountpoint, "size=8m")
     pid = daemon_pid(mountpoint)
+    (mountpoint / "top").write_text("x")
     os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+STOPPED_BOUND = 10.0  # seconds any command may take on a stopped daemon
+
+
+@requires_fuse
+@pytest.mark.timeout(90)
+def test_stat_and_compact_of_a_stopped_daemon_return_with_one_line(mountpoint: Path) -> None:
+    pid = _stop_after_writing_the_top_directory(mountpoint)
     try:
-        result = zfs_ram_cli("umount", str(mountpoint))
-        assert result.returncode == 1
-        assert "does not answer (stopped or hung)" in one_error_line(result)
-        assert mounted(mountpoint)
-        result = zfs_ram_cli("umount", "-z", str(mountpoint))
-        assert result.returncode == 0, result.stderr
-        assert not mounted(mountpoint)
+        for args in (["stat", str(mountpoint)], ["stat"], ["compact", str(mountpoint)]):
+            started = time.monotonic()
+            result = zfs_ram_cli(*args, timeout=STOPPED_BOUND + 5)
+            assert time.monotonic() - started < STOPPED_BOUND, args
+            assert result.returncode == 1, args
+            stopped = [line for line in result.stderr.splitlines() if str(mountpoint) in line]
+            assert stopped == [
+                f"zfs-ram: the zfs_ram daemon of {mountpoint} does not answer (stopped or hung)"
+            ], args
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert wait_gone(pid)  # once running again it sees the unmount and exits
+
+
+@requires_fuse
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_umount_of_a_stopped_daemon_frees_the_mountpoint(mountpoint: Path, lazy: bool) -> None:
+    pid = _stop_after_writing_the_top_directory(mountpoint)
+    try:
+        started = time.monotonic()
+        result = zfs_ram_cli("umount", *(["-z"] if lazy else []), str(mountpoint), timeout=30)
+        assert time.monotonic() - started < STOPPED_BOUND
+        assert result.returncode == 0, result.stderr
+        assert not mounted(mountpoint)
+        if not lazy:
+            assert one_error_line(result) == (
+                f"zfs-ram: the zfs_ram daemon of {mountpoint} does not answer (stopped or hung);"
+                " aborted its connection and unmounted it; the daemon exits once it runs again"
+            )
+        assert os.listdir(mountpoint) == []  # the plain directory again
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_gone(pid)  # once running again it finds its connection gone and exits
+    mount_ok(mountpoint, "size=8m")  # and the directory can be mounted again
 
 
 @requires_fuse
@@ -409,3 +474,110 @@ def test_stat_without_mountpoint_lists_every_zfs_ram_mount(tmp_path: Path) -> No
             zfs_ram_cli("umount", str(path))
     assert not mounted(a)
     assert not mounted(b)
+
+
+# ---- help and usage messages
+
+
+def test_a_subcommands_usage_error_points_at_its_own_help(tmp_path: Path) -> None:
+    for args, helper in (
+        (["mount", str(tmp_path), "--bogus"], "zfs-ram mount"),
+        (["stat", "--bogus"], "zfs-ram stat"),
+        (["umount", str(tmp_path), "--bogus"], "zfs-ram umount"),
+        (["compact", str(tmp_path), "extra"], "zfs-ram compact"),
+    ):
+        result = zfs_ram_cli(*args)
+        assert result.returncode == 2
+        assert one_error_line(result).endswith(f"(see '{helper} --help')"), args
+
+
+def test_mount_help_lists_every_option_with_its_default() -> None:
+    from zfs_ram.daemon.options import OPTION_TABLE
+
+    text = zfs_ram_cli("mount", "--help").stdout
+    for spelling, default, _ in OPTION_TABLE:
+        line = next(line for line in text.splitlines() if line.strip().startswith(spelling))
+        assert default in line, line
+    assert "nosuid" in text and "1777" in text and "zsmalloc" in text
+
+
+def test_compact_help_has_a_description() -> None:
+    text = zfs_ram_cli("compact", "--help").stdout
+    assert "pages freed" in text.split("positional arguments")[0]
+
+
+def test_mount_helper_usage_names_one_mountpoint() -> None:
+    helper = str(Path(sys.executable).parent / "zfs_ram")
+    result = subprocess.run([helper, "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[0] == "usage: zfs_ram [SOURCE] MOUNTPOINT [-o OPTIONS]"
+
+
+def test_stat_without_any_mount_says_so(tmp_path: Path) -> None:
+    # A private mount namespace in which every zfs_ram mount (other tests' too) is detached.
+    script = (
+        "set -eu\n"
+        "awk '$0 ~ / - fuse.zfs_ram / {print $5}' /proc/self/mountinfo | sort -r |"
+        ' while read -r m; do umount -l "$(printf \'%b\' "$m")"; done\n'
+        f"'{VENV_ZFS_RAM}' stat; echo status=$?\n"
+        f"'{VENV_ZFS_RAM}' stat --json\n"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["no zfs_ram mounts", "status=0", "[]"]
+    assert result.stderr == ""
+
+
+VENV_ZFS_RAM = Path(sys.executable).parent / "zfs-ram"
+
+
+@requires_fuse
+def test_stat_json_puts_the_summaries_first_and_classes_last(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    text = zfs_ram_cli("stat", "--json", str(mountpoint)).stdout
+    keys = list(json.loads(text))
+    assert keys[:5] == ["mm_stat", "fs", "pool", "store", "compactor"]
+    assert keys[-1] == "classes"
+    assert text.splitlines()[1].startswith('  "mm_stat": {')  # indent=2
+    listed = json.loads(zfs_ram_cli("stat", "--json").stdout)
+    mine = next(entry for entry in listed if entry["mountpoint"] == str(mountpoint))
+    assert list(mine)[:2] == ["mountpoint", "mm_stat"]
+    assert list(mine)[-1] == "classes"
+
+
+# ---- kernel flags: nosuid,nodev by default on every path, suid/dev when asked
+
+
+def _flags(path: Path) -> frozenset[str]:
+    info = find_mount(str(path))
+    assert info is not None
+    return info.mount_options
+
+
+@requires_fuse
+def test_zfs_ram_mount_is_nosuid_nodev_unless_asked(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    assert {"nosuid", "nodev"} <= _flags(mountpoint)
+    assert zfs_ram_cli("umount", str(mountpoint)).returncode == 0
+    mount_ok(mountpoint, "size=8m", "suid", "dev")
+    assert not {"nosuid", "nodev"} & _flags(mountpoint)
+
+
+@requires_fuse
+def test_mount_dash_t_is_nosuid_nodev_too(mountpoint: Path, tmp_path: Path) -> None:
+    facts = run_mount8('mount -t fuse.zfs_ram zfs_ram "$MNT" -o size=8m', mountpoint, tmp_path)
+    assert {"nosuid", "nodev"} <= set(facts["flags"].split(","))
+
+
+@requires_fuse
+def test_fstab_nosuid_alone_stays_nodev(mountpoint: Path, tmp_path: Path) -> None:
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"zfs_ram {mountpoint} fuse.zfs_ram size=8m,nosuid,noauto 0 0\n")
+    facts = run_mount8(f'mount --fstab "{fstab}" "$MNT"', mountpoint, tmp_path)
+    assert {"nosuid", "nodev"} <= set(facts["flags"].split(","))

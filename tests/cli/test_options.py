@@ -7,6 +7,7 @@ import pytest
 from zfs_ram.daemon.options import (
     ALWAYS_FUSE_OPTIONS,
     FUSE_FLAGS,
+    OPTION_TABLE,
     OptionError,
     mem_total_bytes,
     parse_options,
@@ -323,3 +324,46 @@ def test_mem_total_reads_meminfo(tmp_path: object) -> None:
     with open(fake, "w") as f:
         f.write("MemTotal:       1000 kB\nMemFree:         10 kB\n")
     assert mem_total_bytes(fake) == 1000 * 1024
+
+
+def test_remount_is_refused_as_unsupported_not_unknown() -> None:
+    message = error("remount,size=2g")
+    assert message.startswith("bad mount option 'remount': remount is not supported (")
+    assert "unknown" not in message
+
+
+def test_sizes_share_the_control_files_syntax_but_no_spaces() -> None:
+    assert config("mem_limit=1G").mem_limit_bytes == GIB
+    assert (
+        error("size=1 g") == "bad mount option 'size=1 g': expected bytes with k/m/g/t suffix or N%"
+    )
+    assert "more than any machine has" in error("size=99999999t")
+
+
+def test_the_help_table_lists_every_option_the_parser_knows() -> None:
+    from zfs_ram.daemon import options
+
+    listed: set[str] = set()
+    for spelling, _, _ in options.OPTION_TABLE:
+        for word in spelling.replace(",", "|").split("|"):
+            word = word.strip().split("=")[0]
+            listed |= {word.replace("[no]", ""), word.replace("[no]", "no")}
+    known = set(options._VALUED) - {"subtype"} | set(options.FUSE_FLAGS)
+    known |= set(options._ATIME_FLAGS) | {"xattr", "noxattr"}
+    assert known <= listed, known - listed
+    for spelling, default, meaning in options.OPTION_TABLE:
+        assert default and meaning, spelling
+
+
+def test_the_help_tables_defaults_are_what_parsing_nothing_gives() -> None:
+    table = {spelling.split("=")[0]: default for spelling, default, _ in OPTION_TABLE}
+    cfg = config("")
+    assert table["mode"] == f"{cfg.mode:o}"
+    assert table["pool"] == cfg.pool
+    assert table["compact"] == cfg.compact
+    assert table["compact_min_pages"] == str(cfg.compact_min_pages)
+    assert table["compact_batch"] == str(cfg.compact_batch)
+    assert table["fsname"] == cfg.fsname
+    assert table["xattr|noxattr"] == ("xattr" if cfg.xattrs else "noxattr")
+    # libfuse mounts nosuid,nodev unless told suid/dev; the parser passes neither by default.
+    assert not {"suid", "dev"} & fuse("")

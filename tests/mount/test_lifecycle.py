@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from zfs_ram.daemon.lifecycle import (
     is_alive,
     read_mounts,
 )
+from zfs_ram.mounts import MountInfo, locate
 from zfs_ram.testing import MM_STAT_FIELDS, Mount, MountFactory
 
 # ---- checks before mounting
@@ -359,3 +361,158 @@ def test_teardown_after_the_test_unmounted_with_the_cli(zfs_ram_mount: MountFact
     subprocess.run([sys.executable, "-m", "zfs_ram", "umount", str(m.path)], check=True)
     assert m.finish() == []  # the daemon's exit status 0 is checked; no complaints
     assert m.process.returncode == 0
+
+
+# ---- a stopped daemon: teardown and force_unmount return in bounded time, mount point free
+
+
+def _stuck_reader(path: Path) -> threading.Thread:
+    """A thread whose stat of the root waits for the (stopped) daemon, as a test's might."""
+    started = threading.Event()
+
+    def read() -> None:
+        started.set()
+        with contextlib.suppress(OSError):  # ECONNABORTED once the connection is aborted
+            os.stat(path)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    started.wait(5)
+    time.sleep(0.2)  # into the kernel, waiting for the daemon
+    assert reader.is_alive(), "the stat did not wait for the stopped daemon"
+    return reader
+
+
+@requires_fuse
+@pytest.mark.timeout(60)
+def test_teardown_of_a_stopped_daemon_frees_the_mountpoint(tmp_path: Path) -> None:
+    factory = MountFactory(tmp_path)
+    m = factory("size=8m")
+    (m.path / "top").write_text("x")  # the root's attributes must now come from the daemon
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        reader = _stuck_reader(m.path)
+        started = time.monotonic()
+        problems = "\n".join(factory.finish())
+        assert time.monotonic() - started < 10
+        assert find_mount(str(m.path)) is None
+        assert m.process.poll() is not None
+        assert f"daemon {m.pid} was stopped; killed to unmount" in problems
+        reader.join(10)
+        assert not reader.is_alive()  # its request failed with the connection
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(m.pid, signal.SIGCONT)
+        factory.finish()
+
+
+@requires_fuse
+@pytest.mark.timeout(60)
+def test_mount_unmount_of_a_stopped_daemon_is_bounded(tmp_path: Path) -> None:
+    factory = MountFactory(tmp_path)
+    m = factory("size=8m")
+    (m.path / "top").write_text("x")
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match="is stopped"):
+            m.unmount()
+        assert time.monotonic() - started < 10
+        assert find_mount(str(m.path)) is None
+    finally:
+        factory.finish()
+    assert m.process.poll() is not None
+
+
+@requires_fuse
+@pytest.mark.timeout(60)
+def test_force_unmount_of_a_stopped_daemon_frees_the_mountpoint(mountpoint: Path) -> None:
+    from zfs_ram.testing import force_unmount
+
+    result = subprocess.run(
+        [sys.executable, "-m", "zfs_ram", "mount", str(mountpoint), "-o", "size=8m"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int((mountpoint / ".zfs_ram" / "pid").read_text())
+    (mountpoint / "top").write_text("x")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        reader = _stuck_reader(mountpoint)
+        started = time.monotonic()
+        problems = force_unmount(mountpoint)
+        assert time.monotonic() - started < 10
+        assert find_mount(str(mountpoint)) is None, problems
+        reader.join(10)
+        assert not reader.is_alive()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(pid)  # continued, it finds its connection aborted and exits
+
+
+# ---- locating paths without asking a daemon
+
+
+def _table(tmp_path: Path, *lines: str) -> list[MountInfo]:
+    fake = tmp_path / "mountinfo"
+    fake.write_text("".join(line + "\n" for line in lines))
+    return read_mounts(str(fake))
+
+
+def test_mount_table_has_the_device_and_the_flags(tmp_path: Path) -> None:
+    [m] = _table(tmp_path, "99 36 0:50 / /mnt rw,nosuid,nodev - fuse.zfs_ram zfs_ram rw")
+    assert (m.major, m.minor) == (0, 50)
+    assert {"nosuid", "nodev"} <= m.mount_options
+    assert m.is_zfs_ram
+
+
+def test_locate_a_path_inside_a_zfs_ram_mount_lexically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mnt = tmp_path / "m"
+    table = _table(
+        tmp_path,
+        "1 0 8:1 / / rw - ext4 /dev/sda1 rw",
+        f"99 1 0:50 / {mnt} rw - fuse.zfs_ram zfs_ram rw",
+    )
+
+    def no_stat(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"stat of {args}")
+
+    monkeypatch.setattr(os, "lstat", no_stat)
+    monkeypatch.setattr(os, "stat", no_stat)
+    where = locate(f"{mnt}/sub/../sub/x", table)
+    assert (where.path, where.is_mountpoint) == (f"{mnt}/sub/x", False)
+    assert where.zfs_ram is not None and where.zfs_ram.mountpoint == str(mnt)
+    assert locate(str(mnt), table).is_mountpoint
+
+
+def test_locate_resolves_symlinks_outside_but_never_stats_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    (tmp_path / "link").symlink_to(mnt)
+    table = _table(
+        tmp_path,
+        "1 0 8:1 / / rw - ext4 /dev/sda1 rw",
+        f"99 1 0:50 / {mnt} rw - fuse.zfs_ram zfs_ram rw",
+    )
+    real_lstat = os.lstat
+
+    def guarded(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        assert not str(path).startswith(str(mnt)), f"stat inside the mount: {path}"
+        return real_lstat(path)
+
+    monkeypatch.setattr(os, "lstat", guarded)
+    where = locate(str(tmp_path / "link" / "sub"), table)
+    assert where.path == f"{mnt}/sub"
+    assert where.zfs_ram is not None and not where.is_mountpoint
+    assert locate(str(tmp_path / "link"), table).is_mountpoint

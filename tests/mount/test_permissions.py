@@ -1,7 +1,9 @@
 """Who may do what on a mount made by root, seen by an unprivileged user.
 
-The user (``zfsramtest``, created with useradd if missing) runs small Python snippets through
-``setpriv`` with the system interpreter, which needs nothing from the venv. The mounts live
+The user (``zfsramtest<pid>``, created with useradd for this run and removed with userdel at
+the end, also after a failure) runs small Python snippets through ``setpriv`` with the system
+interpreter, which needs nothing from the venv. The name carries the pid so that two runs at
+once on one machine neither share nor delete each other's user. The mounts live
 under a directory everyone may traverse (pytest's tmp_path is private to root), made by the
 plugin's MountFactory with the same guaranteed unmount as the ``zfs_ram_mount`` fixture.
 
@@ -11,6 +13,8 @@ and the venv's interpreter lives under /root, so only root can mount.
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import json
 import os
 import pwd
@@ -28,7 +32,8 @@ from zfs_ram.testing import MountFactory
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(60)]
 
-USER = "zfsramtest"
+USER = f"zfsramtest{os.getpid()}"
+USER_TOOL_TIMEOUT = 30
 # The system interpreter: the venv's is under /root, which the user cannot enter.
 USER_PYTHON = "/usr/bin/python3"
 SNIPPET_TIMEOUT = 30
@@ -59,20 +64,47 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def user() -> pwd.struct_passwd:
+@contextlib.contextmanager
+def temporary_user(name: str) -> Iterator[pwd.struct_passwd]:
+    """A system user without home directory that exists only inside the ``with`` block."""
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        timeout=USER_TOOL_TIMEOUT,
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        # useradd also made a group of the same name; userdel removes it with the user.
+        subprocess.run(["userdel", name], check=True, timeout=USER_TOOL_TIMEOUT)
+
+
+def _needs_root_and_tools() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to create the test user and switch to it")
     if not os.path.exists(USER_PYTHON) or shutil.which("setpriv") is None:
         pytest.skip(f"needs {USER_PYTHON} and setpriv")
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-            check=True,
-        )
-        return pwd.getpwnam(USER)
+    if shutil.which("useradd") is None or shutil.which("userdel") is None:
+        pytest.skip("needs useradd and userdel")
+
+
+@pytest.fixture(scope="module")
+def user() -> Iterator[pwd.struct_passwd]:
+    _needs_root_and_tools()
+    with temporary_user(USER) as who:
+        yield who
+
+
+def test_the_temporary_user_is_removed_even_after_a_failure() -> None:
+    _needs_root_and_tools()
+    name = f"zfsramgone{os.getpid()}"
+    with pytest.raises(RuntimeError), temporary_user(name) as who:
+        assert pwd.getpwnam(name).pw_uid == who.pw_uid
+        raise RuntimeError("the test failed")
+    with pytest.raises(KeyError):
+        pwd.getpwnam(name)
+    with pytest.raises(KeyError):
+        grp.getgrnam(name)
 
 
 def as_user(who: pwd.struct_passwd, actions: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:

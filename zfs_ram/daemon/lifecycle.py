@@ -31,7 +31,6 @@ conclude that every file was deleted. ``zfs-ram umount`` (fusermount3 -u) remove
 from __future__ import annotations
 
 import contextlib
-import errno
 import faulthandler
 import logging
 import os
@@ -44,11 +43,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from zfs_ram.daemon.options import MountOptions, OptionError, parse_options
 from zfs_ram.fs.config import FsConfig
+from zfs_ram.mounts import MountInfo, find_mount, is_alive, locate, read_mounts
 
 __all__ = [
     "MountError",
@@ -92,67 +91,18 @@ class Served(Protocol):
     def shutdown(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class MountInfo:
-    """One line of /proc/self/mountinfo, the fields zfs_ram looks at."""
-
-    mount_id: int
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as \\ooo octal escapes."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
-    """All mounts. Read from the kernel's table, never by stat(): a dead FUSE mount fails stat."""
-    mounts = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            mounts.append(
-                MountInfo(
-                    mount_id=int(fields[0]),
-                    mountpoint=_unescape(fields[4]),
-                    fstype=fields[sep + 1],
-                    source=_unescape(fields[sep + 2]),
-                )
-            )
-    return mounts
-
-
-def find_mount(mountpoint: str) -> MountInfo | None:
-    """The topmost mount on ``mountpoint`` (an absolute, resolved path), or None."""
-    found = None
-    for m in read_mounts():
-        if m.mountpoint == mountpoint:
-            found = m  # later lines are mounted on top of earlier ones
-    return found
-
-
 def resolve(mountpoint: str) -> str:
-    """Absolute path with symlinks resolved, as mountinfo shows it. Never stats a dead mount."""
-    return os.path.realpath(os.path.abspath(mountpoint))
+    """Absolute path, symlinks resolved outside zfs_ram mounts. Never stats inside one."""
+    return locate(mountpoint).path
 
 
 def check_mountpoint(mountpoint: str) -> str:
     """Return the resolved mountpoint, or raise MountError saying why it cannot be used."""
-    path = resolve(mountpoint)
-    existing = find_mount(path)
-    if existing is not None:
-        raise MountError(f"{mountpoint} is already a mount point ({existing.fstype})")
+    where = locate(mountpoint)
+    path = where.path
+    if where.is_mountpoint:
+        assert where.mount is not None
+        raise MountError(_already_mounted(mountpoint, where.mount))
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -168,6 +118,36 @@ def check_mountpoint(mountpoint: str) -> str:
     if entries:
         raise MountError(f"mountpoint {mountpoint} is not empty")
     return path
+
+
+# A live daemon answers its pid file at once; this only tells dead from alive for a message.
+_PROBE_TIMEOUT = 1.0
+
+
+def _already_mounted(mountpoint: str, existing: MountInfo) -> str:
+    """The "already a mount point" line, with what to do about a zfs_ram mount there."""
+    if not existing.is_zfs_ram:
+        return f"{mountpoint} is already a mount point ({existing.fstype})"
+    from zfs_ram.client import ControlClient, ControlError, DaemonGone, NoAnswer
+
+    try:
+        ControlClient(existing.mountpoint, timeout=_PROBE_TIMEOUT).pid()
+    except DaemonGone:
+        return (
+            f"{mountpoint} is already a mount point ({existing.fstype}, its daemon is dead);"
+            f" remove it with 'zfs-ram umount {mountpoint}'"
+        )
+    except NoAnswer:
+        return (
+            f"{mountpoint} is already a mount point ({existing.fstype}, its daemon does not"
+            f" answer); remove it with 'zfs-ram umount {mountpoint}'"
+        )
+    except ControlError:
+        pass
+    return (
+        f"{mountpoint} is already a mount point ({existing.fstype});"
+        f" unmount it first with 'zfs-ram umount {mountpoint}'"
+    )
 
 
 def check_fuse_device(device: str = FUSE_DEVICE) -> None:
@@ -453,16 +433,3 @@ def sd_notify(message: str) -> None:
             sock.sendto(message.encode(), address)
         except OSError as e:
             log.warning("cannot notify systemd at %s: %s", address, e)
-
-
-def is_alive(pid: int) -> bool:
-    """True while ``pid`` runs. A zombie (exited, not yet reaped) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            proc_stat = f.read()
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ESRCH):
-            return False
-        raise
-    run_state = proc_stat.rpartition(")")[2].split()[0]  # the name in (...) may contain spaces
-    return run_state not in ("Z", "X")

@@ -25,9 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zfs_ram.fs.config import FsConfig
-from zfs_ram.vocabulary import PAGE_SIZE
+from zfs_ram.vocabulary import (
+    DEFAULT_FSNAME,
+    PAGE_SIZE,
+    SIZE_SYNTAX,
+    SUBTYPE,
+    mem_total_bytes,
+    parse_size,
+    round_up_pages,
+)
 
 __all__ = [
+    "OPTION_TABLE",
     "MountOptions",
     "OptionError",
     "mem_total_bytes",
@@ -57,19 +66,20 @@ IGNORED_FLAGS = frozenset(
 
 # Added to every mount. default_permissions: the kernel checks modes and owners, so the
 # filesystem does not have to (libfuse's advice for filesystems without their own checks).
-ALWAYS_FUSE_OPTIONS = frozenset({"default_permissions", "subtype=zfs_ram"})
+ALWAYS_FUSE_OPTIONS = frozenset({"default_permissions", f"subtype={SUBTYPE}"})
 
-SUBTYPE = "zfs_ram"  # /proc/mounts then shows the type as fuse.zfs_ram
-DEFAULT_FSNAME = "zfs_ram"  # first field of /proc/mounts and df
 DEFAULT_SIZE_PERCENT = 50  # tmpfs: "The default is half of your physical RAM without swap"
 POOLS = ("zsmalloc", "zbud")
 COMPACT_MODES = ("auto", "off")
 MODE_MASK = 0o7777  # tmpfs keeps permission and set-id/sticky bits of mode=, nothing else
+# FUSE has no remount with new filesystem options: the daemon read them once, at mount time.
+REMOUNT_REASON = (
+    "remount is not supported (unmount and mount again; mem_limit can be changed while"
+    " mounted: echo 1g > MOUNTPOINT/.zfs_ram/mem_limit)"
+)
 
-# memparse()-style binary suffixes, as tmpfs and zram accept them (case-insensitive).
-_SUFFIX_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-_BYTES_RE = re.compile(r"(\d+)([kmgt]?)", re.IGNORECASE)
-_PERCENT_RE = re.compile(r"(\d+)%")
+# nr_inodes= takes tmpfs's binary suffixes, without t and without %.
+_SUFFIX_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30}
 _COUNT_RE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)
 
 
@@ -95,29 +105,17 @@ class MountOptions:
     ignored: tuple[str, ...] = field(default=())
 
 
-def mem_total_bytes(meminfo_path: str = "/proc/meminfo") -> int:
-    """Physical RAM as the kernel reports it: what tmpfs's ``%`` and defaults are relative to."""
-    with open(meminfo_path, encoding="ascii") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no MemTotal line in {meminfo_path}")
-
-
-def _round_up_pages(n: int) -> int:
-    """Limits count whole pages, as tmpfs's DIV_ROUND_UP(size, PAGE_SIZE) and zram's PAGE_ALIGN."""
-    return -(-n // PAGE_SIZE) * PAGE_SIZE
-
-
 def parse_bytes(option: str, value: str, mem_total: int) -> int:
-    """``1g``, ``512M``, ``4096``, ``25%`` -> bytes, rounded up to whole pages."""
-    m = _PERCENT_RE.fullmatch(value)
-    if m:
-        return _round_up_pages(mem_total * int(m.group(1)) // 100)
-    m = _BYTES_RE.fullmatch(value)
-    if not m:
-        raise OptionError(option, "expected bytes with k/m/g/t suffix or N%")
-    return _round_up_pages(int(m.group(1)) << _SUFFIX_SHIFT[m.group(2).lower()])
+    """``1g``, ``512M``, ``4096``, ``25%`` -> bytes, rounded up to whole pages.
+
+    vocabulary.parse_size is the one syntax; it also accepts the spaces a shell's ``echo``
+    leaves in a control file, which a mount option never has."""
+    if any(c.isspace() for c in value):
+        raise OptionError(option, SIZE_SYNTAX)
+    try:
+        return parse_size(value, mem_total)
+    except ValueError as e:
+        raise OptionError(option, str(e)) from None
 
 
 def parse_count(option: str, value: str) -> int:
@@ -188,6 +186,8 @@ def parse_options(
                 ignored.append(opt)
             elif key in _VALUED:
                 raise OptionError(opt, "needs a value")
+            elif opt == "remount":
+                raise OptionError(opt, REMOUNT_REASON)
             else:
                 raise OptionError(opt, "unknown option")
             continue
@@ -239,7 +239,7 @@ def parse_options(
     if {"allow_other", "allow_root"} <= fuse:
         raise OptionError("allow_root", "cannot be combined with allow_other")
     if not size_given:
-        settings["size_bytes"] = _round_up_pages(total * DEFAULT_SIZE_PERCENT // 100)
+        settings["size_bytes"] = round_up_pages(total * DEFAULT_SIZE_PERCENT // 100)
     if not inodes_given:
         # tmpfs: "half the number of physical RAM pages"
         settings["nr_inodes"] = total // PAGE_SIZE // 2
@@ -272,3 +272,42 @@ _VALUED = frozenset(
         "fsname subtype log"
     ).split()
 )
+
+
+# Every option `zfs-ram mount --help` lists: (spelling, default, meaning). The defaults come from
+# the constants and FsConfig above, so the help cannot drift from what parse_options does;
+# tests/cli/test_options.py checks that every option the parser knows is listed here.
+_DEFAULTS = FsConfig()
+OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("size=BYTES|N%", f"{DEFAULT_SIZE_PERCENT}% of RAM", "cap on the data stored; 0: none"),
+    ("nr_inodes=N", "RAM pages / 2", "cap on files and directories; 0: none"),
+    ("mode=OCTAL", f"{_DEFAULTS.mode:o}", "permissions of the root directory"),
+    ("uid=USER", "the caller", "owner of the root directory"),
+    ("gid=GROUP", "the caller's", "group of the root directory"),
+    ("mem_limit=BYTES|N%", "0 (none)", "cap on the pool's RAM (zram's mem_limit)"),
+    ("pool=" + "|".join(POOLS), _DEFAULTS.pool, "allocator of the compressed pages"),
+    ("compact=" + "|".join(COMPACT_MODES), _DEFAULTS.compact, "background compaction"),
+    ("compact_min_pages=N", str(_DEFAULTS.compact_min_pages), "reclaimable pages that wake it"),
+    ("compact_batch=N", str(_DEFAULTS.compact_batch), "objects moved per compaction step"),
+    ("fsname=NAME", DEFAULT_FSNAME, "first field of /proc/mounts and df"),
+    ("log=PATH", "none", "the daemon's log file"),
+    ("xattr|noxattr", "xattr", "extended attributes"),
+    ("[no]atime|[no]relatime|strictatime", "relatime", "when reads update atime"),
+    ("allow_other|allow_root", "neither", "let other users (or root) in"),
+    ("suid|nosuid", "nosuid", "honour set-user-id bits"),
+    ("dev|nodev", "nodev", "honour device files"),
+    ("exec|noexec", "exec", "allow running programs"),
+    ("rw|ro", "rw", "read-write or read-only"),
+    ("async|sync|dirsync", "async", "synchronous writes (passed to the kernel)"),
+)
+
+
+def options_help() -> str:
+    """The option table as text, for ``zfs-ram mount --help``."""
+    rows = [("OPTION", "DEFAULT", "MEANING"), *OPTION_TABLE]
+    w1 = max(len(r[0]) for r in rows)
+    w2 = max(len(r[1]) for r in rows)
+    lines = ["mount options (-o, comma-separated; of two opposites the later wins):"]
+    lines += [f"  {a:<{w1}}  {b:<{w2}}  {c}" for a, b, c in rows]
+    lines.append("  mount(8)'s generic options (defaults, noauto, nofail, x-*, ...) are ignored")
+    return "\n".join(lines)

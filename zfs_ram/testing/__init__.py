@@ -5,13 +5,13 @@ Installed packages register ``zfs_ram.testing.plugin`` as a pytest plugin (entry
 """
 
 from zfs_ram.testing.plugin import (
-    MM_STAT_FIELDS,
     Mount,
     MountFactory,
     force_unmount,
     fuse_unavailable_reason,
     start_mount,
 )
+from zfs_ram.vocabulary import MM_STAT_FIELDS
 
 __all__ = [
     "MM_STAT_FIELDS",

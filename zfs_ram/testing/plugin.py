@@ -9,10 +9,13 @@ stdout and stderr in a log file under ``tmp_path``. A mount is ready once the di
 mount point; a daemon that dies first fails the test with the log's tail.
 
 Teardown always removes the mount, whatever the test did: ``fusermount3 -u``; if that fails
-(busy) ``fusermount3 -u -z``; a daemon that then does not exit is killed. It also fails the
-test if the daemon logged a Traceback (unless ``allow_traceback=True``) or did not exit 0 after
-a clean unmount. The daemon gets SIGTERM if pytest dies (PR_SET_PDEATHSIG), so even a run killed
-by pytest-timeout's thread method leaves no mount behind.
+(busy) ``fusermount3 -u -z``; a daemon that then does not exit is killed. A stopped daemon is
+killed as soon as the mount cannot go without it: its FUSE connection ends with it, so every
+request waiting in the mount fails and the mount point comes free. No step stats inside the
+mount (mounts are found in /proc/self/mountinfo) and every wait is bounded. Teardown also fails
+the test if the daemon logged a Traceback (unless ``allow_traceback=True``) or did not exit 0
+after a clean unmount. The daemon gets SIGTERM if pytest dies (PR_SET_PDEATHSIG), so even a run
+killed by pytest-timeout's thread method leaves no mount behind.
 
 Tests that use the fixtures are marked ``mount``, skip when /dev/fuse or fusermount3 is missing,
 and get a timeout when pytest-timeout is installed but none is configured.
@@ -22,13 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,8 +37,9 @@ from typing import Any
 
 import pytest
 
-from zfs_ram.daemon.lifecycle import find_mount, is_alive, resolve
-from zfs_ram.vocabulary import MM_STAT_FIELDS
+from zfs_ram.client import ControlClient, ControlError, NoAnswer, bounded
+from zfs_ram.mounts import MountInfo, abort_connection, is_alive, is_stopped, locate
+from zfs_ram.vocabulary import CONTROL_DIR, FSTYPE, MM_STAT_FIELDS
 
 __all__ = [
     "MM_STAT_FIELDS",
@@ -48,8 +50,6 @@ __all__ = [
     "start_mount",
 ]
 
-CONTROL_DIR = ".zfs_ram"
-FSTYPE = "fuse.zfs_ram"
 # Mounting takes well under a second; 30 s is pyfuse3's and sshfs's wait_for_mount budget.
 MOUNT_TIMEOUT = 30.0
 # fusermount3 itself and the daemon's exit after unmount: both sub-second when healthy.
@@ -62,6 +62,8 @@ LOG_TAIL_LINES = 30
 # Applied to mount tests when pytest-timeout is installed but no timeout is configured.
 DEFAULT_TEST_TIMEOUT = 120
 POLL_INTERVAL = 0.05
+# A healthy daemon answers its pid file at once; force_unmount asks only to find the daemon.
+PID_READ_TIMEOUT = 2.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -101,45 +103,61 @@ def _run_fusermount(path: str, *, lazy: bool) -> subprocess.CompletedProcess[str
         return None
 
 
-def _control_read_pid(path: str) -> int | None:
-    """The daemon's pid from .zfs_ram/pid, or None if dead or hung (read in a thread)."""
-    result: list[int] = []
+def _mounted(path: str | os.PathLike[str]) -> MountInfo | None:
+    """What is mounted exactly on ``path``, from the mount table: never blocks on a daemon."""
+    where = locate(os.fspath(path))
+    return where.mount if where.is_mountpoint else None
 
-    def read() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            result.append(int(Path(path, CONTROL_DIR, "pid").read_text().strip()))
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(2.0)
-    return result[0] if result else None
+def _kill(pid: int) -> None:
+    """SIGKILL, which also ends a stopped process; its FUSE connection is aborted with it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL)
+    return not is_alive(pid)
 
 
 def force_unmount(path: str | os.PathLike[str], pid: int | None = None) -> list[str]:
     """Remove whatever is mounted on ``path`` and end its daemon. Returns what went wrong.
 
     For clean-up of mounts made outside the fixtures (e.g. by ``zfs-ram mount``). Never raises
-    for a mount that refuses to go: it tries -u, then -z, then kills the daemon.
+    for a mount that refuses to go and never hangs on a stopped daemon: a stopped daemon is
+    killed, one that does not answer has its connection aborted, then -u, then -z.
     """
     problems: list[str] = []
-    where = resolve(os.fspath(path))
-    if find_mount(where) is None:
+    info = _mounted(path)
+    if info is None:
         return problems
+    where = info.mountpoint
+    unanswered = False
     if pid is None:
-        pid = _control_read_pid(where)
+        try:
+            pid = ControlClient(where, timeout=PID_READ_TIMEOUT).pid()
+        except NoAnswer:
+            unanswered = True
+        except ControlError:
+            pass  # dead: fusermount3 -u works
+    if pid is not None and is_stopped(pid):
+        problems.append(f"daemon {pid} was stopped; killed")
+        _kill(pid)
+        _wait_gone(pid, UNMOUNT_TIMEOUT)
+    elif unanswered:
+        reason = abort_connection(info)
+        if reason is not None:
+            problems.append(f"daemon of {where} does not answer; cannot abort it: {reason}")
     done = _run_fusermount(where, lazy=False)
     if done is None or done.returncode != 0:
         problems.append(f"fusermount3 -u {where} failed; unmounted lazily")
         _run_fusermount(where, lazy=True)
-    if pid is not None:
-        deadline = time.monotonic() + UNMOUNT_TIMEOUT
-        while is_alive(pid) and time.monotonic() < deadline:
-            time.sleep(POLL_INTERVAL)
-        if is_alive(pid):
-            problems.append(f"daemon {pid} did not exit after unmount; killed")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    if find_mount(where) is not None:
+    if pid is not None and not _wait_gone(pid, UNMOUNT_TIMEOUT):
+        problems.append(f"daemon {pid} did not exit after unmount; killed")
+        _kill(pid)
+    if _mounted(where) is not None:
         problems.append(f"{where} is still mounted")
     return problems
 
@@ -174,23 +192,22 @@ class Mount:
         """The control directory, MOUNTPOINT/.zfs_ram."""
         return self.path / CONTROL_DIR
 
+    @property
+    def client(self) -> ControlClient:
+        """The bounded client of the control directory (zfs_ram.client)."""
+        return ControlClient(self.path)
+
     def mm_stat(self) -> dict[str, int]:
         """The mm_stat line as a dict of zram's field names."""
-        values = (self.control / "mm_stat").read_text().split()
-        if len(values) != len(MM_STAT_FIELDS):
-            raise AssertionError(f"mm_stat has {len(values)} fields: {values}")
-        return dict(zip(MM_STAT_FIELDS, map(int, values), strict=True))
+        return self.client.mm_stat()
 
     def stats(self) -> dict[str, Any]:
         """Everything, from .zfs_ram/stats.json."""
-        stats: dict[str, Any] = json.loads((self.control / "stats.json").read_text())
-        return stats
+        return self.client.stats()
 
     def compact(self) -> int:
         """Compact now; returns the pages given back (growth of pages_compacted)."""
-        before = self.mm_stat()["pages_compacted"]
-        (self.control / "compact").write_text("1")
-        return self.mm_stat()["pages_compacted"] - before
+        return self.client.compact()
 
     def log(self) -> str:
         """The daemon's stdout and stderr so far."""
@@ -200,11 +217,15 @@ class Mount:
         return "\n".join(self.log().splitlines()[-lines:])
 
     def unmount(self, timeout: float = UNMOUNT_TIMEOUT) -> int:
-        """Unmount cleanly (fusermount3 -u), wait for the daemon and return its exit status."""
+        """Unmount cleanly (fusermount3 -u), wait for the daemon and return its exit status.
+
+        Raises AssertionError, within about ``timeout`` seconds, if either does not happen."""
         done = _run_fusermount(str(self.path), lazy=False)
         if done is None or done.returncode != 0:
             reason = "timed out" if done is None else done.stderr.strip()
             raise AssertionError(f"fusermount3 -u {self.path} failed: {reason}")
+        if is_stopped(self.pid):
+            raise AssertionError(f"zfs_ram daemon {self.pid} is stopped: unmounted, not exited")
         try:
             status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -224,30 +245,40 @@ class Mount:
         path = str(self.path)
         clean = self._unmounted_cleanly
         if self.process.poll() is None:
-            if find_mount(resolve(path)) is None:
+            if _mounted(path) is None:
                 clean = True  # the test unmounted it some other way (zfs-ram umount, umount)
             else:
                 done = _run_fusermount(path, lazy=False)
                 clean = done is not None and done.returncode == 0
-                if not clean:  # busy (files still open) or fusermount3 hung: detach it
+                if not clean and is_stopped(self.pid):
+                    # Requests wait in the mount for a daemon that cannot answer: end it, which
+                    # aborts the connection, then the dead mount unmounts.
+                    problems.append(f"zfs_ram daemon {self.pid} was stopped; killed to unmount")
+                    self._kill()
+                    done = _run_fusermount(path, lazy=False)
+                if done is None or done.returncode != 0:  # busy, or fusermount3 hung: detach it
                     _run_fusermount(path, lazy=True)
+            if self.process.poll() is None and is_stopped(self.pid):
+                if clean:
+                    problems.append(f"zfs_ram daemon {self.pid} hung after unmount; killed")
+                self._kill()
+                clean = False
             try:
                 self.process.wait(UNMOUNT_TIMEOUT if clean else LAZY_GRACE)
             except subprocess.TimeoutExpired:
                 if clean:
                     problems.append(f"zfs_ram daemon {self.pid} hung after unmount; killed")
-                self.process.kill()
-                self.process.wait()
+                self._kill()
                 clean = False
         elif not clean:
-            if find_mount(resolve(path)) is None:
+            if _mounted(path) is None:
                 clean = True  # unmounted some other way, and the daemon already ended
             else:
                 problems.append(
                     f"zfs_ram daemon exited with status {self.process.returncode}"
                     " while still mounted"
                 )
-        if find_mount(resolve(path)) is not None:  # a dead mount left by a crash
+        if _mounted(path) is not None:  # a dead mount left by a crash
             _run_fusermount(path, lazy=True)
         status = self.process.returncode
         if clean and status != 0:
@@ -257,6 +288,13 @@ class Mount:
         if problems:
             problems.append(f"daemon log ({self.log_path}), tail:\n{self.log_tail()}")
         return problems
+
+    def _kill(self) -> None:
+        """SIGKILL the daemon and reap it (bounded: a killed process ends at once)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(UNMOUNT_TIMEOUT)
 
 
 def start_mount(
@@ -284,7 +322,7 @@ def start_mount(
             preexec_fn=_parent_death_signal(),
         )
     mount = Mount(mountpoint, process, log_path, allow_traceback=allow_traceback)
-    where = resolve(str(mountpoint))
+    where = locate(str(mountpoint)).path
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
@@ -294,9 +332,10 @@ def start_mount(
                 f" {mountpoint}; log tail:\n{mount.log_tail()}",
                 pytrace=False,
             )
-        info = find_mount(where)
-        # ismount() stats the root, which waits until the daemon has answered FUSE_INIT.
-        if info is not None and info.fstype == FSTYPE and os.path.ismount(where):
+        info = _mounted(where)
+        # ismount() stats the root, which waits until the daemon has answered FUSE_INIT;
+        # bounded, as a daemon that never answers would keep it waiting for good.
+        if info is not None and info.fstype == FSTYPE and _answers(where, deadline):
             return mount
         if time.monotonic() > deadline:
             problems = mount.finish()
@@ -306,6 +345,16 @@ def start_mount(
                 pytrace=False,
             )
         time.sleep(POLL_INTERVAL)
+
+
+def _answers(path: str, deadline: float) -> bool:
+    """Does the mount's root answer a stat before ``deadline``?"""
+    try:
+        return bounded(
+            lambda: os.path.ismount(path), max(0.0, deadline - time.monotonic()), "ismount"
+        )
+    except NoAnswer:
+        return False
 
 
 class MountFactory:
