@@ -13,9 +13,13 @@ Accounting follows zram's mm_stat: orig_data_size counts every page held (same-f
 huge included), compr_data_size the bytes of pool objects (a raw page counts PAGE_SIZE).
 Every change goes through this module, so the counters are exact.
 
-Correctness rule: a write that fails leaves the file as it was for the page that failed; pages
+Correctness rules. A write that fails leaves the file as it was for the page that failed; pages
 before it are written (the caller reports a short write). A new object is stored before the old
-one is freed, as zram does, so a failed store never loses the old page.
+one is freed, as zram does, so a failed store never loses the old page. A refused truncate
+changes nothing, and a shrinking truncate is never refused: it frees what lies past the new end
+and only then needs room, to store the cut page with its tail zeroed. If even that does not fit,
+the old page stays, tail and all (FileData.stale_tail): the bytes past the end of file cannot be
+read, and the first call that grows the file zeroes them before it changes anything else.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class NoSpaceError(Exception):
 class FileData:
     """The contents of one regular file: its logical size and its page table."""
 
-    __slots__ = ("size", "chunks", "same_words", "stored_pages", "footprint")
+    __slots__ = ("size", "chunks", "same_words", "stored_pages", "footprint", "stale_tail")
 
     def __init__(self) -> None:
         self.size = 0
@@ -65,6 +69,9 @@ class FileData:
         self.same_words: dict[int, int] | None = None  # page -> word, only for words != 0
         self.stored_pages = 0  # pages that are not holes
         self.footprint = 0  # bytes of pool objects, for st_blocks
+        # The page holding the end of file may keep non-zero bytes past it (a shrinking
+        # truncate found no room to store it zeroed): growing the file must zero them first.
+        self.stale_tail = False
 
     def entry(self, page: int) -> int:
         chunk = self.chunks.get(page >> CHUNK_SHIFT)
@@ -278,6 +285,8 @@ class PageStore:
         """
         if offset + len(buf) > MAX_FILE_SIZE:
             raise OverflowError("file too large")
+        if data.stale_tail and offset + len(buf) > data.size:
+            self._zero_tail(data)  # a NoSpaceError here says that 0 bytes landed
         if len(buf) == PAGE_SIZE and not offset % PAGE_SIZE:
             # One whole page, the commonest small write: no slicing, no batch. A NoSpaceError
             # from _put already says that 0 bytes landed.
@@ -327,22 +336,45 @@ class PageStore:
         return position
 
     def truncate(self, data: FileData, size: int) -> None:
-        """Set the file's size; pages past it are freed and the tail of a cut page zeroed."""
+        """Set the file's size; pages past it are freed and the tail of a cut page zeroed.
+
+        Shrinking is never refused (see the module comment); growing a file whose last page
+        has a stale tail may be, with NoSpaceError(0, physical=True), and then changes nothing.
+        """
         if size > MAX_FILE_SIZE:
             raise OverflowError("file too large")
-        if size < data.size:
+        if size > data.size:
+            if data.stale_tail:
+                self._zero_tail(data)
+        elif size < data.size:
             page, cut = divmod(size, PAGE_SIZE)
-            if cut and data.entry(page):
-                content = self._page(data, page)
-                if content[cut:] != ZERO_PAGE[cut:]:
-                    try:
-                        self._put(data, page, content[:cut] + ZERO_PAGE[cut:])
-                    except NoSpaceError:
-                        # Freeing what lies past the cut first may make room for the page.
-                        self._free_from(data, page + 1)
-                        self._put(data, page, content[:cut] + ZERO_PAGE[cut:])
             self._free_from(data, page + 1 if cut else page)
+            # The cut page is stored only after the pages past it are freed: they make room.
+            data.stale_tail = bool(cut) and not self._try_zero_from(data, page, cut)
         data.size = size
+
+    def _try_zero_from(self, data: FileData, page: int, cut: int) -> bool:
+        """Zero `page` from byte `cut` on; False (and nothing changed) if the pool is full."""
+        if not data.entry(page):
+            return True
+        content = self._page(data, page)
+        if content[cut:] == ZERO_PAGE[cut:]:
+            return True
+        try:
+            # The page is stored already, so the size limit cannot refuse it: only mem_limit.
+            self._put(data, page, content[:cut] + ZERO_PAGE[cut:])
+        except NoSpaceError:
+            return False
+        return True
+
+    def _zero_tail(self, data: FileData) -> None:
+        """Zero the stale bytes past the end of file, before the file grows over them.
+
+        Raises NoSpaceError(0, physical=True) and changes nothing if the pool has no room."""
+        page, cut = divmod(data.size, PAGE_SIZE)
+        if not self._try_zero_from(data, page, cut):
+            raise NoSpaceError(0, physical=True)
+        data.stale_tail = False
 
     def _free_from(self, data: FileData, first_page: int) -> None:
         """Free every page numbered first_page or higher."""
@@ -365,3 +397,4 @@ class PageStore:
         """Free every page of a file that is gone."""
         self._free_from(data, 0)
         data.size = 0
+        data.stale_tail = False
