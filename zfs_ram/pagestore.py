@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from zfs_ram.codec import (
-    PAGE_SIZE,
     ZERO_PAGE,
     Encoded,
     decode,
@@ -39,6 +38,7 @@ from zfs_ram.codec import (
     fill_page,
 )
 from zfs_ram.pool import Pool, PoolFullError
+from zfs_ram.vocabulary import PAGE_SIZE
 
 CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
 CHUNK_PAGES = 1 << CHUNK_SHIFT

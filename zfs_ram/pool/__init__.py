@@ -7,8 +7,10 @@ stay valid until freed. See zsmalloc.py for the design and its invariants.
 
 from __future__ import annotations
 
+from zfs_ram.vocabulary import PAGE_SHIFT, PAGE_SIZE
+
 from .base import BytesLike, Pool
-from .classes import PAGE_SIZE, SizeClass, build_classes
+from .classes import SizeClass, build_classes
 from .errors import (
     InvalidHandleError,
     InvalidSizeError,
@@ -49,6 +51,7 @@ def arena_rss_bytes(target: Pool | FrameArena | None = None) -> int:
 
 __all__ = [
     "POOL_KINDS",
+    "PAGE_SHIFT",
     "PAGE_SIZE",
     "BytesLike",
     "ClassStats",

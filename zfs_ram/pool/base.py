@@ -12,7 +12,8 @@ import sys
 from abc import ABC, abstractmethod
 from array import array
 
-from .classes import PAGE_SIZE
+from zfs_ram.vocabulary import PAGE_SIZE
+
 from .errors import InvalidHandleError, PoolCorruptionError, PoolFullError
 from .frames import FrameArena
 from .stats import ClassStats, PoolStats

@@ -49,8 +49,10 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 
+from zfs_ram.vocabulary import PAGE_SHIFT, PAGE_SIZE
+
 from .base import LIVE, BytesLike, Pool
-from .classes import PAGE_SIZE, SizeClass, build_classes, class_index
+from .classes import SizeClass, build_classes, class_index
 from .errors import InvalidSizeError, PoolCorruptionError, PoolFullError
 from .frames import SEGMENT_MASK, SEGMENT_SHIFT
 from .stats import ClassStats
@@ -78,6 +80,9 @@ NOFRAME = 0xFFFFFFFF
 _PARTIAL = ((1 << FULL_GROUP) - 1) & ~1
 
 _PAGE_MASK = PAGE_SIZE - 1
+# Offsets are turned into frame indices and back with a literal `>> 12` / `<< 12` in the hot
+# paths below (a literal costs no global lookup): they hold for this page size only.
+assert PAGE_SHIFT == 12
 
 
 def fullness_group(inuse: int, objs: int) -> int:
