@@ -11,7 +11,13 @@ Entry encoding (one word per page, no Python object per page):
 
 Accounting follows zram's mm_stat: orig_data_size counts every page held (same-filled and
 huge included), compr_data_size the bytes of pool objects (a raw page counts PAGE_SIZE).
-Every change goes through this module, so the counters are exact.
+Every change goes through this module, so the counters are exact. The pages of detached files
+(unlinked, not yet forgotten: see PageStore.detach) are held but do not count against the size
+limit; detached_pages follows every write, truncate and release of such a file.
+
+Frees are announced, not polled: every public call (write, truncate, release) that freed at
+least one pool object (an overwrite frees the old one) calls on_free() once, as it returns or
+raises, so the compactor can be woken.
 
 Correctness rules. A write that fails leaves the file as it was for the page that failed; pages
 before it are written (the caller reports a short write). A new object is stored before the old
@@ -25,7 +31,7 @@ read, and the first call that grows the file zeroes them before it changes anyth
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from zfs_ram.codec import (
@@ -61,7 +67,15 @@ class NoSpaceError(Exception):
 class FileData:
     """The contents of one regular file: its logical size and its page table."""
 
-    __slots__ = ("size", "chunks", "same_words", "stored_pages", "footprint", "stale_tail")
+    __slots__ = (
+        "size",
+        "chunks",
+        "same_words",
+        "stored_pages",
+        "footprint",
+        "stale_tail",
+        "detached",
+    )
 
     def __init__(self) -> None:
         self.size = 0
@@ -72,6 +86,8 @@ class FileData:
         # The page holding the end of file may keep non-zero bytes past it (a shrinking
         # truncate found no room to store it zeroed): growing the file must zero them first.
         self.stale_tail = False
+        # Unlinked and not open, but not yet forgotten by the kernel: see PageStore.detach.
+        self.detached = False
 
     def entry(self, page: int) -> int:
         chunk = self.chunks.get(page >> CHUNK_SHIFT)
@@ -130,24 +146,32 @@ class StoreStats:
     huge_pages: int
     huge_pages_since: int
     stored_pages: int
-    page_limit: int
+    detached_pages: int
+    size_limit_pages: int
+
+
+def _nothing() -> None:
+    """The default on_free: nobody to tell."""
 
 
 class PageStore:
-    """All files' pages over one pool; enforces the logical page limit (tmpfs size=)."""
+    """All files' pages over one pool; enforces the logical limit (tmpfs size=, in pages)."""
 
-    def __init__(self, pool: Pool, page_limit: int = 0) -> None:
+    def __init__(
+        self, pool: Pool, size_limit_pages: int = 0, on_free: Callable[[], None] = _nothing
+    ) -> None:
         self.pool = pool
-        self.page_limit = page_limit  # 0 = unlimited
+        self.size_limit_pages = size_limit_pages  # tmpfs's size=; 0 = unlimited
+        self.on_free = on_free  # called once after a public call that freed pool objects
         self._huge_size = pool.huge_class_size
         self.stored_pages = 0
         self.compr_bytes = 0
         self.same_pages = 0
         self.huge_pages = 0
         self.huge_pages_since = 0
-        self.frees = 0  # objects freed so far: a change tells the caller to wake the compactor
+        self._freed = 0  # pool objects freed so far: a public call that moves it calls on_free
         # Pages of files nobody can reach by name or handle any more, kept only until the
-        # kernel forgets the inode (see detach); they no longer count against page_limit.
+        # kernel forgets the inode (see detach); they do not count against size_limit_pages.
         self.detached_pages = 0
 
     # -- statistics -----------------------------------------------------------------------
@@ -160,7 +184,8 @@ class PageStore:
             huge_pages=self.huge_pages,
             huge_pages_since=self.huge_pages_since,
             stored_pages=self.stored_pages,
-            page_limit=self.page_limit,
+            detached_pages=self.detached_pages,
+            size_limit_pages=self.size_limit_pages,
         )
 
     @property
@@ -172,12 +197,17 @@ class PageStore:
         """The file lost its last name and handle: its pages stop counting as used.
 
         They are not freed yet: a path walk that ended before the unlink may still open the
-        inode (the kernel holds it until it sends forget), and must find the data intact."""
-        self.detached_pages += data.stored_pages
+        inode (the kernel holds it until it sends forget), and must find the data intact.
+        Detaching a detached file does nothing; release() frees a detached file's pages too."""
+        if not data.detached:
+            data.detached = True
+            self.detached_pages += data.stored_pages
 
     def reattach(self, data: FileData) -> None:
-        """A detached file was opened after all: its pages count again."""
-        self.detached_pages -= data.stored_pages
+        """A detached file was opened after all: its pages count again (nothing if attached)."""
+        if data.detached:
+            data.detached = False
+            self.detached_pages -= data.stored_pages
 
     # -- one page ---------------------------------------------------------------------------
 
@@ -212,7 +242,7 @@ class PageStore:
         """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
         if value & 1:
             size = self.pool.free(value >> 1)
-            self.frees += 1
+            self._freed += 1
             self.compr_bytes -= size
             data.footprint -= size
             if size == PAGE_SIZE:
@@ -223,6 +253,8 @@ class PageStore:
                 data.same_words.pop(page, None)
         data.stored_pages -= 1
         self.stored_pages -= 1
+        if data.detached:
+            self.detached_pages -= 1
 
     def _put(self, data: FileData, page: int, content: bytes) -> None:
         """Make `page` hold `content` (a full page); see _store."""
@@ -233,7 +265,7 @@ class PageStore:
 
         Raises NoSpaceError(0, ...) and changes nothing if a limit stops it."""
         old = data.entry(page)
-        if not old and self.page_limit and self.used_pages >= self.page_limit:
+        if not old and self.size_limit_pages and self.used_pages >= self.size_limit_pages:
             raise NoSpaceError(0, physical=False)
         if encoded.__class__ is int:
             new = SAME_ENTRY
@@ -248,6 +280,8 @@ class PageStore:
         data.set_entry(page, new)
         data.stored_pages += 1
         self.stored_pages += 1
+        if data.detached:
+            self.detached_pages += 1
         if new == SAME_ENTRY:
             self.same_pages += 1
             if encoded:
@@ -281,8 +315,17 @@ class PageStore:
     def write(self, data: FileData, offset: int, buf: bytes) -> int:
         """Write buf at offset and grow the file; returns len(buf).
 
-        Raises NoSpaceError with the bytes that landed when a limit stops it part-way.
+        Raises NoSpaceError with the bytes that landed when a limit stops it part-way; the pages
+        it reports as not written are as they were.
         """
+        freed = self._freed
+        try:
+            return self._write(data, offset, buf)
+        finally:
+            if self._freed != freed:  # overwritten pages freed their old objects
+                self.on_free()
+
+    def _write(self, data: FileData, offset: int, buf: bytes) -> int:
         if offset + len(buf) > MAX_FILE_SIZE:
             raise OverflowError("file too large")
         if data.stale_tail and offset + len(buf) > data.size:
@@ -341,6 +384,14 @@ class PageStore:
         Shrinking is never refused (see the module comment); growing a file whose last page
         has a stale tail may be, with NoSpaceError(0, physical=True), and then changes nothing.
         """
+        freed = self._freed
+        try:
+            self._truncate(data, size)
+        finally:
+            if self._freed != freed:
+                self.on_free()
+
+    def _truncate(self, data: FileData, size: int) -> None:
         if size > MAX_FILE_SIZE:
             raise OverflowError("file too large")
         if size > data.size:
@@ -394,7 +445,11 @@ class PageStore:
                 del chunk[start:]
 
     def release(self, data: FileData) -> None:
-        """Free every page of a file that is gone."""
-        self._free_from(data, 0)
+        """Free every page of a file that is gone (detached or not): it is empty afterwards."""
+        freed = self._freed
+        self._free_from(data, 0)  # counts a detached file's pages out of detached_pages too
         data.size = 0
         data.stale_tail = False
+        data.detached = False  # no pages left to count either way
+        if self._freed != freed:
+            self.on_free()

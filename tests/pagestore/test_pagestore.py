@@ -75,7 +75,7 @@ def test_read_many_rejects_a_dead_handle() -> None:
 def test_single_page_overwrites_keep_contents_and_accounting(kind: str) -> None:
     rng = random.Random(11)
     pool = create_pool(kind)
-    store = PageStore(pool, page_limit=48)
+    store = PageStore(pool, size_limit_pages=48)
     data = FileData()
     model = bytearray()
     refused = 0
@@ -124,7 +124,7 @@ def test_a_truncate_at_mem_limit_keeps_the_file() -> None:
     left_stale = 0
     for trial in range(12):
         rng = random.Random(trial)
-        pool = create_pool("zsmalloc", page_limit=16)
+        pool = create_pool("zsmalloc", mem_limit_pages=16)
         store = PageStore(pool)
         data = FileData()
         model = bytearray()

@@ -5,7 +5,9 @@ are refused: the logical one (tmpfs size=, the store's page limit) and the physi
 mem_limit=, the pool's frame limit, also lowered and raised while files live). After every
 step, refused steps included, every file's size and bytes must equal the model's, and the
 store's counters must equal what a walk of the page tables recomputes. A refused step must
-change nothing; a shrinking truncate must never be refused.
+change nothing; a shrinking truncate must never be refused. Files are detached (unlinked, not
+yet forgotten) and reattached at random, and written, truncated and released while detached;
+every public call that freed a pool object must have called on_free() exactly once.
 
 ZFS_RAM_SOAK=1 runs many more and longer sequences.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
+from typing import TypeVar
 
 import hypothesis.strategies as st
 from hypothesis import event, settings
@@ -23,6 +27,7 @@ from zfs_ram.pagestore import SAME_ENTRY, FileData, NoSpaceError, PageStore
 from zfs_ram.pool import PAGE_SIZE, Pool, create_pool
 
 SOAK = os.environ.get("ZFS_RAM_SOAK") == "1"
+T = TypeVar("T")
 FILES = 3
 #: Files reach past one page-table chunk (512 pages) only through holes: a write far out.
 FAR_PAGE = 600
@@ -75,30 +80,56 @@ class PageStoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.pool: Pool = create_pool(self.kind)
-        self.store = PageStore(self.pool)
+        # Every object the pool frees is counted here, to hold on_free() calls against.
+        self.objects_freed = 0
+        free = self.pool.free
+
+        def counting_free(handle: int) -> int:
+            self.objects_freed += 1
+            return free(handle)
+
+        self.pool.free = counting_free  # type: ignore[method-assign]  # an instance's own
+        self.on_free_calls = 0
+        self.store = PageStore(self.pool, on_free=self._on_free)
         self.files = [FileData() for _ in range(FILES)]
         self.models = [bytearray() for _ in range(FILES)]
+        self.detached = [False] * FILES
         self.refused = 0
+
+    def _on_free(self) -> None:
+        self.on_free_calls += 1
+
+    def _call(self, operation: Callable[[], T]) -> T:
+        """Run one public call of the store: on_free() once if it freed objects, else never."""
+        freed, calls = self.objects_freed, self.on_free_calls
+        try:
+            return operation()
+        finally:
+            assert self.on_free_calls - calls == (1 if self.objects_freed > freed else 0)
 
     def teardown(self) -> None:
         self.pool.close()
 
     @initialize(size_pages=st.integers(6, 40), mem_pages=st.integers(3, 24))
     def limits(self, size_pages: int, mem_pages: int) -> None:
-        self.store.page_limit = size_pages
-        self.pool.page_limit = mem_pages
+        self.store.size_limit_pages = size_pages
+        self.pool.mem_limit_pages = mem_pages
 
     # -- the operations ------------------------------------------------------------------------
 
     def _write(self, i: int, offset: int, buf: bytes) -> None:
         data, model = self.files[i], self.models[i]
+        used = self.store.used_pages
         try:
-            assert self.store.write(data, offset, buf) == len(buf)
+            assert self._call(lambda: self.store.write(data, offset, buf)) == len(buf)
             written = len(buf)
         except NoSpaceError as error:
             self._refused(error)
             written = error.written
             assert 0 <= written < len(buf)
+        limit = self.store.size_limit_pages
+        if not data.detached and used <= limit:
+            assert self.store.used_pages <= limit  # a write never goes past size=
         if written:
             end = offset + written
             if end > len(model):
@@ -137,7 +168,7 @@ class PageStoreMachine(RuleBasedStateMachine):
     def _truncate(self, i: int, size: int) -> None:
         data, model = self.files[i], self.models[i]
         try:
-            self.store.truncate(data, size)
+            self._call(lambda: self.store.truncate(data, size))
         except NoSpaceError as error:
             self._refused(error)
             self.files_match()  # nothing changed: checked before the next assertion
@@ -170,11 +201,26 @@ class PageStoreMachine(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, FILES - 1))
     def release(self, i: int) -> None:
-        """The file is gone: its pages are freed, and its slot holds a new, empty file."""
-        self.store.release(self.files[i])
-        assert self.files[i].stored_pages == 0 and self.files[i].size == 0
+        """The file is gone (detached or not): its pages are freed, and its slot holds a new,
+        empty file."""
+        data = self.files[i]
+        self._call(lambda: self.store.release(data))
+        assert data.stored_pages == 0 and data.size == 0 and not data.detached
         self.files[i] = FileData()
         self.models[i] = bytearray()
+        self.detached[i] = False
+
+    @rule(i=st.integers(0, FILES - 1))
+    def detach(self, i: int) -> None:
+        """Unlinked and not open (twice in a row does nothing the second time)."""
+        self.store.detach(self.files[i])
+        self.detached[i] = True
+
+    @rule(i=st.integers(0, FILES - 1))
+    def reattach(self, i: int) -> None:
+        """Opened through a path walk that ended before the unlink (idempotent too)."""
+        self.store.reattach(self.files[i])
+        self.detached[i] = False
 
     @rule(n=st.integers(1, 40))
     def compact_step(self, n: int) -> None:
@@ -187,15 +233,15 @@ class PageStoreMachine(RuleBasedStateMachine):
     @rule(extra=st.integers(-3, 6))
     def set_mem_limit(self, extra: int) -> None:
         """zram lets mem_limit be lowered below what is used: only new allocations fail."""
-        self.pool.page_limit = max(self.pool.statistics().pages_used + extra, 1)
+        self.pool.mem_limit_pages = max(self.pool.statistics().pages_used + extra, 1)
 
     def _refused(self, error: NoSpaceError) -> None:
         self.refused += 1
         event("refused at mem_limit" if error.physical else "refused at size")
         if error.physical:
-            assert self.pool.page_limit > 0
+            assert self.pool.mem_limit_pages > 0
         else:
-            assert self.store.used_pages >= self.store.page_limit > 0
+            assert self.store.used_pages >= self.store.size_limit_pages > 0
 
     # -- the checks ----------------------------------------------------------------------------
 
@@ -209,8 +255,9 @@ class PageStoreMachine(RuleBasedStateMachine):
     def counters_match(self) -> None:
         pool, store = self.pool, self.store
         pool.check()
-        stored = same = objects = compr = huge = 0
-        for data, model in zip(self.files, self.models, strict=True):
+        stored = same = objects = compr = huge = detached = 0
+        for data, model, is_detached in zip(self.files, self.models, self.detached, strict=True):
+            assert data.detached == is_detached
             end_page = -(-len(model) // PAGE_SIZE)
             pages = footprint = 0
             for page, entry in data.pages():
@@ -227,6 +274,7 @@ class PageStoreMachine(RuleBasedStateMachine):
             assert (data.stored_pages, data.footprint) == (pages, footprint)
             stored += pages
             compr += footprint
+            detached += pages if is_detached else 0
         stats = store.statistics()
         assert stats.stored_pages == store.stored_pages == stored
         assert stats.orig_data_size == stored * PAGE_SIZE
@@ -234,9 +282,9 @@ class PageStoreMachine(RuleBasedStateMachine):
         assert stats.same_pages == same
         assert stats.huge_pages == huge <= stats.huge_pages_since
         assert pool.objects == objects
-        assert store.used_pages == stored
-        if store.page_limit:
-            assert store.used_pages <= store.page_limit
+        assert stats.detached_pages == store.detached_pages == detached
+        assert store.used_pages == stored - detached
+        assert stats.size_limit_pages == store.size_limit_pages
 
 
 class ZbudPageStoreMachine(PageStoreMachine):

@@ -54,7 +54,7 @@ class PoolMachine(RuleBasedStateMachine):
         try:
             h = self.pool.store(data)
         except PoolFullError:
-            assert self.pool.page_limit > 0
+            assert self.pool.mem_limit_pages > 0
             return 0
         assert h >= 1 and h not in self.model
         self.model[h] = data
@@ -142,12 +142,12 @@ class PoolMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.model) > 0)
     @rule(extra=st.integers(-2, 3))
-    def set_page_limit(self, extra: int) -> None:
-        self.pool.page_limit = max(self.pool.statistics().pages_used + extra, 0)
+    def set_mem_limit_pages(self, extra: int) -> None:
+        self.pool.mem_limit_pages = max(self.pool.statistics().pages_used + extra, 0)
 
     @rule()
     def unlimit(self) -> None:
-        self.pool.page_limit = 0
+        self.pool.mem_limit_pages = 0
 
     @invariant()
     def consistent(self) -> None:

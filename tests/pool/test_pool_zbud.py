@@ -116,8 +116,8 @@ def test_write_to_last_buddy_lands_in_place(pool: ZbudPool) -> None:
     assert pool.read(b) == b"xy" + b"B" * 98 and pool.read(a) == b"A" * 100
 
 
-def test_page_limit(pool: ZbudPool) -> None:
-    pool.page_limit = 3
+def test_mem_limit_pages(pool: ZbudPool) -> None:
+    pool.mem_limit_pages = 3
     stored = {}
     with pytest.raises(PoolFullError):
         for i in range(100):

@@ -203,14 +203,14 @@ def test_unknown_kind_refused() -> None:
     with pytest.raises(ValueError, match="unknown pool kind"):
         create_pool("z3fold")
     with pytest.raises(ValueError):
-        ZsmallocPool(page_limit=-1)
+        ZsmallocPool(mem_limit_pages=-1)
 
 
-# -- page limit --------------------------------------------------------------------------------
+# -- mem_limit ---------------------------------------------------------------------------------
 
 
-def test_page_limit_refuses_without_damage(pool: ZsmallocPool) -> None:
-    pool.page_limit = 20
+def test_mem_limit_pages_refuses_without_damage(pool: ZsmallocPool) -> None:
+    pool.mem_limit_pages = 20
     stored: dict[int, bytes] = {}
     with pytest.raises(PoolFullError):
         for i in range(10_000):
@@ -227,19 +227,19 @@ def test_page_limit_refuses_without_damage(pool: ZsmallocPool) -> None:
         pool.store(bytes(PAGE_SIZE))
     pool.check()
     assert all(pool.read(h) == d for h, d in stored.items())
-    pool.page_limit = 0  # unlimited again, at runtime
+    pool.mem_limit_pages = 0  # unlimited again, at runtime
     pool.store(bytes(PAGE_SIZE))
     assert pool.statistics().pages_used == 21
 
 
-def test_page_limit_counts_frames_as_slots_reach_them(pool: ZsmallocPool) -> None:
+def test_mem_limit_pages_counts_frames_as_slots_reach_them(pool: ZsmallocPool) -> None:
     first = pool.store(payload(1568, 0))
     assert pool.statistics().pages_used == 1  # a fresh 5-frame zspage holds one frame
-    pool.page_limit = 1
+    pool.mem_limit_pages = 1
     pool.store(payload(1568, 1))  # slot 1 (1568..3135) lies in frame 0
     with pytest.raises(PoolFullError):
         pool.store(payload(1568, 2))  # slot 2 straddles into frame 1
-    pool.page_limit = 5
+    pool.mem_limit_pages = 5
     more = [pool.store(payload(1568, i)) for i in range(2, 13)]  # the zspage's other slots
     with pytest.raises(PoolFullError):
         pool.store(payload(1568, 13))  # a second zspage would need a sixth frame

@@ -27,14 +27,15 @@ from .zsmalloc import ZsmallocPool
 POOL_KINDS: dict[str, type[Pool]] = {"zsmalloc": ZsmallocPool, "zbud": ZbudPool}
 
 
-def create_pool(kind: str = "zsmalloc", page_limit: int = 0) -> Pool:
-    """A new, empty pool of the given kind ("zsmalloc" or "zbud"); page_limit 0 = unlimited."""
+def create_pool(kind: str = "zsmalloc", mem_limit_pages: int = 0) -> Pool:
+    """A new, empty pool of the given kind ("zsmalloc" or "zbud"), holding at most
+    mem_limit_pages frames (zram's mem_limit; 0 = unlimited)."""
     try:
         cls = POOL_KINDS[kind]
     except KeyError:
         choices = ", ".join(POOL_KINDS)
         raise ValueError(f"unknown pool kind {kind!r} (choose from {choices})") from None
-    return cls(page_limit=page_limit)
+    return cls(mem_limit_pages=mem_limit_pages)
 
 
 def arena_rss_bytes(target: Pool | FrameArena | None = None) -> int:

@@ -1,4 +1,4 @@
-"""What every pool shares: the frame arena, the handle table, the page limit and the counters.
+"""What every pool shares: the frame arena, the handle table, mem_limit and the counters.
 
 The handle table `hloc` is one `array('Q')` indexed by handle. A live entry has bit 0 set and
 encodes where the object is (the layout belongs to the subclass). A free entry has bit 0 clear
@@ -36,12 +36,12 @@ class Pool(ABC):
 
     kind: str = "?"
 
-    def __init__(self, page_limit: int = 0) -> None:
-        if page_limit < 0:
-            raise ValueError("page_limit must be >= 0 (0 = unlimited)")
-        #: Frames the pool may hold at most; 0 = unlimited. May be changed at any time; lowering
-        #: it below pages_used only makes new allocations fail.
-        self.page_limit = page_limit
+    def __init__(self, mem_limit_pages: int = 0) -> None:
+        if mem_limit_pages < 0:
+            raise ValueError("mem_limit_pages must be >= 0 (0 = unlimited)")
+        #: Frames the pool may hold at most (zram's mem_limit, in pages); 0 = unlimited. May be
+        #: changed at any time; lowering it below pages_used only makes new allocations fail.
+        self.mem_limit_pages = mem_limit_pages
         self.arena = FrameArena()
         self.hloc = array("Q", [0])
         self.hfree = 0
@@ -206,7 +206,7 @@ class Pool(ABC):
             kind=self.kind,
             pages_used=self.pages_used,
             max_pages_used=self.max_pages_used,
-            page_limit=self.page_limit,
+            mem_limit_pages=self.mem_limit_pages,
             objects=self.objects,
             bytes_stored=self.bytes_stored,
             pages_compacted=self.pages_compacted,
@@ -256,8 +256,8 @@ class Pool(ABC):
             )
         if self.max_pages_used < self.pages_used:
             raise PoolCorruptionError("max_pages_used below pages_used")
-        if self.page_limit < 0:
-            raise PoolCorruptionError("negative page_limit")
+        if self.mem_limit_pages < 0:
+            raise PoolCorruptionError("negative mem_limit_pages")
 
 
 __all__ = ["Pool", "BytesLike", "PAGE_SIZE", "LIVE", "MAX_HANDLE"]

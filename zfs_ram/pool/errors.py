@@ -8,7 +8,7 @@ class PoolError(Exception):
 
 
 class PoolFullError(PoolError):
-    """An allocation would need a frame beyond `page_limit` (or the OS refused more memory).
+    """An allocation would need a frame beyond `mem_limit_pages` (or the OS refused more memory).
 
     Raised before anything is changed: every stored object stays intact.
     """

@@ -14,7 +14,7 @@ class PoolStats:
     kind: str  #: "zsmalloc" or "zbud"
     pages_used: int  #: frames held by live zspages / zbud pages (zs_get_total_pages)
     max_pages_used: int  #: high-water mark of pages_used since creation or reset_max_pages()
-    page_limit: int  #: 0 = unlimited
+    mem_limit_pages: int  #: 0 = unlimited
     objects: int  #: live objects (handles)
     bytes_stored: int  #: sum of the live objects' sizes (zram's compr_data_size)
     pages_compacted: int  #: frames freed by compaction since creation

@@ -57,8 +57,8 @@ class ZbudPool(Pool):
 
     kind = "zbud"
 
-    def __init__(self, page_limit: int = 0) -> None:
-        super().__init__(page_limit)
+    def __init__(self, mem_limit_pages: int = 0) -> None:
+        super().__init__(mem_limit_pages)
         self._first = array("B")
         self._last = array("B")
         self._prev = array("i")
@@ -114,8 +114,8 @@ class ZbudPool(Pool):
                 self._last[f] = chunks
                 buddy = _BUDDY_BIT
         else:
-            if self.page_limit and self.pages_used >= self.page_limit:
-                raise PoolFullError(f"page limit {self.page_limit} reached")
+            if self.mem_limit_pages and self.pages_used >= self.mem_limit_pages:
+                raise PoolFullError(f"mem_limit of {self.mem_limit_pages} pages reached")
             f = self.arena.alloc()
             while len(self._first) <= f:
                 self._first.append(0)

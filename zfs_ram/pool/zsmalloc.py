@@ -209,8 +209,8 @@ class ZsmallocPool(Pool):
 
     kind = "zsmalloc"
 
-    def __init__(self, page_limit: int = 0) -> None:
-        super().__init__(page_limit)
+    def __init__(self, mem_limit_pages: int = 0) -> None:
+        super().__init__(mem_limit_pages)
         distinct, _table, watermark = build_classes()
         self._classes = [_Class(cid, sc) for cid, sc in enumerate(distinct)]
         assert self._classes[HUGE_CID].huge and self._classes[HUGE_CID].size == PAGE_SIZE
@@ -315,8 +315,8 @@ class ZsmallocPool(Pool):
         self._check_handle_room()
         cid = self._cid_of_size[size]
         if cid == HUGE_CID:
-            if self.page_limit and self.pages_used >= self.page_limit:
-                raise PoolFullError(f"page limit {self.page_limit} reached")
+            if self.mem_limit_pages and self.pages_used >= self.mem_limit_pages:
+                raise PoolFullError(f"mem_limit of {self.mem_limit_pages} pages reached")
             frame = self.arena.alloc()
             self.pages_used += 1
             if self.pages_used > self.max_pages_used:
@@ -340,9 +340,9 @@ class ZsmallocPool(Pool):
                 s = 0
                 need = 1  # slot 0 of a fresh zspage: classes are < PAGE_SIZE, so one frame
             if need:
-                if self.page_limit and self.pages_used + need > self.page_limit:
+                if self.mem_limit_pages and self.pages_used + need > self.mem_limit_pages:
                     raise PoolFullError(
-                        f"page limit {self.page_limit} reached ({self.pages_used} used)"
+                        f"mem_limit of {self.mem_limit_pages} pages reached, {self.pages_used} used"
                     )
                 if z < 0:
                     z = self._new_zspage(c)
@@ -565,7 +565,7 @@ class ZsmallocPool(Pool):
             data = self._get(w)
             d = freeobj[dst]
             # Compaction may need a frame of dst before src gives its frames back; it is allowed
-            # past page_limit for that, since every completed pass holds fewer frames.
+            # past mem_limit_pages for that, since every completed pass holds fewer frames.
             self._compaction_debt += self._make_frames(c, dst, d)
             freeobj[dst] = (slots[dbase + d] >> 1) - 1
             slots[dbase + d] = sw
