@@ -191,17 +191,23 @@ class Pool(ABC):
     @abstractmethod
     def _zspage_count(self) -> int: ...
 
+    def _structures_bytes(self) -> int:
+        """sys.getsizeof summed over _structures(); a pool with many may keep it cached."""
+        return sum(sys.getsizeof(s) for s in self._structures())
+
     def metadata_bytes(self) -> int:
         """Bytes of Python bookkeeping: sys.getsizeof summed over every structure held."""
         return (
             sys.getsizeof(self)
             + sys.getsizeof(self.__dict__)
             + sys.getsizeof(self.hloc)
-            + sum(sys.getsizeof(s) for s in self._structures())
+            + self._structures_bytes()
             + self.arena.metadata_bytes()
         )
 
     def statistics(self) -> PoolStats:
+        """A snapshot from counters: O(number of size classes), never a walk of the zspages or
+        the objects (class_statistics() walks the fullness lists)."""
         return PoolStats(
             kind=self.kind,
             pages_used=self.pages_used,
