@@ -17,7 +17,9 @@ import threading
 
 import lz4.block
 
-PAGE_SIZE = 4096
+# Re-exported (the `as` form says so to mypy) for the modules that still take it from here.
+from zfs_ram.vocabulary import PAGE_SIZE as PAGE_SIZE
+
 WORDS_PER_PAGE = PAGE_SIZE // 8
 ZERO_PAGE = bytes(PAGE_SIZE)
 

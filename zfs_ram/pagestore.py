@@ -11,11 +11,21 @@ Entry encoding (one word per page, no Python object per page):
 
 Accounting follows zram's mm_stat: orig_data_size counts every page held (same-filled and
 huge included), compr_data_size the bytes of pool objects (a raw page counts PAGE_SIZE).
-Every change goes through this module, so the counters are exact.
+Every change goes through this module, so the counters are exact. The pages of detached files
+(unlinked, not yet forgotten: see PageStore.detach) are held but do not count against the size
+limit; detached_pages follows every write, truncate and release of such a file.
 
-Correctness rule: a write that fails leaves the file as it was for the page that failed; pages
+Frees are announced, not polled: every public call (write, truncate, release) that freed at
+least one pool object (an overwrite frees the old one) calls on_free() once, as it returns or
+raises, so the compactor can be woken.
+
+Correctness rules. A write that fails leaves the file as it was for the page that failed; pages
 before it are written (the caller reports a short write). A new object is stored before the old
-one is freed, as zram does, so a failed store never loses the old page.
+one is freed, as zram does, so a failed store never loses the old page. A refused truncate
+changes nothing, and a shrinking truncate is never refused: it frees what lies past the new end
+and only then needs room, to store the cut page with its tail zeroed. If even that does not fit,
+the old page stays, tail and all (FileData.stale_tail): the bytes past the end of file cannot be
+read, and the first call that grows the file zeroes them before it changes anything else.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from zfs_ram.codec import (
-    PAGE_SIZE,
     ZERO_PAGE,
     Encoded,
     decode,
@@ -35,6 +44,7 @@ from zfs_ram.codec import (
     fill_page,
 )
 from zfs_ram.pool import Pool, PoolFullError
+from zfs_ram.vocabulary import PAGE_SIZE
 
 CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
 CHUNK_PAGES = 1 << CHUNK_SHIFT
@@ -57,7 +67,15 @@ class NoSpaceError(Exception):
 class FileData:
     """The contents of one regular file: its logical size and its page table."""
 
-    __slots__ = ("size", "chunks", "same_words", "stored_pages", "footprint", "detached")
+    __slots__ = (
+        "size",
+        "chunks",
+        "same_words",
+        "stored_pages",
+        "footprint",
+        "stale_tail",
+        "detached",
+    )
 
     def __init__(self) -> None:
         self.size = 0
@@ -65,6 +83,10 @@ class FileData:
         self.same_words: dict[int, int] | None = None  # page -> word, only for words != 0
         self.stored_pages = 0  # pages that are not holes
         self.footprint = 0  # bytes of pool objects, for st_blocks
+        # The page holding the end of file may keep non-zero bytes past it (a shrinking
+        # truncate found no room to store it zeroed): growing the file must zero them first.
+        self.stale_tail = False
+        # Unlinked and not open, but not yet forgotten by the kernel: see PageStore.detach.
         self.detached = False
 
     def entry(self, page: int) -> int:
@@ -124,27 +146,32 @@ class StoreStats:
     huge_pages: int
     huge_pages_since: int
     stored_pages: int
+    detached_pages: int
     size_limit_pages: int
 
 
+def _nothing() -> None:
+    """The default on_free: nobody to tell."""
+
+
 class PageStore:
-    """All files' pages over one pool; enforces the logical page limit (tmpfs size=)."""
+    """All files' pages over one pool; enforces the logical limit (tmpfs size=, in pages)."""
 
     def __init__(
-        self, pool: Pool, size_limit_pages: int = 0, on_free: Callable[[], None] = lambda: None
+        self, pool: Pool, size_limit_pages: int = 0, on_free: Callable[[], None] = _nothing
     ) -> None:
-        self.on_free = on_free
         self.pool = pool
-        self.size_limit_pages = size_limit_pages  # 0 = unlimited
+        self.size_limit_pages = size_limit_pages  # tmpfs's size=; 0 = unlimited
+        self.on_free = on_free  # called once after a public call that freed pool objects
         self._huge_size = pool.huge_class_size
         self.stored_pages = 0
         self.compr_bytes = 0
         self.same_pages = 0
         self.huge_pages = 0
         self.huge_pages_since = 0
-        self.frees = 0  # objects freed so far: a change tells the caller to wake the compactor
+        self._freed = 0  # pool objects freed so far: a public call that moves it calls on_free
         # Pages of files nobody can reach by name or handle any more, kept only until the
-        # kernel forgets the inode (see detach); they no longer count against size_limit_pages.
+        # kernel forgets the inode (see detach); they do not count against size_limit_pages.
         self.detached_pages = 0
 
     # -- statistics -----------------------------------------------------------------------
@@ -157,6 +184,7 @@ class PageStore:
             huge_pages=self.huge_pages,
             huge_pages_since=self.huge_pages_since,
             stored_pages=self.stored_pages,
+            detached_pages=self.detached_pages,
             size_limit_pages=self.size_limit_pages,
         )
 
@@ -169,18 +197,17 @@ class PageStore:
         """The file lost its last name and handle: its pages stop counting as used.
 
         They are not freed yet: a path walk that ended before the unlink may still open the
-        inode (the kernel holds it until it sends forget), and must find the data intact."""
-        if data.detached:
-            return
-        data.detached = True
-        self.detached_pages += data.stored_pages
+        inode (the kernel holds it until it sends forget), and must find the data intact.
+        Detaching a detached file does nothing; release() frees a detached file's pages too."""
+        if not data.detached:
+            data.detached = True
+            self.detached_pages += data.stored_pages
 
     def reattach(self, data: FileData) -> None:
-        """A detached file was opened after all: its pages count again."""
-        if not data.detached:
-            return
-        data.detached = False
-        self.detached_pages -= data.stored_pages
+        """A detached file was opened after all: its pages count again (nothing if attached)."""
+        if data.detached:
+            data.detached = False
+            self.detached_pages -= data.stored_pages
 
     # -- one page ---------------------------------------------------------------------------
 
@@ -215,8 +242,7 @@ class PageStore:
         """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
         if value & 1:
             size = self.pool.free(value >> 1)
-            self.frees += 1
-            self.on_free()
+            self._freed += 1
             self.compr_bytes -= size
             data.footprint -= size
             if size == PAGE_SIZE:
@@ -227,6 +253,8 @@ class PageStore:
                 data.same_words.pop(page, None)
         data.stored_pages -= 1
         self.stored_pages -= 1
+        if data.detached:
+            self.detached_pages -= 1
 
     def _put(self, data: FileData, page: int, content: bytes) -> None:
         """Make `page` hold `content` (a full page); see _store."""
@@ -252,6 +280,8 @@ class PageStore:
         data.set_entry(page, new)
         data.stored_pages += 1
         self.stored_pages += 1
+        if data.detached:
+            self.detached_pages += 1
         if new == SAME_ENTRY:
             self.same_pages += 1
             if encoded:
@@ -285,10 +315,21 @@ class PageStore:
     def write(self, data: FileData, offset: int, buf: bytes) -> int:
         """Write buf at offset and grow the file; returns len(buf).
 
-        Raises NoSpaceError with the bytes that landed when a limit stops it part-way.
+        Raises NoSpaceError with the bytes that landed when a limit stops it part-way; the pages
+        it reports as not written are as they were.
         """
+        freed = self._freed
+        try:
+            return self._write(data, offset, buf)
+        finally:
+            if self._freed != freed:  # overwritten pages freed their old objects
+                self.on_free()
+
+    def _write(self, data: FileData, offset: int, buf: bytes) -> int:
         if offset + len(buf) > MAX_FILE_SIZE:
             raise OverflowError("file too large")
+        if data.stale_tail and offset + len(buf) > data.size:
+            self._zero_tail(data)  # a NoSpaceError here says that 0 bytes landed
         if len(buf) == PAGE_SIZE and not offset % PAGE_SIZE:
             # One whole page, the commonest small write: no slicing, no batch. A NoSpaceError
             # from _put already says that 0 bytes landed.
@@ -338,22 +379,53 @@ class PageStore:
         return position
 
     def truncate(self, data: FileData, size: int) -> None:
-        """Set the file's size; pages past it are freed and the tail of a cut page zeroed."""
+        """Set the file's size; pages past it are freed and the tail of a cut page zeroed.
+
+        Shrinking is never refused (see the module comment); growing a file whose last page
+        has a stale tail may be, with NoSpaceError(0, physical=True), and then changes nothing.
+        """
+        freed = self._freed
+        try:
+            self._truncate(data, size)
+        finally:
+            if self._freed != freed:
+                self.on_free()
+
+    def _truncate(self, data: FileData, size: int) -> None:
         if size > MAX_FILE_SIZE:
             raise OverflowError("file too large")
-        if size < data.size:
+        if size > data.size:
+            if data.stale_tail:
+                self._zero_tail(data)
+        elif size < data.size:
             page, cut = divmod(size, PAGE_SIZE)
-            if cut and data.entry(page):
-                content = self._page(data, page)
-                if content[cut:] != ZERO_PAGE[cut:]:
-                    try:
-                        self._put(data, page, content[:cut] + ZERO_PAGE[cut:])
-                    except NoSpaceError:
-                        # Freeing what lies past the cut first may make room for the page.
-                        self._free_from(data, page + 1)
-                        self._put(data, page, content[:cut] + ZERO_PAGE[cut:])
             self._free_from(data, page + 1 if cut else page)
+            # The cut page is stored only after the pages past it are freed: they make room.
+            data.stale_tail = bool(cut) and not self._try_zero_from(data, page, cut)
         data.size = size
+
+    def _try_zero_from(self, data: FileData, page: int, cut: int) -> bool:
+        """Zero `page` from byte `cut` on; False (and nothing changed) if the pool is full."""
+        if not data.entry(page):
+            return True
+        content = self._page(data, page)
+        if content[cut:] == ZERO_PAGE[cut:]:
+            return True
+        try:
+            # The page is stored already, so the size limit cannot refuse it: only mem_limit.
+            self._put(data, page, content[:cut] + ZERO_PAGE[cut:])
+        except NoSpaceError:
+            return False
+        return True
+
+    def _zero_tail(self, data: FileData) -> None:
+        """Zero the stale bytes past the end of file, before the file grows over them.
+
+        Raises NoSpaceError(0, physical=True) and changes nothing if the pool has no room."""
+        page, cut = divmod(data.size, PAGE_SIZE)
+        if not self._try_zero_from(data, page, cut):
+            raise NoSpaceError(0, physical=True)
+        data.stale_tail = False
 
     def _free_from(self, data: FileData, first_page: int) -> None:
         """Free every page numbered first_page or higher."""
@@ -373,7 +445,11 @@ class PageStore:
                 del chunk[start:]
 
     def release(self, data: FileData) -> None:
-        """Free every page of a file that is gone."""
-        self.reattach(data)
-        self._free_from(data, 0)
+        """Free every page of a file that is gone (detached or not): it is empty afterwards."""
+        freed = self._freed
+        self._free_from(data, 0)  # counts a detached file's pages out of detached_pages too
         data.size = 0
+        data.stale_tail = False
+        data.detached = False  # no pages left to count either way
+        if self._freed != freed:
+            self.on_free()

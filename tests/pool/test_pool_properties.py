@@ -163,9 +163,12 @@ class PoolMachine(RuleBasedStateMachine):
         assert s.pages_used <= s.max_pages_used
 
 
-class ZbudMachine(PoolMachine):  # inherits the settings
+class ZbudMachine(PoolMachine):
     kind = "zbud"
 
 
 TestZsmallocStateMachine = PoolMachine.TestCase
 TestZbudStateMachine = ZbudMachine.TestCase
+# @settings sets them on the decorated class's TestCase only (and refuses a second decorator
+# on a subclass): without this, zbud's machine ran with hypothesis's defaults.
+TestZbudStateMachine.settings = _settings

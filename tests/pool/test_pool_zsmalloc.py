@@ -206,7 +206,7 @@ def test_unknown_kind_refused() -> None:
         ZsmallocPool(mem_limit_pages=-1)
 
 
-# -- page limit --------------------------------------------------------------------------------
+# -- mem_limit ---------------------------------------------------------------------------------
 
 
 def test_mem_limit_pages_refuses_without_damage(pool: ZsmallocPool) -> None:

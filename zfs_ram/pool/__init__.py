@@ -7,8 +7,10 @@ stay valid until freed. See zsmalloc.py for the design and its invariants.
 
 from __future__ import annotations
 
+from zfs_ram.vocabulary import PAGE_SHIFT, PAGE_SIZE
+
 from .base import BytesLike, Pool
-from .classes import PAGE_SIZE, SizeClass, build_classes
+from .classes import SizeClass, build_classes
 from .errors import (
     InvalidHandleError,
     InvalidSizeError,
@@ -26,7 +28,8 @@ POOL_KINDS: dict[str, type[Pool]] = {"zsmalloc": ZsmallocPool, "zbud": ZbudPool}
 
 
 def create_pool(kind: str = "zsmalloc", mem_limit_pages: int = 0) -> Pool:
-    """A new, empty pool of the given kind ("zsmalloc" or "zbud"); mem_limit_pages 0 = unlimited."""
+    """A new, empty pool of the given kind ("zsmalloc" or "zbud"), holding at most
+    mem_limit_pages frames (zram's mem_limit; 0 = unlimited)."""
     try:
         cls = POOL_KINDS[kind]
     except KeyError:
@@ -49,6 +52,7 @@ def arena_rss_bytes(target: Pool | FrameArena | None = None) -> int:
 
 __all__ = [
     "POOL_KINDS",
+    "PAGE_SHIFT",
     "PAGE_SIZE",
     "BytesLike",
     "ClassStats",

@@ -1,4 +1,4 @@
-"""What every pool shares: the frame arena, the handle table, the page limit and the counters.
+"""What every pool shares: the frame arena, the handle table, mem_limit and the counters.
 
 The handle table `hloc` is one `array('Q')` indexed by handle. A live entry has bit 0 set and
 encodes where the object is (the layout belongs to the subclass). A free entry has bit 0 clear
@@ -12,7 +12,8 @@ import sys
 from abc import ABC, abstractmethod
 from array import array
 
-from .classes import PAGE_SIZE
+from zfs_ram.vocabulary import PAGE_SIZE
+
 from .errors import InvalidHandleError, PoolCorruptionError, PoolFullError
 from .frames import FrameArena
 from .stats import ClassStats, PoolStats
@@ -38,8 +39,8 @@ class Pool(ABC):
     def __init__(self, mem_limit_pages: int = 0) -> None:
         if mem_limit_pages < 0:
             raise ValueError("mem_limit_pages must be >= 0 (0 = unlimited)")
-        #: Frames the pool may hold at most; 0 = unlimited. May be changed at any time; lowering
-        #: it below pages_used only makes new allocations fail.
+        #: Frames the pool may hold at most (zram's mem_limit, in pages); 0 = unlimited. May be
+        #: changed at any time; lowering it below pages_used only makes new allocations fail.
         self.mem_limit_pages = mem_limit_pages
         self.arena = FrameArena()
         self.hloc = array("Q", [0])
@@ -190,17 +191,23 @@ class Pool(ABC):
     @abstractmethod
     def _zspage_count(self) -> int: ...
 
+    def _structures_bytes(self) -> int:
+        """sys.getsizeof summed over _structures(); a pool with many may keep it cached."""
+        return sum(sys.getsizeof(s) for s in self._structures())
+
     def metadata_bytes(self) -> int:
         """Bytes of Python bookkeeping: sys.getsizeof summed over every structure held."""
         return (
             sys.getsizeof(self)
             + sys.getsizeof(self.__dict__)
             + sys.getsizeof(self.hloc)
-            + sum(sys.getsizeof(s) for s in self._structures())
+            + self._structures_bytes()
             + self.arena.metadata_bytes()
         )
 
     def statistics(self) -> PoolStats:
+        """A snapshot from counters: O(number of size classes), never a walk of the zspages or
+        the objects (class_statistics() walks the fullness lists)."""
         return PoolStats(
             kind=self.kind,
             pages_used=self.pages_used,

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PAGE_SHIFT = 12
-#: The frame size: the kernel's PAGE_SIZE on x86-64, and the filesystem's page size.
-PAGE_SIZE = 1 << PAGE_SHIFT
+# The frame size is the kernel's PAGE_SIZE, and the filesystem's page size: one definition.
+from zfs_ram.vocabulary import PAGE_SIZE
+
 #: CONFIG_ZSMALLOC_CHAIN_SIZE default: the most frames one zspage may chain together.
 MAX_PAGES_PER_ZSPAGE = 8
 #: ZS_MIN_ALLOC_SIZE on 64-bit: smaller requests are rounded up to 32 bytes.

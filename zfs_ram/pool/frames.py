@@ -30,7 +30,8 @@ import weakref
 from array import array
 from collections.abc import Iterable, Iterator
 
-from .classes import PAGE_SHIFT, PAGE_SIZE
+from zfs_ram.vocabulary import PAGE_SHIFT, PAGE_SIZE
+
 from .errors import PoolFullError
 
 #: 2**14 frames = 64 MiB of address space per segment: few mappings, cheap to reserve

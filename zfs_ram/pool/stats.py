@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zfs_ram.vocabulary import PAGE_SIZE
+
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
@@ -29,7 +31,7 @@ class PoolStats:
     @property
     def pool_bytes(self) -> int:
         """Memory the pool holds for data: pages_used * PAGE_SIZE (zram's mem_used_total)."""
-        return self.pages_used * 4096
+        return self.pages_used * PAGE_SIZE
 
     @property
     def overhead_ratio(self) -> float:

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 from array import array
 
+from zfs_ram.vocabulary import PAGE_SHIFT, PAGE_SIZE
+
 from .base import LIVE, BytesLike, Pool
-from .classes import PAGE_SIZE, build_classes
+from .classes import build_classes
 from .errors import InvalidSizeError, PoolCorruptionError, PoolFullError
 from .frames import SEGMENT_MASK, SEGMENT_SHIFT
 from .stats import ClassStats
@@ -42,6 +44,8 @@ _SIZE_SHIFT = 1
 _SIZE_MASK = 0xFFF
 _BUDDY_BIT = 1 << 13  #: set for the last (right-justified) buddy
 _FRAME_SHIFT = 14
+# The byte offset of a frame in its segment is written `<< 12` below: a literal costs no lookup.
+assert PAGE_SHIFT == 12
 
 #: Same raw-storage threshold as zsmalloc, so both pools see the same compressed objects and
 #: their figures compare like for like (zbud itself has no huge class).
@@ -111,7 +115,7 @@ class ZbudPool(Pool):
                 buddy = _BUDDY_BIT
         else:
             if self.mem_limit_pages and self.pages_used >= self.mem_limit_pages:
-                raise PoolFullError(f"page limit {self.mem_limit_pages} reached")
+                raise PoolFullError(f"mem_limit of {self.mem_limit_pages} pages reached")
             f = self.arena.alloc()
             while len(self._first) <= f:
                 self._first.append(0)

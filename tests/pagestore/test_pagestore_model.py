@@ -1,0 +1,298 @@
+"""The page store against a model: random writes, truncates, reads and releases at both limits.
+
+A few files live in one store over a small pool. Both limits are small enough that many steps
+are refused: the logical one (tmpfs size=, the store's page limit) and the physical one (zram
+mem_limit=, the pool's frame limit, also lowered and raised while files live). After every
+step, refused steps included, every file's size and bytes must equal the model's, and the
+store's counters must equal what a walk of the page tables recomputes. A refused step must
+change nothing; a shrinking truncate must never be refused. Files are detached (unlinked, not
+yet forgotten) and reattached at random, and written, truncated and released while detached;
+every public call that freed a pool object must have called on_free() exactly once.
+
+ZFS_RAM_SOAK=1 runs many more and longer sequences.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import TypeVar
+
+import hypothesis.strategies as st
+from hypothesis import event, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from zfs_ram.pagestore import SAME_ENTRY, FileData, NoSpaceError, PageStore
+from zfs_ram.pool import PAGE_SIZE, Pool, create_pool
+
+SOAK = os.environ.get("ZFS_RAM_SOAK") == "1"
+T = TypeVar("T")
+FILES = 3
+#: Files reach past one page-table chunk (512 pages) only through holes: a write far out.
+FAR_PAGE = 600
+KINDS = ("zero", "same", "text", "random", "mixed")
+
+
+def page_content(kind: str, rng: random.Random, number: int) -> bytes:
+    """One page of the given kind; "mixed" is text with every fifth page random (the issue's
+    reproduction: the random pages are stored raw, one frame each)."""
+    if kind == "mixed":
+        kind = "random" if number % 5 == 4 else "text"
+    if kind == "zero":
+        return bytes(PAGE_SIZE)
+    if kind == "same":
+        return rng.randbytes(8) * (PAGE_SIZE // 8)
+    if kind == "text":
+        words = [b"alpha", b"beta", b"gamma", b"delta", bytes([rng.randrange(256)])]
+        return b" ".join(rng.choice(words) for _ in range(PAGE_SIZE))[:PAGE_SIZE]
+    return rng.randbytes(PAGE_SIZE)
+
+
+def make_buffer(kind: str, seed: int, offset: int, length: int) -> bytes:
+    """`length` bytes for a write at `offset`, cut from whole pages of `kind` aligned to the
+    file's pages (so that a partial write of a same-filled page can leave it same-filled)."""
+    rng = random.Random(seed)
+    first = offset // PAGE_SIZE
+    last = (offset + length - 1) // PAGE_SIZE
+    pages = b"".join(page_content(kind, rng, n) for n in range(first, last + 1))
+    start = offset - first * PAGE_SIZE
+    return pages[start : start + length]
+
+
+OFFSETS_IN_PAGE = st.sampled_from([0, 0, 1, 100, PAGE_SIZE // 2, PAGE_SIZE - 1])
+LENGTHS = st.one_of(
+    st.sampled_from([1, 100, PAGE_SIZE - 1, PAGE_SIZE, PAGE_SIZE + 1, 3 * PAGE_SIZE]),
+    st.integers(1, 9 * PAGE_SIZE),
+)
+
+_settings = settings(
+    max_examples=400 if SOAK else 40,
+    stateful_step_count=80 if SOAK else 40,
+    deadline=None,
+)
+
+
+@_settings
+class PageStoreMachine(RuleBasedStateMachine):
+    kind = "zsmalloc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool: Pool = create_pool(self.kind)
+        # Every object the pool frees is counted here, to hold on_free() calls against.
+        self.objects_freed = 0
+        free = self.pool.free
+
+        def counting_free(handle: int) -> int:
+            self.objects_freed += 1
+            return free(handle)
+
+        self.pool.free = counting_free  # type: ignore[method-assign]  # an instance's own
+        self.on_free_calls = 0
+        self.store = PageStore(self.pool, on_free=self._on_free)
+        self.files = [FileData() for _ in range(FILES)]
+        self.models = [bytearray() for _ in range(FILES)]
+        self.detached = [False] * FILES
+        self.refused = 0
+
+    def _on_free(self) -> None:
+        self.on_free_calls += 1
+
+    def _call(self, operation: Callable[[], T]) -> T:
+        """Run one public call of the store: on_free() once if it freed objects, else never."""
+        freed, calls = self.objects_freed, self.on_free_calls
+        try:
+            return operation()
+        finally:
+            assert self.on_free_calls - calls == (1 if self.objects_freed > freed else 0)
+
+    def teardown(self) -> None:
+        self.pool.close()
+
+    @initialize(size_pages=st.integers(6, 40), mem_pages=st.integers(3, 24))
+    def limits(self, size_pages: int, mem_pages: int) -> None:
+        self.store.size_limit_pages = size_pages
+        self.pool.mem_limit_pages = mem_pages
+
+    # -- the operations ------------------------------------------------------------------------
+
+    def _write(self, i: int, offset: int, buf: bytes) -> None:
+        data, model = self.files[i], self.models[i]
+        used = self.store.used_pages
+        try:
+            assert self._call(lambda: self.store.write(data, offset, buf)) == len(buf)
+            written = len(buf)
+        except NoSpaceError as error:
+            self._refused(error)
+            written = error.written
+            assert 0 <= written < len(buf)
+        limit = self.store.size_limit_pages
+        if not data.detached and used <= limit:
+            assert self.store.used_pages <= limit  # a write never goes past size=
+        if written:
+            end = offset + written
+            if end > len(model):
+                model += bytes(end - len(model))
+            model[offset:end] = buf[:written]
+
+    @rule(
+        i=st.integers(0, FILES - 1),
+        page=st.integers(0, 12),
+        inner=OFFSETS_IN_PAGE,
+        length=LENGTHS,
+        kind=st.sampled_from(KINDS),
+        seed=st.integers(0, 2**16),
+    )
+    def write(self, i: int, page: int, inner: int, length: int, kind: str, seed: int) -> None:
+        offset = page * PAGE_SIZE + inner
+        self._write(i, offset, make_buffer(kind, seed, offset, length))
+
+    @rule(i=st.integers(0, FILES - 1), length=LENGTHS, seed=st.integers(0, 2**16))
+    def append(self, i: int, length: int, seed: int) -> None:
+        offset = len(self.models[i])
+        self._write(i, offset, make_buffer("mixed", seed, offset, length))
+
+    @rule(i=st.integers(0, FILES - 1), gap=st.integers(1, 3 * PAGE_SIZE), seed=st.integers(0, 99))
+    def write_past_a_hole(self, i: int, gap: int, seed: int) -> None:
+        """A write past the end of file: the gap reads as zeros (and a stale tail must not
+        show through it)."""
+        offset = len(self.models[i]) + gap
+        self._write(i, offset, make_buffer("text", seed, offset, 200))
+
+    @rule(i=st.integers(0, FILES - 1), seed=st.integers(0, 99))
+    def write_far(self, i: int, seed: int) -> None:
+        offset = FAR_PAGE * PAGE_SIZE + seed
+        self._write(i, offset, make_buffer("text", seed, offset, PAGE_SIZE))
+
+    def _truncate(self, i: int, size: int) -> None:
+        data, model = self.files[i], self.models[i]
+        try:
+            self._call(lambda: self.store.truncate(data, size))
+        except NoSpaceError as error:
+            self._refused(error)
+            self.files_match()  # nothing changed: checked before the next assertion
+            assert size > len(model), "a shrinking truncate was refused"
+            return
+        if size < len(model):
+            del model[size:]
+            if data.stale_tail:
+                event("a shrinking truncate left a stale tail")
+        else:
+            model += bytes(size - len(model))
+
+    @rule(i=st.integers(0, FILES - 1), where=st.floats(0, 1), inner=st.integers(1, PAGE_SIZE - 1))
+    def truncate_into_a_page(self, i: int, where: float, inner: int) -> None:
+        pages = len(self.models[i]) // PAGE_SIZE
+        self._truncate(i, min(int(pages * where) * PAGE_SIZE + inner, len(self.models[i])))
+
+    @rule(i=st.integers(0, FILES - 1), page=st.integers(0, 14))
+    def truncate_to_a_page_boundary(self, i: int, page: int) -> None:
+        self._truncate(i, page * PAGE_SIZE)
+
+    @rule(i=st.integers(0, FILES - 1), grow=st.integers(1, 5 * PAGE_SIZE))
+    def truncate_up(self, i: int, grow: int) -> None:
+        self._truncate(i, len(self.models[i]) + grow)
+
+    @rule(i=st.integers(0, FILES - 1), offset=st.integers(0, 16 * PAGE_SIZE), length=LENGTHS)
+    def read(self, i: int, offset: int, length: int) -> None:
+        model = self.models[i]
+        assert self.store.read(self.files[i], offset, length) == model[offset : offset + length]
+
+    @rule(i=st.integers(0, FILES - 1))
+    def release(self, i: int) -> None:
+        """The file is gone (detached or not): its pages are freed, and its slot holds a new,
+        empty file."""
+        data = self.files[i]
+        self._call(lambda: self.store.release(data))
+        assert data.stored_pages == 0 and data.size == 0 and not data.detached
+        self.files[i] = FileData()
+        self.models[i] = bytearray()
+        self.detached[i] = False
+
+    @rule(i=st.integers(0, FILES - 1))
+    def detach(self, i: int) -> None:
+        """Unlinked and not open (twice in a row does nothing the second time)."""
+        self.store.detach(self.files[i])
+        self.detached[i] = True
+
+    @rule(i=st.integers(0, FILES - 1))
+    def reattach(self, i: int) -> None:
+        """Opened through a path walk that ended before the unlink (idempotent too)."""
+        self.store.reattach(self.files[i])
+        self.detached[i] = False
+
+    @rule(n=st.integers(1, 40))
+    def compact_step(self, n: int) -> None:
+        self.pool.compact_step(n)
+
+    @rule()
+    def compact(self) -> None:
+        self.pool.compact()
+
+    @rule(extra=st.integers(-3, 6))
+    def set_mem_limit(self, extra: int) -> None:
+        """zram lets mem_limit be lowered below what is used: only new allocations fail."""
+        self.pool.mem_limit_pages = max(self.pool.statistics().pages_used + extra, 1)
+
+    def _refused(self, error: NoSpaceError) -> None:
+        self.refused += 1
+        event("refused at mem_limit" if error.physical else "refused at size")
+        if error.physical:
+            assert self.pool.mem_limit_pages > 0
+        else:
+            assert self.store.used_pages >= self.store.size_limit_pages > 0
+
+    # -- the checks ----------------------------------------------------------------------------
+
+    @invariant()
+    def files_match(self) -> None:
+        for data, model in zip(self.files, self.models, strict=True):
+            assert data.size == len(model)
+            assert self.store.read(data, 0, len(model) + PAGE_SIZE) == model
+
+    @invariant()
+    def counters_match(self) -> None:
+        pool, store = self.pool, self.store
+        pool.check()
+        stored = same = objects = compr = huge = detached = 0
+        for data, model, is_detached in zip(self.files, self.models, self.detached, strict=True):
+            assert data.detached == is_detached
+            end_page = -(-len(model) // PAGE_SIZE)
+            pages = footprint = 0
+            for page, entry in data.pages():
+                assert page < end_page, "a page past the end of file was kept"
+                pages += 1
+                if entry & 1:
+                    size = pool.object_size(entry >> 1)
+                    objects += 1
+                    footprint += size
+                    huge += size == PAGE_SIZE
+                else:
+                    assert entry == SAME_ENTRY
+                    same += 1
+            assert (data.stored_pages, data.footprint) == (pages, footprint)
+            stored += pages
+            compr += footprint
+            detached += pages if is_detached else 0
+        stats = store.statistics()
+        assert stats.stored_pages == store.stored_pages == stored
+        assert stats.orig_data_size == stored * PAGE_SIZE
+        assert stats.compr_data_size == compr == pool.bytes_stored
+        assert stats.same_pages == same
+        assert stats.huge_pages == huge <= stats.huge_pages_since
+        assert pool.objects == objects
+        assert stats.detached_pages == store.detached_pages == detached
+        assert store.used_pages == stored - detached
+        assert stats.size_limit_pages == store.size_limit_pages
+
+
+class ZbudPageStoreMachine(PageStoreMachine):
+    kind = "zbud"
+
+
+TestPageStoreZsmalloc = PageStoreMachine.TestCase
+TestPageStoreZbud = ZbudPageStoreMachine.TestCase
+# @settings sets them on the decorated class's TestCase only (and refuses a second decorator
+# on a subclass): a subclass's TestCase would run with hypothesis's defaults.
+TestPageStoreZbud.settings = _settings
