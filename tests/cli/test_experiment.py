@@ -12,6 +12,7 @@ from types import TracebackType
 
 import lz4.block
 import pytest
+from conftest import one_error_line, zfs_ram_cli
 
 from zfs_ram.experiments import cli as exp_cli
 from zfs_ram.experiments.report import render_table, summarize, write_json, write_plot
@@ -394,13 +395,57 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_cli_options() -> None:
-    args = _parse("--fractions", "25,50", "--arms", "zbud,kernel", "--size-mib", "8")
+    args = _parse("--fractions", "0.25,0.5", "--arms", "zbud,kernel", "--size-mib", "8")
     assert args.fractions == [0.25, 0.5]
     assert args.arms == ["zbud", "kernel"]
     assert args.size_mib == 8 and args.func is exp_cli.run_experiment_cli
     assert _parse().fractions == [0.25, 0.5, 0.75, 0.9]
     with pytest.raises(SystemExit):
         _parse("--arms", "zsmalloc,zswap")
+
+
+# Each of these once ran (16 empty runs for 80 s printing nan, or a 1.5 % delete for "1.5") or
+# passed silently; each must be refused before anything runs, in one line, as a usage error.
+NONSENSE_OPTIONS = [
+    ("--size-mib", "0"),
+    ("--size-mib", "-5"),
+    ("--size-mib", "nan"),
+    ("--size-mib", "inf"),
+    ("--size-mib", "0.001"),  # less than one page
+    ("--size-mib", str(1 << 40)),  # more RAM than any machine here has
+    ("--wait", "-1"),
+    ("--wait", "nan"),
+    ("--wait", "inf"),
+    ("--retries", "-1"),
+    ("--fractions", "1.5"),  # was 1.5 %, while "1" meant 100 %
+    ("--fractions", "25,50"),  # percentages: a fraction is 0..1
+    ("--arms", ""),  # "experiment: no arm to run", not a usage error
+    ("--arms", "zbud,zbud"),  # the same runs twice, the second overwriting the first's logs
+]
+# Refused before as well; kept refused, in one line.
+STILL_REFUSED = [
+    ("--fractions", "-0.1"),
+    ("--fractions", "nan"),
+    ("--fractions", "0.5,"),
+    ("--fractions", ""),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("option", "value"), NONSENSE_OPTIONS + STILL_REFUSED)
+def test_cli_refuses_nonsense_before_running(
+    option: str, value: str, tmp_path: os.PathLike[str]
+) -> None:
+    out = os.path.join(tmp_path, "out")
+    result = zfs_ram_cli(
+        "experiment",
+        *("--arms", "zbud", "--no-kernel", "--quiet", "--out", out, option, value),
+        timeout=30,
+    )
+    line = one_error_line(result)
+    assert result.returncode == 2, result
+    assert option in line, line
+    assert result.stdout == "" and not os.path.exists(out)  # nothing ran
 
 
 def test_cli_without_runnable_arm_fails(capsys: pytest.CaptureFixture[str]) -> None:
