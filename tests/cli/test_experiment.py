@@ -179,6 +179,32 @@ def test_write_then_delete_on_a_plain_directory(
     assert left == len(fs.files) - len(victims)
 
 
+def test_fill_never_makes_a_file_longer_than_its_data(
+    real_dir: list[str], tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's sampler reads the target throughout the fill: a file zero-padded to whole
+    pages until a final ftruncate showed it more bytes than the file set holds."""
+    fs = small_set(real_dir, size=MIB)
+    sizes = {os.path.realpath(os.path.join(tmp_path, f.name)): len(f.data) for f in fs.files}
+    too_long: list[str] = []
+    pwrite = os.pwrite
+
+    def checked_pwrite(fd: int, data: bytes, offset: int) -> int:
+        done = pwrite(fd, data, offset)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.fstat(fd).st_size > sizes[path]:
+            too_long.append(path)
+        return done
+
+    monkeypatch.setattr(os, "pwrite", checked_pwrite)
+    write_file_set(str(tmp_path), fs, order="shuffled")
+    monkeypatch.undo()
+    assert too_long == []
+    for f in fs.files:
+        with open(os.path.join(str(tmp_path), f.name), "rb") as fh:
+            assert fh.read() == f.data, f.name
+
+
 # --- mm_stat and rendering --------------------------------------------------------------------
 
 
