@@ -25,7 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-PAGE_SIZE = 4096  # the unit zram, zsmalloc and zfs_ram compress and store
+from zfs_ram.vocabulary import PAGE_SIZE  # the unit zram, zsmalloc and zfs_ram compress and store
+
 MIB = 1 << 20
 
 # The research workload's composition: 70% of the bytes from real files.
