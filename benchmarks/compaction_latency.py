@@ -24,7 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-PAGE = 4096
+from zfs_ram.client import COMPACT_TIMEOUT, ControlClient
+from zfs_ram.vocabulary import PAGE_SIZE, ControlFile
+
 MIB = 1 << 20
 
 
@@ -64,13 +66,13 @@ def probe_reads(
     """Latencies (seconds) of uncached 4 KiB reads at random page offsets."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        pages = os.fstat(fd).st_size // PAGE
+        pages = os.fstat(fd).st_size // PAGE_SIZE
         samples = []
         while len(samples) < count and not (until is not None and until.is_set()):
-            offset = rng.randrange(pages) * PAGE
-            os.posix_fadvise(fd, offset, PAGE, os.POSIX_FADV_DONTNEED)
+            offset = rng.randrange(pages) * PAGE_SIZE
+            os.posix_fadvise(fd, offset, PAGE_SIZE, os.POSIX_FADV_DONTNEED)
             started = time.perf_counter()
-            os.pread(fd, PAGE, offset)
+            os.pread(fd, PAGE_SIZE, offset)
             samples.append(time.perf_counter() - started)
         return samples
     finally:
@@ -100,7 +102,7 @@ def main() -> int:
         files = []
         offset = 0
         while offset < len(blob):
-            size = rng.randint(1, 64) * PAGE
+            size = rng.randint(1, 64) * PAGE_SIZE
             path = mnt / f"f{len(files):06d}"
             path.write_bytes(blob[offset : offset + size])
             files.append(path)
@@ -113,27 +115,29 @@ def main() -> int:
         done = threading.Event()
         timing: dict[str, float] = {}
 
+        control = ControlClient(mnt)
+
         def compact() -> None:
             started = time.perf_counter()
-            (mnt / ".zfs_ram" / "compact").write_text("1\n")
+            control.write(ControlFile.COMPACT, "1\n", timeout=COMPACT_TIMEOUT)
             timing["seconds"] = time.perf_counter() - started
             done.set()
 
-        before = (mnt / ".zfs_ram" / "mm_stat").read_text().split()
+        before = control.mm_stat()["pages_compacted"]
         worker = threading.Thread(target=compact)
         worker.start()
         busy = probe_reads(probe, 10**9, rng, until=done)
         worker.join()
-        after = (mnt / ".zfs_ram" / "mm_stat").read_text().split()
+        after = control.mm_stat()["pages_compacted"]
     finally:
         subprocess.run(zfs_ram + ["umount", str(mnt)], check=False)
         if not os.path.ismount(mnt):
             mnt.rmdir()
             tmp.rmdir()
-    freed = int(after[6]) - int(before[6])
+    freed = after - before
     print(
         f"fill {args.fill_mib} MiB, compact_batch={args.batch}: compaction freed {freed} pages"
-        f" ({freed * PAGE / MIB:.1f} MiB) in {timing['seconds']:.2f} s;"
+        f" ({freed * PAGE_SIZE / MIB:.1f} MiB) in {timing['seconds']:.2f} s;"
         f" {len(busy)} reads ran meanwhile"
     )
     print(f"{'4 KiB read':12} {'median':>9} {'p90':>9} {'p99':>9} {'max':>9}   (microseconds)")

@@ -62,9 +62,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zfs_ram.client import ControlClient
+from zfs_ram.vocabulary import CONTROL_DIR, MM_STAT_FIELDS, PAGE_SIZE
+
 KIB = 1024
 MIB = 1024 * KIB
-PAGE = 4 * KIB
 HERE = Path(__file__).resolve().parent
 CACHE_DIR = Path(os.environ.get("ZFS_RAM_BENCH_CACHE", "/tmp/zfs_ram_bench"))
 # Real data: the first bytes of these trees' regular files, taken in turns from each so the
@@ -148,7 +150,7 @@ def warm_memory(size: int) -> None:
         try:
             region.madvise(MADV_POPULATE_WRITE)
         except OSError:  # older kernel: touch every page instead
-            for offset in range(0, size, PAGE):
+            for offset in range(0, size, PAGE_SIZE):
                 region[offset] = 1
 
 
@@ -244,7 +246,7 @@ class ZfsRam(FuseSystem):
             f",{self.extra_options}" if self.extra_options else ""
         )
         run([self.tool, "mount", str(self.path), "-o", options])
-        self._pid = int((self.path / ".zfs_ram" / "pid").read_text())
+        self._pid = ControlClient(self.path).pid()
 
     def unmount(self) -> None:
         if is_mounted(self.path):
@@ -257,8 +259,7 @@ class ZfsRam(FuseSystem):
         return self._pid
 
     def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = json.loads((self.path / ".zfs_ram" / "stats.json").read_text())
-        return stats
+        return ControlClient(self.path).stats()
 
     def settle(self) -> None:
         deadline = time.monotonic() + SETTLE_TIMEOUT
@@ -270,7 +271,7 @@ class ZfsRam(FuseSystem):
     def memory(self) -> dict[str, float]:
         stats = self.stats()
         mem = super().memory()
-        mem["pool_bytes"] = stats["pool"]["pages_used"] * PAGE
+        mem["pool_bytes"] = stats["pool"]["pages_used"] * PAGE_SIZE
         mem["orig_data_size"] = stats["mm_stat"]["orig_data_size"]
         mem["compr_data_size"] = stats["mm_stat"]["compr_data_size"]
         mem["mem_used_total"] = stats["mm_stat"]["mem_used_total"]
@@ -496,8 +497,8 @@ def _fio(ctx: Context, path: Path, mode: str) -> float:
 def _python_random(ctx: Context, path: Path, mode: str) -> float:
     """The fallback without fio: os.pread/os.pwrite of 4 KiB pages at random offsets."""
     rng = random.Random(ctx.seed)
-    pages = len(ctx.data) // PAGE
-    block = bytes(ctx.data[:PAGE])
+    pages = len(ctx.data) // PAGE_SIZE
+    block = bytes(ctx.data[:PAGE_SIZE])
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -507,9 +508,9 @@ def _python_random(ctx: Context, path: Path, mode: str) -> float:
         deadline = start + ctx.random_seconds
         while time.perf_counter() < deadline:
             for _ in range(64):
-                offset = rng.randrange(pages) * PAGE
+                offset = rng.randrange(pages) * PAGE_SIZE
                 if mode == "randread":
-                    os.pread(fd, PAGE, offset)
+                    os.pread(fd, PAGE_SIZE, offset)
                 else:
                     os.pwrite(fd, block, offset)
             count += 64
@@ -600,7 +601,7 @@ def wl_untar(ctx: Context, system: System) -> Result:
 
 WORKLOAD_FUNCS: dict[str, Callable[[Context, System], Result]] = {
     "seqwrite_1m": wl_seqwrite(MIB),
-    "seqwrite_4k": wl_seqwrite(PAGE),
+    "seqwrite_4k": wl_seqwrite(PAGE_SIZE),
     "seqread": wl_seqread,
     "randread": wl_random("randread"),
     "randwrite": wl_random("randwrite"),
@@ -629,18 +630,8 @@ def zram_mem_used(data: bytes) -> dict[str, int] | None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        names = (
-            "orig_data_size",
-            "compr_data_size",
-            "mem_used_total",
-            "mem_limit",
-            "mem_used_max",
-            "same_pages",
-            "pages_compacted",
-            "huge_pages",
-        )
-        values = (sysdir / "mm_stat").read_text().split()
-        return {n: int(v) for n, v in zip(names, values, strict=False)}
+        values = (sysdir / "mm_stat").read_text().split()  # older kernels print fewer columns
+        return {n: int(v) for n, v in zip(MM_STAT_FIELDS, values, strict=False)}
     finally:
         with contextlib.suppress(OSError):
             (sysdir / "reset").write_text("1\n")
@@ -881,7 +872,7 @@ def render_memory(report: Report) -> list[str]:
 def clean(system: System) -> None:
     """Remove whatever a failed workload left behind (best effort)."""
     for entry in system.path.iterdir():
-        if entry.name == ".zfs_ram":
+        if entry.name == CONTROL_DIR:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -38,14 +38,15 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from zfs_ram.vocabulary import PAGE_SIZE
+
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 # zfs_ram's CACHE_TIMEOUT: the kernel may cache names and attributes this long.
 CACHE_TIMEOUT = 300.0
 # zfs_ram's ALWAYS_FUSE_OPTIONS; fsname/subtype only name the mount in /proc/mounts.
 FUSE_OPTIONS = ("default_permissions", "fsname=nullfs", "subtype=nullfs")
-BLOCK_SIZE = 4096  # st_blksize, as zfs_ram reports (one page)
-PAGE_SIZE = 4096
+BLOCK_SIZE = PAGE_SIZE  # st_blksize, as zfs_ram reports (one page)
 
 
 class CodecStore:
@@ -53,8 +54,8 @@ class CodecStore:
     lz4 or raw bytes, or the word of a same-filled page (int); None where nothing is kept."""
 
     def __init__(self) -> None:
-        # Imported here, so that the plain ceiling loads none of zfs_ram (its RSS is the
-        # pyfuse3+trio baseline fs_bench reports).
+        # Imported here, so that the plain ceiling loads none of zfs_ram but its vocabulary
+        # (its RSS is the pyfuse3+trio baseline fs_bench reports).
         sys.path.insert(0, REPO)
         from zfs_ram import codec
         from zfs_ram.pool.classes import build_classes

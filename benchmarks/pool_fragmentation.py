@@ -23,7 +23,8 @@ import lz4.block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zfs_ram.pool import PAGE_SIZE, create_pool
+from zfs_ram.pool import create_pool
+from zfs_ram.vocabulary import PAGE_SIZE
 
 MiB = 1 << 20
 #: Where the input pages come from: large, varied, present on every Debian system.

@@ -30,8 +30,8 @@ import fs_bench
 
 from zfs_ram.pagestore import FileData, PageStore
 from zfs_ram.pool import create_pool
+from zfs_ram.vocabulary import PAGE_SIZE
 
-PAGE = 4096
 MIB = 1 << 20
 BATCH = 1000
 
@@ -51,13 +51,13 @@ def main() -> int:
     store.pool.compact()
     rng = random.Random(1)
     # Half random, half zeros: fio's --buffer_compress_percentage=50.
-    buffers = [os.urandom(PAGE // 2) + bytes(PAGE // 2) for _ in range(64)]
-    pages = len(data) // PAGE
+    buffers = [os.urandom(PAGE_SIZE // 2) + bytes(PAGE_SIZE // 2) for _ in range(64)]
+    pages = len(data) // PAGE_SIZE
     write_us: list[float] = []
     lz4_us: list[float] = []
     compress = lz4.block.compress
     for _ in range(args.reps):
-        offsets = [rng.randrange(pages) * PAGE for _ in range(args.writes)]
+        offsets = [rng.randrange(pages) * PAGE_SIZE for _ in range(args.writes)]
         write_s = lz4_s = 0.0
         # Short alternating batches, so that both see the same machine (it is shared, and
         # its speed drifts by tens of percent within a minute).

@@ -12,6 +12,7 @@ from types import TracebackType
 
 import lz4.block
 import pytest
+from conftest import one_error_line, zfs_ram_cli
 
 from zfs_ram.experiments import cli as exp_cli
 from zfs_ram.experiments.report import render_table, summarize, write_json, write_plot
@@ -176,6 +177,32 @@ def test_write_then_delete_on_a_plain_directory(
     assert delete_files(root, fs, victims) == sum(len(fs.files[i].data) for i in victims)
     left = sum(len(files) for _, _, files in os.walk(root))
     assert left == len(fs.files) - len(victims)
+
+
+def test_fill_never_makes_a_file_longer_than_its_data(
+    real_dir: list[str], tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's sampler reads the target throughout the fill: a file zero-padded to whole
+    pages until a final ftruncate showed it more bytes than the file set holds."""
+    fs = small_set(real_dir, size=MIB)
+    sizes = {os.path.realpath(os.path.join(tmp_path, f.name)): len(f.data) for f in fs.files}
+    too_long: list[str] = []
+    pwrite = os.pwrite
+
+    def checked_pwrite(fd: int, data: bytes, offset: int) -> int:
+        done = pwrite(fd, data, offset)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.fstat(fd).st_size > sizes[path]:
+            too_long.append(path)
+        return done
+
+    monkeypatch.setattr(os, "pwrite", checked_pwrite)
+    write_file_set(str(tmp_path), fs, order="shuffled")
+    monkeypatch.undo()
+    assert too_long == []
+    for f in fs.files:
+        with open(os.path.join(str(tmp_path), f.name), "rb") as fh:
+            assert fh.read() == f.data, f.name
 
 
 # --- mm_stat and rendering --------------------------------------------------------------------
@@ -394,13 +421,57 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_cli_options() -> None:
-    args = _parse("--fractions", "25,50", "--arms", "zbud,kernel", "--size-mib", "8")
+    args = _parse("--fractions", "0.25,0.5", "--arms", "zbud,kernel", "--size-mib", "8")
     assert args.fractions == [0.25, 0.5]
     assert args.arms == ["zbud", "kernel"]
     assert args.size_mib == 8 and args.func is exp_cli.run_experiment_cli
     assert _parse().fractions == [0.25, 0.5, 0.75, 0.9]
     with pytest.raises(SystemExit):
         _parse("--arms", "zsmalloc,zswap")
+
+
+# Each of these once ran (16 empty runs for 80 s printing nan, or a 1.5 % delete for "1.5") or
+# passed silently; each must be refused before anything runs, in one line, as a usage error.
+NONSENSE_OPTIONS = [
+    ("--size-mib", "0"),
+    ("--size-mib", "-5"),
+    ("--size-mib", "nan"),
+    ("--size-mib", "inf"),
+    ("--size-mib", "0.001"),  # less than one page
+    ("--size-mib", str(1 << 40)),  # more RAM than any machine here has
+    ("--wait", "-1"),
+    ("--wait", "nan"),
+    ("--wait", "inf"),
+    ("--retries", "-1"),
+    ("--fractions", "1.5"),  # was 1.5 %, while "1" meant 100 %
+    ("--fractions", "25,50"),  # percentages: a fraction is 0..1
+    ("--arms", ""),  # "experiment: no arm to run", not a usage error
+    ("--arms", "zbud,zbud"),  # the same runs twice, the second overwriting the first's logs
+]
+# Refused before as well; kept refused, in one line.
+STILL_REFUSED = [
+    ("--fractions", "-0.1"),
+    ("--fractions", "nan"),
+    ("--fractions", "0.5,"),
+    ("--fractions", ""),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("option", "value"), NONSENSE_OPTIONS + STILL_REFUSED)
+def test_cli_refuses_nonsense_before_running(
+    option: str, value: str, tmp_path: os.PathLike[str]
+) -> None:
+    out = os.path.join(tmp_path, "out")
+    result = zfs_ram_cli(
+        "experiment",
+        *("--arms", "zbud", "--no-kernel", "--quiet", "--out", out, option, value),
+        timeout=30,
+    )
+    line = one_error_line(result)
+    assert result.returncode == 2, result
+    assert option in line, line
+    assert result.stdout == "" and not os.path.exists(out)  # nothing ran
 
 
 def test_cli_without_runnable_arm_fails(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from zfs_ram.client import ControlClient
 from zfs_ram.testing.fsx import (
-    PAGE,
     FileModel,
     Fsx,
     FsxConfig,
@@ -25,6 +25,7 @@ from zfs_ram.testing.fsx import (
     check_churn_content,
     churn_content,
 )
+from zfs_ram.vocabulary import PAGE_SIZE
 
 # Steps per pool in CI: about five seconds each on the 2-core CI machine.
 FSX_OPS = int(os.environ.get("ZFS_RAM_FSX_OPS", "1500"))
@@ -59,20 +60,23 @@ def test_file_model_agrees_with_a_plain_bytearray(seed: int) -> None:
     model, ref = FileModel(), Reference()
     for _ in range(300):
         if rng.random() < 0.7:
-            offset, data = rng.randrange(6 * PAGE), rng.randbytes(rng.randrange(1, 2 * PAGE))
+            offset, data = (
+                rng.randrange(6 * PAGE_SIZE),
+                rng.randbytes(rng.randrange(1, 2 * PAGE_SIZE)),
+            )
             model.write(offset, data)
             ref.write(offset, data)
         else:
-            size = rng.randrange(6 * PAGE)
+            size = rng.randrange(6 * PAGE_SIZE)
             model.truncate(size)
             ref.truncate(size)
         assert model.size == len(ref.data)
         assert model.read(0, model.size + 10) == bytes(ref.data)
-        offset = rng.randrange(7 * PAGE)
+        offset = rng.randrange(7 * PAGE_SIZE)
         assert model.read(offset, 100) == bytes(ref.data[offset : offset + 100])
         # Pages held: exactly those with a written byte below the size (what the store keeps).
-        assert all(p * PAGE < model.size for p in model.pages)
-        last, tail = divmod(model.size, PAGE)
+        assert all(p * PAGE_SIZE < model.size for p in model.pages)
+        last, tail = divmod(model.size, PAGE_SIZE)
         if tail and last in model.pages:
             assert not any(model.pages[last][tail:])
 
@@ -139,7 +143,7 @@ def test_fsx_on_a_mount_with_compaction_forced(zfs_ram_mount: Any, pool: str) ->
         seed=seed,
         ops=FSX_OPS,
         compact_every=10,
-        control=mount.control,
+        control=ControlClient(mount.path),
         check_accounting=True,
     )
     result = Fsx(cfg).run()  # raises FsxFailure with the replay recipe
@@ -156,7 +160,7 @@ def test_fsx_on_a_mount_with_compaction_forced(zfs_ram_mount: Any, pool: str) ->
 def test_fsx_sees_unexpected_errors_as_failures(zfs_ram_mount: Any) -> None:
     """A short write or an errno the model does not expect (size= is tiny) fails the run."""
     mount = zfs_ram_mount("size=64k")
-    cfg = FsxConfig(root=mount.path / "fsx", seed=1, ops=200, control=mount.control)
+    cfg = FsxConfig(root=mount.path / "fsx", seed=1, ops=200, control=ControlClient(mount.path))
     with pytest.raises(FsxFailure) as excinfo:
         Fsx(cfg).run()
     text = str(excinfo.value)

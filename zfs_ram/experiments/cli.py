@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from zfs_ram.experiments.report import render_table, write_json, write_plot
 from zfs_ram.experiments.runner import DEFAULT_WAIT, Progress, run_experiment
@@ -23,6 +25,7 @@ from zfs_ram.experiments.targets import (
     kernel_zram_available,
 )
 from zfs_ram.experiments.workload import MIB, WRITE_ORDERS, WorkloadSpec, build_file_set
+from zfs_ram.vocabulary import PAGE_SIZE, mem_total_bytes
 
 DEFAULT_FRACTIONS = "0.25,0.5,0.75,0.9"
 DEFAULT_SIZE_MIB = 200  # big enough for hundreds of zspages per class, small enough for minutes
@@ -35,25 +38,75 @@ ZFS_RAM_ARMS = {
 }
 ALL_ARMS = (*ZFS_RAM_ARMS, KERNEL_ARM)
 
+_N = TypeVar("_N", int, float)
+
 
 def _fractions(text: str) -> list[float]:
-    """ "25,50" or "0.25,0.5" -> [0.25, 0.5] (numbers above 1 are percentages)."""
+    """ "0.25,0.5" -> [0.25, 0.5]: shares of the files to delete, each from 0 (none) to 1 (all)."""
     out = []
     for part in text.split(","):
-        value = float(part)
-        value = value / 100 if value > 1 else value
+        value = _number(part, float)
         if not 0 <= value <= 1:
-            raise argparse.ArgumentTypeError(f"fraction {part!r} is not in 0..1 or 0..100")
+            hint = f" (for {part.strip()} % write {value / 100:g})" if 1 < value <= 100 else ""
+            raise argparse.ArgumentTypeError(f"{part.strip()} is not a fraction in 0..1{hint}")
+        if value in out:
+            raise argparse.ArgumentTypeError(f"fraction {part.strip()} given twice")
         out.append(value)
     return out
 
 
 def _arms(text: str) -> list[str]:
     names = [a.strip() for a in text.split(",") if a.strip()]
-    for name in names:
+    if not names:
+        raise argparse.ArgumentTypeError(f"no arm given (use {', '.join(ALL_ARMS)})")
+    for i, name in enumerate(names):
         if name not in ALL_ARMS:
             raise argparse.ArgumentTypeError(f"unknown arm {name!r} (use {', '.join(ALL_ARMS)})")
+        if name in names[:i]:
+            raise argparse.ArgumentTypeError(f"arm {name!r} given twice")
     return names
+
+
+def _number(text: str, kind: Callable[[str], _N]) -> _N:
+    """``text`` as a finite int or float, or the usage error argparse reports in one line."""
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text.strip()!r} is not {what}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text.strip()} is not a finite number")
+    return value
+
+
+def _size_mib(text: str) -> float:
+    """The workload's size: at least one page, and no more than the machine's RAM (the file
+    set is built in memory, then stored again on the target)."""
+    value = _number(text, float)
+    if value * MIB < PAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text.strip()} MiB is less than one page ({PAGE_SIZE / MIB:g} MiB)"
+        )
+    ram = mem_total_bytes()
+    if value * MIB > ram:
+        raise argparse.ArgumentTypeError(
+            f"{text.strip()} MiB is more than this machine's RAM ({ram // MIB} MiB)"
+        )
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text.strip()} is negative (seconds, 0 or more)")
+    return value
+
+
+def _count(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text.strip()} is negative (a count, 0 or more)")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -69,11 +122,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--fractions",
         type=_fractions,
         default=_fractions(DEFAULT_FRACTIONS),
-        help=f"delete fractions, comma-separated (default {DEFAULT_FRACTIONS})",
+        help="shares of the files to delete, each in 0..1, comma-separated"
+        f" (default {DEFAULT_FRACTIONS})",
     )
     p.add_argument(
         "--size-mib",
-        type=float,
+        type=_size_mib,
         default=DEFAULT_SIZE_MIB,
         help=f"workload size in MiB (default {DEFAULT_SIZE_MIB})",
     )
@@ -86,7 +140,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     p.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         default=DEFAULT_WAIT,
         help=f"seconds to wait idle after the delete (default {DEFAULT_WAIT:g})",
     )
@@ -103,7 +157,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--retries",
-        type=int,
+        type=_count,
         default=1,
         help="tries more per failed run, each on a fresh target (default 1)",
     )

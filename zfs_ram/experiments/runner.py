@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from zfs_ram.client import ControlError
 from zfs_ram.experiments.targets import MmStat, Target, read_vmstat
 from zfs_ram.experiments.workload import (
     FileSet,
@@ -108,7 +109,7 @@ class Sampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             # A read can fail while the target goes away; the stage samples still count.
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, ControlError):
                 self.samples.append(self.take())
             self._stop.wait(self.interval)
 

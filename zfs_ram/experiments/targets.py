@@ -18,11 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from types import TracebackType
 from typing import Any
 
-PAGE_SIZE = 4096
+from zfs_ram.client import COMPACT_TIMEOUT, ControlClient
+from zfs_ram.vocabulary import MM_STAT_FIELDS, ControlFile
+
 MIB = 1 << 20
 
 ZRAM_CONTROL = "/sys/class/zram-control"
@@ -38,7 +40,11 @@ ZFS_RAM_SIZE_MIN = 64 * MIB
 
 @dataclass(frozen=True)
 class MmStat:
-    """zram's mm_stat columns (the first five in bytes, the rest counts)."""
+    """zram's mm_stat columns (the first five in bytes, the rest counts), typed.
+
+    The attributes are vocabulary.MM_STAT_FIELDS, in its order (checked below): the columns are
+    matched to names there, never here.
+    """
 
     orig_data_size: int
     compr_data_size: int
@@ -56,11 +62,19 @@ class MmStat:
         values = [int(v) for v in line.split()]
         if len(values) < 3:
             raise ValueError(f"mm_stat needs at least 3 columns, got {line!r}")
-        values = (values + [0] * 9)[:9]
-        return cls(*values)
+        return cls.from_dict(dict(zip(MM_STAT_FIELDS, values, strict=False)))
+
+    @classmethod
+    def from_dict(cls, columns: dict[str, int]) -> MmStat:
+        """From columns by name (ControlClient.mm_stat()); missing ones are 0."""
+        return cls(**{name: columns.get(name, 0) for name in MM_STAT_FIELDS})
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+if tuple(f.name for f in fields(MmStat)) != MM_STAT_FIELDS:
+    raise RuntimeError("MmStat's attributes are not vocabulary.MM_STAT_FIELDS in order")
 
 
 def _run(cmd: list[str], timeout: float = COMMAND_TIMEOUT) -> None:
@@ -142,7 +156,8 @@ def _unmount_fuse(mountpoint: str) -> None:
 
 
 def _is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
+    # Resolve the parent only: the mountpoint itself is answered by the daemon, which may hang.
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     with open("/proc/mounts") as f:
         return any(line.split()[1] == real for line in f if len(line.split()) > 1)
 
@@ -167,6 +182,7 @@ class ZfsRamTarget(Target):
         self.log_path = log_path  # the daemon's log (-o log=), kept after the run
         self.tmpdir = ""
         self.pid: int | None = None
+        self.client: ControlClient | None = None
 
     def options(self) -> str:
         size = max(ZFS_RAM_SIZE_MIN, ZFS_RAM_SIZE_FACTOR * self.size_bytes)
@@ -182,29 +198,32 @@ class ZfsRamTarget(Target):
         try:
             cmd = [sys.executable, "-m", "zfs_ram", "mount", self.root, "-o", self.options()]
             _run(cmd)
-            with open(os.path.join(self.root, ".zfs_ram", "pid")) as f:
-                self.pid = int(f.read().split()[0])
+            self.client = ControlClient(self.root)
+            self.pid = self.client.pid()
         except BaseException:
             self._teardown()
             raise
         return self
 
     def _teardown(self) -> None:
+        self.client = None
         if self.root:
             _unmount_fuse(self.root)
         if self.tmpdir and not _is_mounted(self.root):
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def _control(self, name: str) -> str:
-        return os.path.join(self.root, ".zfs_ram", name)
+    def _client(self) -> ControlClient:
+        if self.client is None:
+            raise RuntimeError(f"{self.name} is not mounted")
+        return self.client
 
     def mm_stat(self) -> MmStat:
-        with open(self._control("mm_stat")) as f:
-            return MmStat.parse(f.read())
+        return MmStat.from_dict(self._client().mm_stat())
 
     def compact(self) -> None:
-        with open(self._control("compact"), "w") as f:
-            f.write("1\n")
+        # The write alone (not ControlClient.compact(), which also reads mm_stat before and
+        # after): the compact stage times exactly the compaction.
+        self._client().write(ControlFile.COMPACT, "1\n", timeout=COMPACT_TIMEOUT)
 
     def rss_bytes(self) -> int | None:
         return None if self.pid is None else _read_rss(self.pid)

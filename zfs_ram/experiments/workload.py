@@ -25,7 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-PAGE_SIZE = 4096  # the unit zram, zsmalloc and zfs_ram compress and store
+from zfs_ram.vocabulary import PAGE_SIZE  # the unit zram, zsmalloc and zfs_ram compress and store
+
 MIB = 1 << 20
 
 # The research workload's composition: 70% of the bytes from real files.
@@ -288,11 +289,14 @@ def write_file_set(
 ) -> None:
     """Write every file under root, page by page in ``order``.
 
-    Each page is one pwrite of a full, zero-padded page (O_DIRECT needs whole aligned blocks);
-    a final ftruncate restores each file's exact size. With ``direct`` the files are opened
-    O_DIRECT, so the page cache cannot reorder the writes (the kernel arm needs this; FUSE
-    without writeback cache writes through anyway). ``progress(done, total)`` is called now
-    and then.
+    Each page is one pwrite. With ``direct`` the files are opened O_DIRECT, so the page cache
+    cannot reorder the writes (the kernel arm needs this; FUSE without writeback cache writes
+    through anyway); O_DIRECT takes whole aligned blocks only, so a file's last page then goes
+    out zero-padded and a final ftruncate restores the file's exact size. Without O_DIRECT
+    (asked for or refused by the filesystem) each page is written with its exact bytes: a file
+    never grows past its data, so whatever reads the target during the fill (the runner's
+    sampler) never sees more bytes than the file set holds. ``progress(done, total)`` is called
+    now and then.
     """
     for d in sorted({os.path.dirname(f.name) for f in file_set.files}):
         if d:
@@ -304,16 +308,21 @@ def write_file_set(
         for done, (i, p) in enumerate(page_order(file_set, order)):
             f = file_set.files[i]
             chunk = f.data[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]
-            buf.seek(0)
-            buf.write(chunk)
-            if len(chunk) < PAGE_SIZE:
-                buf.write(bytes(PAGE_SIZE - len(chunk)))
-            os.pwrite(cache.get(i, f.name), buf, p * PAGE_SIZE)
+            fd = cache.get(i, f.name)  # first, as it finds out whether O_DIRECT works here
+            if cache.direct:
+                buf.seek(0)
+                buf.write(chunk)
+                if len(chunk) < PAGE_SIZE:
+                    buf.write(bytes(PAGE_SIZE - len(chunk)))
+                os.pwrite(fd, buf, p * PAGE_SIZE)
+            else:
+                os.pwrite(fd, chunk, p * PAGE_SIZE)
             if progress is not None and done % 1024 == 0:
                 progress(done, total)
-        for i, f in enumerate(file_set.files):
-            if len(f.data) % PAGE_SIZE:
-                os.ftruncate(cache.get(i, f.name), len(f.data))
+        if cache.direct:  # cut the zero-padded last pages back
+            for i, f in enumerate(file_set.files):
+                if len(f.data) % PAGE_SIZE:
+                    os.ftruncate(cache.get(i, f.name), len(f.data))
     finally:
         cache.close_all()
         buf.close()

@@ -1,4 +1,4 @@
-"""fsx for zfs_ram: seeded random file operations checked against an in-memory model.
+"""The fsx model and driver: seeded random file operations checked against an in-memory model.
 
 In the spirit of fsx (Apple's, then xfstests' ltp/fsx.c): one random number generator drives
 every choice, so a seed replays a run exactly. Each step is one operation on one of a fixed set
@@ -9,57 +9,34 @@ name was just removed. The model holds each inode's bytes as a sparse page map; 
 the files touched are read back whole (first dropped from the kernel's page cache with
 posix_fadvise(DONTNEED), so the bytes come from the daemon, not the kernel) and compared.
 
-Every ``compact_every`` steps it writes 1 to MOUNT/.zfs_ram/compact and then verifies every
-file, and, when it owns the mount (``check_accounting``), that mm_stat's orig_data_size is
-exactly the pages the model says are held: a leak or a lost page shows up at once. At the end it
-deletes everything and checks that the pool is empty again.
+Every ``compact_every`` steps it asks the mount to compact (through its ControlClient) and then
+verifies every file, and, when it owns the mount (``check_accounting``), that mm_stat's
+orig_data_size is exactly the pages the model says are held: a leak or a lost page shows up at
+once. At the end it deletes everything and checks that the pool is empty again.
 
 A failure raises FsxFailure, whose text has the seed, the failing step and the last steps of the
-log; the command line writes the whole log to a file. The same seed and ``--ops`` replay it.
-
-Command line (a mount made for the run and removed after it, compaction forced)::
-
-    python -m zfs_ram.testing.fsx --new-mount pool=zbud,compact_min_pages=1,compact_batch=4 \\
-        --ops 200000 --seed 1
-
-or ``--mount DIR`` for a mount that already exists (the run works in DIR/fsx-SEED). The soak
-used by the integrity tests is the same with a larger ``--ops``; ``--churn N`` instead starts N
-processes that publish, read, rename and delete checksummed files in one shared directory
-(see ``run_churn``).
+log; the command line (cli.py) writes the whole log to a file. The same seed and ``--ops``
+replay it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
-import hashlib
 import mmap
 import os
 import random
-import shutil
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = [
-    "FsxConfig",
-    "FsxFailure",
-    "FsxResult",
-    "Fsx",
-    "ChurnResult",
-    "run_churn",
-    "verify_churn_tree",
-    "main",
-]
+from zfs_ram.client import ControlClient
+from zfs_ram.vocabulary import CONTROL_DIR, PAGE_SIZE, ControlFile
 
-PAGE = 4096
-CONTROL_DIR = ".zfs_ram"
+__all__ = ["FileModel", "Fsx", "FsxConfig", "FsxFailure", "FsxResult", "make_data"]
+
 # Directories the paths are spread over: renames and links cross them.
 DIRS = ("", "a", "a/b")
 # Files this big or smaller are read back whole; larger (sparse) ones by their data pages plus
@@ -71,8 +48,8 @@ SPARSE_LIMIT = 1 << 40
 HOLE_SAMPLES = 4
 # Log lines shown in a failure's message (the CLI writes all of them to a file).
 LOG_TAIL = 40
-# How long --new-mount waits for the daemon; mounting takes well under a second.
-MOUNT_TIMEOUT = 30.0
+# The mm_stat columns that must all be zero once everything is deleted and compacted.
+EMPTY_POOL_FIELDS = ("orig_data_size", "compr_data_size", "mem_used_total")
 
 
 class FsxFailure(AssertionError):
@@ -90,7 +67,7 @@ class FsxConfig:
     max_len: int = 256 << 10  # ordinary writes and truncates stay below this offset
     max_write: int = 64 << 10  # bytes per write
     compact_every: int = 25  # 0: never write to .zfs_ram/compact
-    control: Path | None = None  # MOUNT/.zfs_ram, found above root when None
+    control: ControlClient | None = None  # the mount's control client, found above root if None
     check_accounting: bool = False  # the run owns the mount: mm_stat must match the model
     use_mmap: bool = True
     cleanup: bool = True  # delete everything at the end (and check the pool is empty)
@@ -125,23 +102,23 @@ class FileModel:
     def write(self, offset: int, data: bytes) -> None:
         pos = 0
         while pos < len(data):
-            page, start = divmod(offset + pos, PAGE)
-            n = min(PAGE - start, len(data) - pos)
+            page, start = divmod(offset + pos, PAGE_SIZE)
+            n = min(PAGE_SIZE - start, len(data) - pos)
             buf = self.pages.get(page)
             if buf is None:
-                buf = self.pages[page] = bytearray(PAGE)
+                buf = self.pages[page] = bytearray(PAGE_SIZE)
             buf[start : start + n] = data[pos : pos + n]
             pos += n
         self.size = max(self.size, offset + len(data))
 
     def truncate(self, size: int) -> None:
         if size < self.size:
-            keep = (size + PAGE - 1) // PAGE
+            keep = (size + PAGE_SIZE - 1) // PAGE_SIZE
             for page in [p for p in self.pages if p >= keep]:
                 del self.pages[page]
-            last, tail = divmod(size, PAGE)
+            last, tail = divmod(size, PAGE_SIZE)
             if tail and last in self.pages:
-                self.pages[last][tail:] = bytes(PAGE - tail)
+                self.pages[last][tail:] = bytes(PAGE_SIZE - tail)
         self.size = size
 
     def read(self, offset: int, length: int) -> bytes:
@@ -151,8 +128,8 @@ class FileModel:
         out = bytearray()
         pos = offset
         while pos < end:
-            page, start = divmod(pos, PAGE)
-            n = min(PAGE - start, end - pos)
+            page, start = divmod(pos, PAGE_SIZE)
+            n = min(PAGE_SIZE - start, end - pos)
             buf = self.pages.get(page)
             out += buf[start : start + n] if buf is not None else bytes(n)
             pos += n
@@ -178,10 +155,6 @@ def make_data(rng: random.Random, length: int, tag: int) -> tuple[str, bytes]:
         cut = rng.randrange(length + 1)
         data = bytes(cut) + rng.randbytes(length - cut)
     return kind, data
-
-
-def _fail_errno(code: int) -> Callable[[OSError], bool]:
-    return lambda error: error.errno == code
 
 
 class Fsx:
@@ -351,7 +324,7 @@ class Fsx:
         self.verify(path)
 
     def op_sparse_write(self) -> None:
-        self._write_at("sparse_write", SPARSE_LIMIT, 2 * PAGE)
+        self._write_at("sparse_write", SPARSE_LIMIT, 2 * PAGE_SIZE)
 
     def op_truncate(self) -> None:
         path = self.pick_existing()
@@ -359,7 +332,7 @@ class Fsx:
             return
         size = self.rng.randrange(self.cfg.max_len + 1)
         if self.rng.random() < 0.2:
-            size -= size % PAGE  # page-aligned cuts are a separate corner
+            size -= size % PAGE_SIZE  # page-aligned cuts are a separate corner
         model = self.model_of(path)
         assert model is not None
         self.note(f"truncate {path} {model.size} -> {size}")
@@ -375,14 +348,14 @@ class Fsx:
         assert model is not None
         span = max(model.size, 1)
         offset = (
-            self.rng.randrange(span + PAGE)
+            self.rng.randrange(span + PAGE_SIZE)
             if span < self.cfg.max_len * 4
-            else (self.rng.choice(sorted(model.pages)) * PAGE if model.pages else 0)
+            else (self.rng.choice(sorted(model.pages)) * PAGE_SIZE if model.pages else 0)
         )
         length = self.rng.randrange(1, self.cfg.max_write + 1)
         self.note(f"read {path} off={offset} len={length}")
         with self._open(path, os.O_RDONLY) as fd:
-            _drop_cache(fd)
+            drop_cache(fd)
             got = _pread_all(fd, length, offset)
         want = model.read(offset, length)
         self._compare(path, offset, got, want)
@@ -394,7 +367,7 @@ class Fsx:
         path, model, offset, length = found
         self.note(f"mmap_read {path} off={offset} len={length}")
         with self._open(path, os.O_RDONLY) as fd:
-            _drop_cache(fd)
+            drop_cache(fd)
             base = offset - offset % mmap.ALLOCATIONGRANULARITY
             with mmap.mmap(fd, offset + length - base, prot=mmap.PROT_READ, offset=base) as view:
                 got = view[offset - base : offset - base + length]
@@ -504,14 +477,18 @@ class Fsx:
         st = os.fstat(fd)
         self.check(st.st_size == model.size, f"{path}: size {st.st_size}, model {model.size}")
         self.check(st.st_nlink == nlink, f"{path}: st_nlink {st.st_nlink}, model {nlink}")
-        _drop_cache(fd)
+        drop_cache(fd)
         if model.size <= FULL_VERIFY_LIMIT:
-            self._compare(path, 0, _pread_all(fd, model.size + PAGE, 0), model.read(0, model.size))
+            self._compare(
+                path, 0, _pread_all(fd, model.size + PAGE_SIZE, 0), model.read(0, model.size)
+            )
             return
         pages = sorted(model.pages)
         for page in pages:
-            offset = page * PAGE
-            self._compare(path, offset, _pread_all(fd, PAGE, offset), model.read(offset, PAGE))
+            offset = page * PAGE_SIZE
+            self._compare(
+                path, offset, _pread_all(fd, PAGE_SIZE, offset), model.read(offset, PAGE_SIZE)
+            )
         for _ in range(HOLE_SAMPLES):
             offset = self.rng.randrange(model.size)
             self._compare(path, offset, _pread_all(fd, 64, offset), model.read(offset, 64))
@@ -529,24 +506,25 @@ class Fsx:
         first = next(i for i in range(len(got)) if got[i] != want[i])
         at = offset + first
         raise self.failure(
-            f"{path}: bytes differ from offset {at} (page {at // PAGE}, +{at % PAGE}):"
+            f"{path}: bytes differ from offset {at} (page {at // PAGE_SIZE}, +{at % PAGE_SIZE}):"
             f" got {got[first : first + 16].hex()} want {want[first : first + 16].hex()}"
         )
 
     def compact_and_verify_all(self) -> None:
         if self.control is not None:
             self.note("compact")
-            (self.control / "compact").write_text("1")
+            self.control.compact()
             self.compactions += 1
         for path in sorted(self.names):
             self.verify(path)
         self.check_tree()
         if self.cfg.check_accounting and self.control is not None:
             held = sum(len(m.pages) for m in self.inodes.values())
-            stat = _mm_stat(self.control)
+            orig = self.control.mm_stat()["orig_data_size"]
             self.check(
-                stat[0] == held * PAGE,
-                f"mm_stat orig_data_size {stat[0]}, model holds {held} pages ({held * PAGE} bytes)",
+                orig == held * PAGE_SIZE,
+                f"mm_stat orig_data_size {orig}, model holds {held} pages"
+                f" ({held * PAGE_SIZE} bytes)",
             )
 
     def check_tree(self) -> None:
@@ -571,10 +549,10 @@ class Fsx:
         if self._made_root:
             os.rmdir(self.root)
         if self.cfg.check_accounting and self.control is not None:
-            (self.control / "compact").write_text("1")
-            stat = _mm_stat(self.control)
+            self.control.compact()
+            stat = self.control.mm_stat()
             self.check(
-                stat[:3] == [0, 0, 0],
+                all(stat[name] == 0 for name in EMPTY_POOL_FIELDS),
                 f"after deleting everything mm_stat is {stat}: the pool is not empty",
             )
 
@@ -601,7 +579,7 @@ class Fsx:
         if model.size == 0:
             return None
         if model.size > self.cfg.max_len * 4 and model.pages:
-            start = self.rng.choice(sorted(model.pages)) * PAGE
+            start = self.rng.choice(sorted(model.pages)) * PAGE_SIZE
         else:
             start = self.rng.randrange(model.size)
         length = self.rng.randrange(1, min(self.cfg.max_write, model.size - start) + 1)
@@ -610,10 +588,10 @@ class Fsx:
     def _pages_compacted(self) -> int:
         if self.control is None:
             return -1
-        return _mm_stat(self.control)[6]
+        return self.control.mm_stat()["pages_compacted"]
 
 
-def _drop_cache(fd: int) -> None:
+def drop_cache(fd: int) -> None:
     """Drop the file's clean pages from the kernel's cache, so reads reach the daemon."""
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -630,255 +608,9 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _find_control(path: Path) -> Path | None:
+def _find_control(path: Path) -> ControlClient | None:
+    """The client of the zfs_ram mount that holds ``path``, None on any other filesystem."""
     for candidate in (path, *path.parents):
-        if (candidate / CONTROL_DIR / "mm_stat").exists():
-            return candidate / CONTROL_DIR
+        if (candidate / CONTROL_DIR / ControlFile.MM_STAT).exists():
+            return ControlClient(candidate)
     return None
-
-
-def _mm_stat(control: Path) -> list[int]:
-    return [int(v) for v in (control / "mm_stat").read_text().split()]
-
-
-# -- several processes at once -----------------------------------------------------------------
-
-CHURN_MAGIC = b"ZFSRAMCHURN1"
-CHURN_HEADER = struct.Struct("<12sQ32s")  # magic, body length, sha256 of the body
-SHARED = "shared"
-
-
-@dataclass
-class ChurnResult:
-    published: int = 0
-    verified: int = 0
-    renamed: int = 0
-    deleted: int = 0
-    raced: int = 0  # operations that found their file gone (another worker got there first)
-
-
-#: The file each churn worker leaves in its own directory when it is done.
-LAST_FILE = "last"
-
-
-def churn_content(rng: random.Random, length: int, tag: int) -> bytes:
-    """A self-checking file: header with length and sha256, then a body of mixed kinds."""
-    _, body = make_data(rng, length, tag)
-    return CHURN_HEADER.pack(CHURN_MAGIC, len(body), hashlib.sha256(body).digest()) + body
-
-
-def check_churn_content(data: bytes) -> str | None:
-    """None if the file is whole, else what is wrong with it."""
-    if len(data) < CHURN_HEADER.size:
-        return f"{len(data)} bytes, shorter than the header"
-    magic, length, digest = CHURN_HEADER.unpack_from(data)
-    if magic != CHURN_MAGIC:
-        return f"bad magic {magic!r}"
-    body = data[CHURN_HEADER.size :]
-    if len(body) != length:
-        return f"body of {len(body)} bytes, header says {length}"
-    if hashlib.sha256(body).digest() != digest:
-        return "sha256 of the body does not match the header"
-    return None
-
-
-def run_churn(
-    root: Path, worker: int, seed: int, ops: int, max_len: int = 192 << 10
-) -> ChurnResult:
-    """One of several processes sharing ROOT/shared: publish, read, rename, delete.
-
-    Files are written whole in the worker's own directory and published by rename, so a reader
-    never meets a half-written file; every read checks the file's own sha256. Races with the
-    other workers (the file was renamed or deleted meanwhile) are expected and counted. At the
-    end the worker leaves one file, ROOT/wWORKER/last, for the check of the whole tree.
-    Raises FsxFailure on a torn or wrong file.
-    """
-    rng = random.Random(seed * 1000 + worker)
-    own = root / f"w{worker}"
-    shared = root / SHARED
-    own.mkdir(parents=True, exist_ok=True)
-    shared.mkdir(parents=True, exist_ok=True)
-    result = ChurnResult()
-    for step in range(ops):
-        action = rng.choices(("publish", "read", "rename", "delete", "rewrite"), (4, 6, 2, 2, 1))[0]
-        try:
-            if action == "publish":
-                name = f"w{worker}-{step}"
-                data = churn_content(rng, rng.randrange(max_len), step)
-                (own / name).write_bytes(data)
-                os.rename(own / name, shared / name)
-                result.published += 1
-                continue
-            names = sorted(os.listdir(shared))
-            if not names:
-                continue
-            name = rng.choice(names)
-            if action == "read":
-                with open(shared / name, "rb") as f:
-                    _drop_cache(f.fileno())
-                    problem = check_churn_content(f.read())
-                if problem is not None:
-                    raise FsxFailure(
-                        f"churn worker {worker} seed {seed} step {step}: {SHARED}/{name}: {problem}"
-                    )
-                result.verified += 1
-            elif action == "rename":  # may replace another worker's file: atomic either way
-                os.rename(shared / name, shared / rng.choice(names + [f"r{worker}-{step}"]))
-                result.renamed += 1
-            elif action == "delete":
-                os.unlink(shared / name)
-                result.deleted += 1
-            else:  # take a file private, cut and rewrite a copy of it, publish that
-                os.rename(shared / name, own / name)
-                # A reader that opened the file before it went private may still be reading
-                # it: rewriting that inode in place would hand it a torn file, legitimately.
-                # So the cut and rewrite happen on a copy nobody else can have open.
-                copy = own / f"{name}.new"
-                shutil.copyfile(own / name, copy)
-                data = churn_content(rng, rng.randrange(max_len), step)
-                with open(copy, "r+b") as f:
-                    f.truncate(rng.randrange(len(data) + 1))
-                    f.seek(0)
-                    f.write(data)
-                    f.truncate(len(data))
-                os.rename(copy, shared / name)
-                os.unlink(own / name)
-                result.renamed += 1
-        except FileNotFoundError:
-            result.raced += 1
-    # The shared directory may end up empty (deletes and replacing renames can outrun the
-    # publishes), so each worker leaves one file in its own directory, where nobody else goes,
-    # for the check of the whole tree afterwards.
-    (own / LAST_FILE).write_bytes(churn_content(rng, rng.randrange(max_len), ops))
-    return result
-
-
-def verify_churn_tree(root: Path) -> int:
-    """Check every file under root by its checksum; returns how many. Raises FsxFailure."""
-    count = 0
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            problem = check_churn_content(path.read_bytes())
-            if problem is not None:
-                raise FsxFailure(f"{path}: {problem}")
-            count += 1
-    return count
-
-
-# -- command line ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def new_mount(options: str) -> Iterator[Path]:
-    """A fresh zfs_ram on a temporary directory, unmounted afterwards (through the CLI)."""
-    with tempfile.TemporaryDirectory(prefix="zfs_ram-fsx-") as tmp:
-        where = Path(tmp) / "mnt"
-        where.mkdir()
-        cmd = [sys.executable, "-m", "zfs_ram", "mount", str(where)]
-        if options:
-            cmd += ["-o", options]
-        subprocess.run(cmd, check=True, timeout=MOUNT_TIMEOUT)
-        try:
-            yield where
-        finally:
-            done = subprocess.run(
-                [sys.executable, "-m", "zfs_ram", "umount", str(where)],
-                check=False,
-                timeout=MOUNT_TIMEOUT,
-            )
-            if done.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(where)], check=False)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m zfs_ram.testing.fsx",
-        description="Seeded random file operations on a zfs_ram mount, checked against a model.",
-    )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mount", type=Path, help="an existing mount; works in DIR/fsx-SEED")
-    where.add_argument(
-        "--new-mount",
-        metavar="OPTIONS",
-        help="mount zfs_ram with these -o options for the run, then unmount",
-    )
-    p.add_argument("--ops", type=int, default=10000, help="operations per run (default 10000)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
-    p.add_argument("--files", type=int, default=4, help="paths per directory (3 directories)")
-    p.add_argument("--max-len", type=int, default=256 << 10, help="writes and truncates below")
-    p.add_argument("--compact-every", type=int, default=25, help="0: no forced compaction")
-    p.add_argument("--no-mmap", action="store_true")
-    p.add_argument("--keep", action="store_true", help="leave the files (no final clean-up)")
-    p.add_argument(
-        "--churn",
-        type=int,
-        metavar="N",
-        default=0,
-        help="instead: N processes churning a shared directory, --ops each",
-    )
-    p.add_argument("--log", type=Path, help="where to write the operation log on failure")
-    return p
-
-
-def _run(args: argparse.Namespace, mount_dir: Path, owns_mount: bool) -> int:
-    seed = args.seed
-    if args.churn:
-        return _run_churn_cli(mount_dir / f"churn-{seed}", args.churn, seed, args.ops)
-    cfg = FsxConfig(
-        root=mount_dir / f"fsx-{seed}",
-        seed=seed,
-        ops=args.ops,
-        files_per_dir=args.files,
-        max_len=args.max_len,
-        compact_every=args.compact_every,
-        use_mmap=not args.no_mmap,
-        cleanup=not args.keep,
-        check_accounting=owns_mount,
-    )
-    fsx = Fsx(cfg)
-    try:
-        result = fsx.run()
-    except FsxFailure as failure:
-        log_path = args.log or Path(tempfile.gettempdir()) / f"zfs_ram-fsx-{seed}.log"
-        log_path.write_text("\n".join(fsx.log) + "\n")
-        print(failure, file=sys.stderr)
-        print(f"full operation log: {log_path}", file=sys.stderr)
-        return 1
-    print(
-        f"fsx seed={seed}: {result.ops} operations, {result.compactions} forced compactions,"
-        f" {result.pages_compacted} pages compacted, {result.bytes_written} bytes written,"
-        f" {result.bytes_verified} verified, {result.seconds:.1f} s"
-    )
-    print("  " + ", ".join(f"{k} {v}" for k, v in result.op_counts.items()))
-    return 0
-
-
-def _run_churn_cli(root: Path, workers: int, seed: int, ops: int) -> int:
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from pathlib import Path; from zfs_ram.testing.fsx import run_churn;"
-        "print(run_churn(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),"
-        " int(sys.argv[4])))",
-    ]
-    procs = [
-        subprocess.Popen([*cmd, str(root), str(w), str(seed), str(ops)]) for w in range(workers)
-    ]
-    status = max(p.wait() for p in procs)
-    count = verify_churn_tree(root)
-    print(f"churn seed={seed}: {workers} workers x {ops} operations, {count} files verified")
-    return status
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.seed is None:
-        args.seed = int(time.time()) % 100000
-    if args.mount is not None:
-        return _run(args, args.mount, owns_mount=False)
-    with new_mount(args.new_mount) as where:
-        return _run(args, where, owns_mount=True)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
