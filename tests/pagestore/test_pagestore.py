@@ -12,25 +12,17 @@ from __future__ import annotations
 import random
 
 import pytest
+from page_kinds import page_of_kind
 
 from zfs_ram.codec import encode_page
 from zfs_ram.pagestore import FileData, NoSpaceError, PageStore
 from zfs_ram.pool import InvalidHandleError, create_pool
-
-PAGE = 4096
+from zfs_ram.vocabulary import PAGE_SIZE
 
 
 def page_of(kind: str, rng: random.Random) -> bytes | None:
-    if kind == "hole":
-        return None
-    if kind == "zero":
-        return bytes(PAGE)
-    if kind == "same":
-        return rng.randbytes(8) * (PAGE // 8)
-    if kind == "text":
-        words = [b"alpha", b"beta", b"gamma", b"delta", bytes([rng.randrange(256)])]
-        return b" ".join(rng.choice(words) for _ in range(PAGE))[:PAGE]
-    return rng.randbytes(PAGE)  # "random": stored raw
+    """A page of `kind`, or None for a hole (nothing written)."""
+    return None if kind == "hole" else page_of_kind(kind, rng)
 
 
 @pytest.mark.parametrize("kind", ["zsmalloc", "zbud"])
@@ -45,15 +37,15 @@ def test_batch_read_of_mixed_pages(kind: str) -> None:
     model = bytearray()
     for number, content in enumerate(pages):
         if content is not None:
-            store.write(data, number * PAGE, content)
-        model += content if content is not None else bytes(PAGE)
+            store.write(data, number * PAGE_SIZE, content)
+        model += content if content is not None else bytes(PAGE_SIZE)
     store.truncate(data, len(model) - 100)
     del model[-100:]
     for _ in range(300):
         offset = rng.randrange(len(model) + 10)
-        length = rng.choice([1, 100, PAGE, 32 * PAGE, 40 * PAGE + 17])
+        length = rng.choice([1, 100, PAGE_SIZE, 32 * PAGE_SIZE, 40 * PAGE_SIZE + 17])
         assert store.read(data, offset, length) == bytes(model[offset : offset + length])
-    assert store.read(data, 0, len(model) + PAGE) == bytes(model)
+    assert store.read(data, 0, len(model) + PAGE_SIZE) == bytes(model)
     assert store.stored_pages == sum(1 for p in pages if p is not None)
     pool.check()
 
@@ -84,23 +76,23 @@ def test_single_page_overwrites_keep_contents_and_accounting(kind: str) -> None:
         number = rng.randrange(64)  # more pages than the limit allows: some writes are refused
         content = page_of(rng.choice(["zero", "same", "text", "random"]), rng)
         assert content is not None
-        before = (data.size, store.stored_pages, store.read(data, number * PAGE, PAGE))
+        before = (data.size, store.stored_pages, store.read(data, number * PAGE_SIZE, PAGE_SIZE))
         try:
-            assert store.write(data, number * PAGE, content) == PAGE
+            assert store.write(data, number * PAGE_SIZE, content) == PAGE_SIZE
         except NoSpaceError as error:
             assert (error.written, error.physical) == (0, False)
             assert (
                 data.size,
                 store.stored_pages,
-                store.read(data, number * PAGE, PAGE),
+                store.read(data, number * PAGE_SIZE, PAGE_SIZE),
             ) == before  # nothing changed
             refused += 1
             continue
         stored[number] = content
-        end = (number + 1) * PAGE
+        end = (number + 1) * PAGE_SIZE
         if end > len(model):
             model += bytes(end - len(model))
-        model[number * PAGE : end] = content
+        model[number * PAGE_SIZE : end] = content
     assert refused > 0
     assert data.size == len(model)
     assert store.read(data, 0, len(model)) == bytes(model)
@@ -108,7 +100,7 @@ def test_single_page_overwrites_keep_contents_and_accounting(kind: str) -> None:
     assert store.compr_bytes == data.footprint == pool.bytes_stored
     kinds = [encode_page(content, pool.huge_class_size) for content in stored.values()]
     assert store.same_pages == sum(isinstance(k, int) for k in kinds)
-    assert store.huge_pages == sum(not isinstance(k, int) and len(k) == PAGE for k in kinds)
+    assert store.huge_pages == sum(not isinstance(k, int) and len(k) == PAGE_SIZE for k in kinds)
     pool.check()
     store.release(data)
     assert (store.stored_pages, store.compr_bytes, pool.objects) == (0, 0, 0)
@@ -129,29 +121,29 @@ def test_a_truncate_at_mem_limit_keeps_the_file() -> None:
         data = FileData()
         model = bytearray()
         while True:
-            number = len(model) // PAGE
-            content = page_of("random" if number % 5 == 4 else "text", rng)
+            number = len(model) // PAGE_SIZE
+            content = page_of_kind("mixed", rng, number)
             assert content is not None
             try:
-                store.write(data, number * PAGE, content)
+                store.write(data, number * PAGE_SIZE, content)
             except NoSpaceError as error:
                 assert error.physical
                 break
             model += content
-        number = rng.choice(range(4, len(model) // PAGE, 5))
-        size = number * PAGE + rng.randrange(1, PAGE)
+        number = rng.choice(range(4, len(model) // PAGE_SIZE, 5))
+        size = number * PAGE_SIZE + rng.randrange(1, PAGE_SIZE)
         store.truncate(data, size)  # shrinking is never refused
         del model[size:]
-        assert data.size == size and store.read(data, 0, size + PAGE) == bytes(model)
+        assert data.size == size and store.read(data, 0, size + PAGE_SIZE) == bytes(model)
         left_stale += data.stale_tail
         # Growing the file again shows zeros past the old cut, never the page's old tail.
-        grown = size + PAGE
+        grown = size + PAGE_SIZE
         try:
             store.truncate(data, grown)
         except NoSpaceError as error:
             assert error.physical and data.stale_tail  # refused: nothing changed
             assert data.size == size and store.read(data, 0, grown) == bytes(model)
         else:
-            assert store.read(data, 0, grown) == bytes(model) + bytes(PAGE)
+            assert store.read(data, 0, grown) == bytes(model) + bytes(PAGE_SIZE)
         pool.check()
     assert left_stale > 0  # some cut pages found no room even after the pages past them went

@@ -22,6 +22,7 @@ from typing import TypeVar
 import hypothesis.strategies as st
 from hypothesis import event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from page_kinds import KINDS, page_of_kind
 
 from zfs_ram.pagestore import SAME_ENTRY, FileData, NoSpaceError, PageStore
 from zfs_ram.pool import PAGE_SIZE, Pool, create_pool
@@ -31,22 +32,6 @@ T = TypeVar("T")
 FILES = 3
 #: Files reach past one page-table chunk (512 pages) only through holes: a write far out.
 FAR_PAGE = 600
-KINDS = ("zero", "same", "text", "random", "mixed")
-
-
-def page_content(kind: str, rng: random.Random, number: int) -> bytes:
-    """One page of the given kind; "mixed" is text with every fifth page random (the issue's
-    reproduction: the random pages are stored raw, one frame each)."""
-    if kind == "mixed":
-        kind = "random" if number % 5 == 4 else "text"
-    if kind == "zero":
-        return bytes(PAGE_SIZE)
-    if kind == "same":
-        return rng.randbytes(8) * (PAGE_SIZE // 8)
-    if kind == "text":
-        words = [b"alpha", b"beta", b"gamma", b"delta", bytes([rng.randrange(256)])]
-        return b" ".join(rng.choice(words) for _ in range(PAGE_SIZE))[:PAGE_SIZE]
-    return rng.randbytes(PAGE_SIZE)
 
 
 def make_buffer(kind: str, seed: int, offset: int, length: int) -> bytes:
@@ -55,7 +40,7 @@ def make_buffer(kind: str, seed: int, offset: int, length: int) -> bytes:
     rng = random.Random(seed)
     first = offset // PAGE_SIZE
     last = (offset + length - 1) // PAGE_SIZE
-    pages = b"".join(page_content(kind, rng, n) for n in range(first, last + 1))
+    pages = b"".join(page_of_kind(kind, rng, n) for n in range(first, last + 1))
     start = offset - first * PAGE_SIZE
     return pages[start : start + length]
 
