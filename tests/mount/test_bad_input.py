@@ -21,8 +21,8 @@ import pytest
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.pagestore import MAX_FILE_SIZE
 from zfs_ram.testing.ops import Ctx, Fields, run_ops
+from zfs_ram.vocabulary import PAGE_SIZE
 
-PAGE = 4096
 TIB = 1 << 40
 PIB = 1 << 50
 # The daemon may grow by this much while it answers the huge-offset requests (page tables of
@@ -194,7 +194,7 @@ CONTROL_GARBAGE = [
 @pytest.mark.timeout(60)
 def test_garbage_in_control_files_is_einval_and_changes_nothing(zfs_ram_mount: Any) -> None:
     mount = zfs_ram_mount("size=64m,mem_limit=32m,compact=off")
-    (mount.path / "f").write_bytes(os.urandom(PAGE * 8))
+    (mount.path / "f").write_bytes(os.urandom(PAGE_SIZE * 8))
     before_mm = mount.mm_stat()
     runs = mount.stats()["compactor"]["runs"]
     for name, data in CONTROL_GARBAGE:
@@ -206,7 +206,7 @@ def test_garbage_in_control_files_is_einval_and_changes_nothing(zfs_ram_mount: A
         assert mount.mm_stat() == before_mm, (name, data)
         assert mount.stats()["compactor"]["runs"] == runs, (name, data)
         assert (mount.control / "mem_limit").read_text().strip() == str(32 << 20)
-    assert (mount.path / "f").stat().st_size == PAGE * 8
+    assert (mount.path / "f").stat().st_size == PAGE_SIZE * 8
     assert_still_answers(mount)
 
 
@@ -294,10 +294,10 @@ def test_huge_offsets_are_holes_that_cost_nothing(mount: Any) -> None:
         f.write(b"end")
     st = os.stat(mnt / "far")
     assert st.st_size == 2 * TIB + 3 and st.st_blocks <= 8
-    assert mount.mm_stat()["orig_data_size"] == PAGE
+    assert mount.mm_stat()["orig_data_size"] == PAGE_SIZE
     os.truncate(mnt / "far", PIB)
     assert os.stat(mnt / "far").st_size == PIB
-    assert mount.mm_stat()["orig_data_size"] == PAGE  # truncating up adds only a hole
+    assert mount.mm_stat()["orig_data_size"] == PAGE_SIZE  # truncating up adds only a hole
     with open(mnt / "far", "rb") as f:
         f.seek(TIB)
         assert f.read(1 << 20) == bytes(1 << 20)  # a megabyte of hole, read as zeros
@@ -321,7 +321,7 @@ def test_huge_offsets_are_holes_that_cost_nothing(mount: Any) -> None:
         assert os.fstat(fd).st_size == MAX_FILE_SIZE
     finally:
         os.close(fd)
-    assert mount.mm_stat()["orig_data_size"] == PAGE
+    assert mount.mm_stat()["orig_data_size"] == PAGE_SIZE
     assert rss(mount.pid) - start_rss < RSS_SLACK
     os.unlink(mnt / "far")
     os.unlink(mnt / "edge")

@@ -23,12 +23,12 @@ import pyfuse3
 import pytest
 import trio
 
-from zfs_ram.codec import PAGE_SIZE
 from zfs_ram.daemon.stack import build
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.pool import PoolCorruptionError
 from zfs_ram.testing.ops import Ctx, Fields
+from zfs_ram.vocabulary import PAGE_SIZE
 
 CTX = Ctx()
 DATA = b"zfs_ram fault test " * 1000  # a few compressible pages

@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 
 from zfs_ram.testing.fsx import verify_churn_tree
+from zfs_ram.vocabulary import PAGE_SIZE
 
 pytestmark = [pytest.mark.mount]
 
-PAGE = 4096
 MIB = 1 << 20
 SOAK = os.environ.get("ZFS_RAM_SOAK") == "1"
 # Files created and deleted in the leak test: about 1 ms each through FUSE, so 5k in CI.
@@ -61,12 +61,12 @@ def digest(data: bytes) -> str:
 def page_of(rng: random.Random, kind: str) -> bytes:
     """One page: random (stored raw), text (compresses ~4x) or half and half (~2x)."""
     if kind == "random":
-        return rng.randbytes(PAGE)
+        return rng.randbytes(PAGE_SIZE)
     if kind == "text":
         words = [b"alpha", b"beta", b"gamma", b"delta", b"zfs", b"ram", b"page", b"store"]
-        out = b" ".join(rng.choice(words) for _ in range(PAGE // 4))
-        return out[:PAGE]
-    return rng.randbytes(PAGE // 2) + bytes(PAGE // 2)
+        out = b" ".join(rng.choice(words) for _ in range(PAGE_SIZE // 4))
+        return out[:PAGE_SIZE]
+    return rng.randbytes(PAGE_SIZE // 2) + bytes(PAGE_SIZE // 2)
 
 
 def fill(path: Path, rng: random.Random, kind: str, chunk: int) -> tuple[int, bool]:
@@ -78,7 +78,7 @@ def fill(path: Path, rng: random.Random, kind: str, chunk: int) -> tuple[int, bo
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         while True:
-            data = b"".join(page_of(rng, kind) for _ in range(chunk // PAGE + 1))[:chunk]
+            data = b"".join(page_of(rng, kind) for _ in range(chunk // PAGE_SIZE + 1))[:chunk]
             try:
                 n = os.write(fd, data)
             except OSError as error:
@@ -239,7 +239,7 @@ def test_at_mem_limit_a_write_that_fits_after_compaction_succeeds(
     assert after_delete["mem_used_total"] > full["mem_used_total"] * 0.6
     assert after_delete["pages_compacted"] == 0
     # Incompressible pages, a frame each: a third of the freed bytes.
-    freed_pages = (full["compr_data_size"] - after_delete["compr_data_size"]) // PAGE
+    freed_pages = (full["compr_data_size"] - after_delete["compr_data_size"]) // PAGE_SIZE
     again = [f"q{i}" for i in range(freed_pages // 3)]
     failed = 0
     for name in again:
@@ -260,7 +260,7 @@ def test_at_mem_limit_a_write_that_fits_after_compaction_succeeds(
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             assert f.read() == expected[name], name
     print(
-        f"{pool}: {len(names)} pages filled {full['mem_used_total'] // PAGE} frames;"
+        f"{pool}: {len(names)} pages filled {full['mem_used_total'] // PAGE_SIZE} frames;"
         f" {len(again) - failed} of {len(again)} incompressible pages fit after deleting"
         f" {len(deleted)}"
     )

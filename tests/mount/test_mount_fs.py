@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+from zfs_ram.vocabulary import PAGE_SIZE
 
-PAGE = 4096
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_df_reports_size_and_inodes(zfs_ram_mount: Any) -> None:
     out = sh("df", "-B1", "--output=size,used,avail,itotal", mount.path).stdout.split()
     assert out[4:] == [str(64 << 20), "0", str(64 << 20), "1000"]
     vfs = os.statvfs(mount.path)
-    assert (vfs.f_bsize, vfs.f_blocks, vfs.f_namemax) == (PAGE, (64 << 20) // PAGE, 255)
+    assert (vfs.f_bsize, vfs.f_blocks, vfs.f_namemax) == (PAGE_SIZE, (64 << 20) // PAGE_SIZE, 255)
 
 
 def test_control_dir_is_hidden_and_answers(mnt: Path) -> None:
@@ -106,7 +106,7 @@ def test_control_dir_is_hidden_and_answers(mnt: Path) -> None:
     assert listing == [".", "..", "file"]
     fields = sh("cat", str(mnt / ".zfs_ram" / "mm_stat")).stdout.split()
     assert len(fields) == 9
-    assert int(fields[0]) == PAGE * 2  # orig_data_size: two pages held
+    assert int(fields[0]) == PAGE_SIZE * 2  # orig_data_size: two pages held
     assert "obj_allocated" in (mnt / ".zfs_ram" / "classes").read_text()
     sh("sh", "-c", f"echo 1 > {mnt}/.zfs_ram/compact")
     with pytest.raises(subprocess.CalledProcessError):
@@ -121,7 +121,7 @@ def test_control_dir_is_hidden_and_answers(mnt: Path) -> None:
 
 def test_enospc_at_size_keeps_earlier_files(zfs_ram_mount: Any) -> None:
     mnt = Path(zfs_ram_mount("size=4m").path)
-    keep = os.urandom(PAGE * 100)
+    keep = os.urandom(PAGE_SIZE * 100)
     (mnt / "keep").write_bytes(keep)
     result = subprocess.run(
         ["dd", "if=/dev/urandom", f"of={mnt}/fill", "bs=64k", "count=100"],
@@ -132,10 +132,10 @@ def test_enospc_at_size_keeps_earlier_files(zfs_ram_mount: Any) -> None:
     assert (mnt / "fill").stat().st_size == 4 * 1024 * 1024 - len(keep)
     assert (mnt / "keep").read_bytes() == keep
     with pytest.raises(OSError) as excinfo:
-        (mnt / "more").write_bytes(b"x" * PAGE)
+        (mnt / "more").write_bytes(b"x" * PAGE_SIZE)
     assert excinfo.value.errno == errno.ENOSPC
     os.unlink(mnt / "fill")
-    (mnt / "more").write_bytes(b"x" * PAGE)  # space is back after the delete
+    (mnt / "more").write_bytes(b"x" * PAGE_SIZE)  # space is back after the delete
 
 
 def test_unlinked_open_file_stays_usable(mnt: Path) -> None:
@@ -395,10 +395,10 @@ def test_noxattr_saves_the_getxattr_before_each_write(zfs_ram_mount: Any, option
     os.write(fd, b"x")  # the first write tells the kernel whether xattrs exist at all
     requests = opcode_meter(mount, "WRITE", "GETXATTR")
     for i in range(50):
-        os.pwrite(fd, bytes([i]) * PAGE, i * PAGE)
+        os.pwrite(fd, bytes([i]) * PAGE_SIZE, i * PAGE_SIZE)
     counted = requests()
     os.close(fd)
-    assert path.read_bytes() == b"".join(bytes([i]) * PAGE for i in range(50))
+    assert path.read_bytes() == b"".join(bytes([i]) * PAGE_SIZE for i in range(50))
     if options:
         assert counted == {"WRITE": 50, "GETXATTR": 0}  # WRITE only
         for call in (

@@ -15,13 +15,12 @@ import pyfuse3
 import pytest
 import trio
 
-from zfs_ram.codec import PAGE_SIZE
 from zfs_ram.daemon.heap import MALLOC_TRIM
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.control import CONTROL_DIR_INO, CONTROL_NAME
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.testing.ops import Ctx, Fields, run_ops
-from zfs_ram.vocabulary import mem_total_bytes
+from zfs_ram.vocabulary import PAGE_SIZE, mem_total_bytes
 
 CTX = Ctx()
 run = run_ops
