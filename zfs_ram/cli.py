@@ -254,7 +254,9 @@ def cmd_stat(args: argparse.Namespace) -> int:
     if args.mountpoint is not None:
         path = _zfs_ram_mount(args.mountpoint, "stat").mountpoint
         stats = _stats(path)
-        if args.json:
+        if args.requests:
+            _print_requests([(path, stats)], as_json=args.json)
+        elif args.json:
             print(json.dumps(_ordered(stats), indent=2))
         else:
             _print_table([{"MOUNTPOINT": path, **stat_row(stats, raw_bytes=args.bytes)}])
@@ -269,13 +271,50 @@ def cmd_stat(args: argparse.Namespace) -> int:
         except CliError as e:  # a dead or hung daemon: say so, list the others
             print(f"{PROG}: {e}", file=sys.stderr)
             status = EXIT_FAILURE
-    if args.json:
+    if args.requests and found:
+        _print_requests(found, as_json=args.json)
+    elif args.json:
         print(json.dumps([_ordered({"mountpoint": m, **s}) for m, s in found], indent=2))
     elif found:
         _print_table([{"MOUNTPOINT": m, **stat_row(s, raw_bytes=args.bytes)} for m, s in found])
     elif not mounts:
         print(f"no {SUBTYPE} mounts")
     return status
+
+
+def request_rows(requests: dict[str, Any]) -> list[dict[str, str]]:
+    """stats.json's per-opcode requests as nfsstat-like rows, the commonest first."""
+    total = sum(int(entry["count"]) for entry in requests.values()) or 1
+    rows = []
+    for opcode, entry in sorted(requests.items(), key=lambda item: -int(item[1]["count"])):
+        count, seconds = int(entry["count"]), float(entry["seconds"])
+        rows.append(
+            {
+                "OPCODE": opcode,
+                "COUNT": str(count),
+                "SHARE": f"{100 * count / total:.1f}%",
+                "SECONDS": f"{seconds:.3f}",
+                "US/REQ": f"{1e6 * seconds / count:.1f}" if count else "-",
+            }
+        )
+    return rows
+
+
+def _print_requests(found: list[tuple[str, dict[str, Any]]], *, as_json: bool) -> None:
+    """`zfs-ram stat --requests`: the FUSE requests each mount has served, by opcode."""
+    if as_json:
+        listed = [{"mountpoint": m, "requests": s.get("requests", {})} for m, s in found]
+        print(json.dumps(listed[0] if len(listed) == 1 else listed, indent=2))
+        return
+    for index, (mountpoint, stats) in enumerate(found):
+        requests = stats.get("requests", {})
+        count = sum(int(entry["count"]) for entry in requests.values())
+        seconds = sum(float(entry["seconds"]) for entry in requests.values())
+        if index:
+            print()
+        print(f"{mountpoint}: {count} requests, {seconds:.3f} s in handlers")
+        if requests:
+            _print_table(request_rows(requests))
 
 
 def _print_table(rows: list[dict[str, str]]) -> None:
@@ -285,7 +324,7 @@ def _print_table(rows: list[dict[str, str]]) -> None:
     for row in [header, *rows]:
         print(
             " ".join(
-                v.ljust(widths[k]) if k in ("MOUNTPOINT", "POOL") else v.rjust(widths[k])
+                v.ljust(widths[k]) if k in ("MOUNTPOINT", "POOL", "OPCODE") else v.rjust(widths[k])
                 for k, v in row.items()
             ).rstrip()
         )
@@ -372,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print .zfs_ram/stats.json (a list of them, with mountpoint, for all mounts)",
     )
     p.add_argument("-b", "--bytes", action="store_true", help="sizes in bytes")
+    p.add_argument(
+        "--requests",
+        action="store_true",
+        help="the FUSE requests served, by opcode, with the time spent on them (like nfsstat);"
+        " with --json, stats.json's requests section",
+    )
     p.set_defaults(func=cmd_stat)
 
     p = sub.add_parser(

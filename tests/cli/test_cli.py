@@ -551,6 +551,29 @@ def test_stat_json_puts_the_summaries_first_and_classes_last(mountpoint: Path) -
     assert list(mine)[-1] == "classes"
 
 
+@requires_fuse
+def test_stat_requests_counts_by_opcode(mountpoint: Path) -> None:
+    mount_ok(mountpoint, "size=8m")
+    for i in range(7):
+        (mountpoint / f"f{i}").write_bytes(b"x" * 5000)
+    listed = json.loads(zfs_ram_cli("stat", "--requests", "--json", str(mountpoint)).stdout)
+    assert listed["mountpoint"] == str(mountpoint)
+    requests = listed["requests"]
+    assert requests["CREATE"]["count"] == 7 and requests["WRITE"]["count"] >= 7
+    assert all(entry["seconds"] >= 0 for entry in requests.values())
+    table = zfs_ram_cli("stat", "--requests", str(mountpoint))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"{mountpoint}: ") and " requests, " in lines[0]
+    assert lines[1].split() == ["OPCODE", "COUNT", "SHARE", "SECONDS", "US/REQ"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["CREATE"][1] == "7" and int(rows["WRITE"][1]) >= 7
+    counts = [int(row[1]) for row in rows.values()]
+    assert counts == sorted(counts, reverse=True)  # the commonest first
+    every = zfs_ram_cli("stat", "--requests")  # every mount: one block each
+    assert f"{mountpoint}: " in every.stdout
+
+
 # ---- kernel flags: nosuid,nodev by default on every path, suid/dev when asked
 
 
