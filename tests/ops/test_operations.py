@@ -486,3 +486,18 @@ def test_malloc_trim_is_found_on_glibc() -> None:
         pytest.skip("malloc_trim is glibc's")
     assert MALLOC_TRIM is not None
     assert MALLOC_TRIM(0) in (0, 1)
+
+
+def test_requests_are_counted_by_opcode_and_forget_not_as_activity() -> None:
+    async def body(ops: ZfsRamOperations) -> None:
+        info, attrs = await ops.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, CTX)
+        await ops.write(info.fh, 0, b"x" * 5000)
+        await ops.release(info.fh)
+        total = ops.meter.total
+        ops.forget([(attrs.st_ino, 1)])
+        assert ops.meter.total == total  # the kernel's forgets are no user activity
+        counts = {op: entry.count for op, entry in ops.meter.statistics().items()}
+        assert counts == {"CREATE": 1, "WRITE": 1, "RELEASE": 1, "FORGET": 1}
+        assert total == 3
+
+    run(body)

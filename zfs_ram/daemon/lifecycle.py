@@ -72,6 +72,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Written by the child on the readiness pipe once FUSE_INIT was handled.
 READY_WORD = b"ok\n"
 FUSE_DEVICE = "/dev/fuse"
+# fusermount3 returns at once when healthy; it only hangs on a mount nobody answers.
+FUSERMOUNT_TIMEOUT = 5.0
+# A mountpoint inside another zfs_ram mount is looked at through that mount's daemon, which
+# may be stopped: its stat and listing are given this long.
+INSIDE_MOUNT_TIMEOUT = 3.0
 LOG_FORMAT = "%(asctime)s zfs_ram[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
@@ -103,6 +108,18 @@ def check_mountpoint(mountpoint: str) -> str:
     if where.is_mountpoint:
         assert where.mount is not None
         raise MountError(_already_mounted(mountpoint, where.mount))
+    if where.zfs_ram is not None:  # inside a zfs_ram mount: its daemon may not answer
+        from zfs_ram.client import NoAnswer, bounded
+
+        try:
+            bounded(lambda: os.listdir(path), INSIDE_MOUNT_TIMEOUT, path)
+        except NoAnswer:
+            raise MountError(
+                f"cannot use mountpoint {mountpoint}: the zfs_ram daemon of"
+                f" {where.zfs_ram.mountpoint} does not answer (stopped or hung)"
+            ) from None
+        except OSError:
+            pass  # said below, with the reason
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -324,7 +341,8 @@ def _unmount_if_ours(path: str, mount_id: int | None, *, lazy: bool) -> None:
         return
     tool = shutil.which("fusermount3") or "fusermount3"
     cmd = [tool, "-u", "-q"] + (["-z"] if lazy else []) + [path]
-    subprocess.run(cmd, check=False, stderr=subprocess.DEVNULL)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # a wedged fusermount3: give up
+        subprocess.run(cmd, check=False, stderr=subprocess.DEVNULL, timeout=FUSERMOUNT_TIMEOUT)
 
 
 def _serve_mounted(served: Served, path: str, mount_id: int | None, notify_fd: int | None) -> int:

@@ -195,7 +195,7 @@ class ZfsRamOperations(pyfuse3.Operations):
                 self.namespace.forget(ino, count)
             except Exception:
                 log.exception("forget(%d, %d) failed", ino, count)
-        self.meter.record("FORGET", started)
+        self.meter.forgotten("FORGET", started)
 
     @total
     async def getattr(

@@ -48,7 +48,8 @@ class OpcodeStats:
 
 
 class RequestMeter:
-    """Counts requests by opcode; `total` also tells the compactor whether anyone came by."""
+    """Counts requests by opcode; `total` (all but FORGET) tells the compactor whether anyone
+    came by."""
 
     __slots__ = ("_counts", "_nanoseconds", "total")
 
@@ -61,16 +62,19 @@ class RequestMeter:
     def clock() -> int:
         return time.perf_counter_ns()
 
-    def record(self, opcode: str, started_ns: int, count: int = 1) -> None:
-        """One request of `opcode` (a FORGET may carry several inodes: still one request)."""
-        self.total += count
-        self._counts[opcode] = self._counts.get(opcode, 0) + count
+    def record(self, opcode: str, started_ns: int) -> None:
+        """One request of `opcode` answered."""
+        self.total += 1
+        self.forgotten(opcode, started_ns)
+
+    def forgotten(self, opcode: str, started_ns: int) -> None:
+        """Count a request by opcode only, not in `total`: FORGET, which the kernel sends on
+        its own schedule (its cache shrinking), is no sign of a user waiting, and must neither
+        keep the compactor resting nor show in the request total."""
+        self._counts[opcode] = self._counts.get(opcode, 0) + 1
         self._nanoseconds[opcode] = (
             self._nanoseconds.get(opcode, 0) + time.perf_counter_ns() - started_ns
         )
-
-    def count(self, opcode: str) -> int:
-        return self._counts.get(opcode, 0)
 
     def statistics(self) -> dict[str, OpcodeStats]:
         """Per opcode seen so far, by opcode name."""

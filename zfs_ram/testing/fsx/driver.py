@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zfs_ram.client import ControlClient
-from zfs_ram.vocabulary import CONTROL_DIR, PAGE_SIZE, ControlFile
+from zfs_ram.mounts import locate
+from zfs_ram.vocabulary import PAGE_SIZE
 
 __all__ = ["FileModel", "Fsx", "FsxConfig", "FsxFailure", "FsxResult", "make_data"]
 
@@ -609,8 +610,7 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
 
 
 def _find_control(path: Path) -> ControlClient | None:
-    """The client of the zfs_ram mount that holds ``path``, None on any other filesystem."""
-    for candidate in (path, *path.parents):
-        if (candidate / CONTROL_DIR / ControlFile.MM_STAT).exists():
-            return ControlClient(candidate)
-    return None
+    """The client of the zfs_ram mount that holds ``path``, None on any other filesystem.
+    Found in the mount table, never by a look inside a mount whose daemon may be stopped."""
+    mount = locate(str(path)).zfs_ram
+    return ControlClient(mount.mountpoint) if mount is not None else None
