@@ -43,15 +43,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import mmap
 import os
-import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,13 +58,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zfs_ram.client import ControlClient
+from systems import (
+    CACHE_DIR,
+    KIB,
+    MIB,
+    ZRAM_CONTROL,
+    FuseSystem,
+    Lz4NullFs,
+    NullFs,
+    System,
+    Tmpfs,
+    ZfsRam,
+    command_output,
+    cpu_seconds,
+    describe_run,
+    is_mounted,
+    log,
+    run,
+    warm_memory,
+)
+
 from zfs_ram.vocabulary import CONTROL_DIR, MM_STAT_FIELDS, PAGE_SIZE
 
-KIB = 1024
-MIB = 1024 * KIB
-HERE = Path(__file__).resolve().parent
-CACHE_DIR = Path(os.environ.get("ZFS_RAM_BENCH_CACHE", "/tmp/zfs_ram_bench"))
 # Real data: the first bytes of these trees' regular files, taken in turns from each so the
 # mix holds both text (share) and binaries (lib): lz4 compresses it about 2-3x, like real files.
 DATA_ROOTS = ("/usr/share", "/usr/lib")
@@ -88,8 +99,6 @@ RANDOM_SECONDS = 5.0  # fio runtime per random-I/O run: ~10^4-10^5 I/Os at QD1, 
 QUICK_SIZE_MIB = 64
 QUICK_SMALL_FILES = 2000
 QUICK_RANDOM_SECONDS = 1.5
-SETTLE_TIMEOUT = 15.0  # wait this long at most for zfs_ram's compactor between workloads
-UNMOUNT_TRIES = 20  # fusermount3 -u retries (0.25 s apart) while a dying fio holds the mount
 # The issue's targets: minimum zfs_ram/nullfs ratio per metric.
 TARGETS: dict[str, float] = {
     "seqwrite_1m": 0.35,
@@ -103,7 +112,6 @@ TARGETS: dict[str, float] = {
 }
 RSS_FACTOR, RSS_SLACK = 1.05, 64 * MIB  # RSS <= 1.05 x pool pages + 64 MiB (issue's target)
 ZRAM_TOLERANCE = 0.05  # pool pages within 5% of kernel zram's mem_used_total
-ZRAM_CONTROL = Path("/sys/class/zram-control")
 WORKLOADS = (
     "seqwrite_1m",
     "seqread",
@@ -115,213 +123,16 @@ WORKLOADS = (
 )
 SEQ_FILE = "seq.bin"
 PREWARM_FACTOR = 2  # warm 2x the data: page cache plus pool frames (or the read buffer)
-MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module of Python 3.11 does not name it
 SYSTEMS = ("tmpfs", "zfs_ram", "nullfs", "lz4null")
 DEFAULT_SYSTEMS = SYSTEMS[:3]  # lz4null (the pure-Python codec bound) only when asked for
 CPU_SYSTEMS = ("zfs_ram", "nullfs", "lz4null")  # the daemons whose CPU time is reported
 DEFAULT_REPS = 3  # the median of 3 outvotes one disturbed repetition; a full rep takes minutes
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str] | str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=True, text=True, **kwargs)
-
-
-def is_mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo") as mounts:
-        return any(line.split()[4] == target for line in mounts)
-
-
 def drop_caches() -> None:
     """Empty page, dentry and inode caches so reads and lookups reach the filesystems."""
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def warm_memory(size: int) -> None:
-    """Make `size` bytes of guest memory host-backed, then free them (see the module comment)."""
-    if size <= 0:
-        return
-    with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as region:
-        try:
-            region.madvise(MADV_POPULATE_WRITE)
-        except OSError:  # older kernel: touch every page instead
-            for offset in range(0, size, PAGE_SIZE):
-                region[offset] = 1
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * KIB
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of a process: what the daemon itself spent, apart from the kernel's FUSE."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-# -- the systems -----------------------------------------------------------------------------
-
-
-class System:
-    """A mounted filesystem under test; subclasses know how to mount, unmount and weigh it."""
-
-    name = ""
-    verifies = True  # reads give back what was written (false for nullfs)
-
-    def __init__(self, path: Path, size_bytes: int) -> None:
-        self.path = path
-        self.size_bytes = size_bytes
-
-    def mount(self) -> None:
-        raise NotImplementedError
-
-    def unmount(self) -> None:
-        raise NotImplementedError
-
-    def pid(self) -> int | None:
-        return None
-
-    def settle(self) -> None:
-        """Wait until background work caused by the previous workload is done."""
-
-    def memory(self) -> dict[str, float]:
-        return {}
-
-
-class Tmpfs(System):
-    name = "tmpfs"
-
-    def mount(self) -> None:
-        run(["mount", "-t", "tmpfs", "-o", f"size={self.size_bytes}", "tmpfs", str(self.path)])
-
-    def unmount(self) -> None:
-        if subprocess.run(["umount", str(self.path)], check=False).returncode:
-            subprocess.run(["umount", "-l", str(self.path)], check=False)
-
-    def memory(self) -> dict[str, float]:
-        # df's used space of a tmpfs is exactly the Shmem it holds (its pages and nothing more).
-        st = os.statvfs(self.path)
-        return {"shmem_bytes": (st.f_blocks - st.f_bfree) * st.f_frsize}
-
-
-class FuseSystem(System):
-    def unmount(self) -> None:
-        for _ in range(UNMOUNT_TRIES):
-            if not is_mounted(self.path):
-                return
-            if (
-                subprocess.run(
-                    ["fusermount3", "-u", str(self.path)], check=False, stderr=subprocess.DEVNULL
-                ).returncode
-                == 0
-            ):
-                return
-            time.sleep(0.25)
-        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
-
-    def memory(self) -> dict[str, float]:
-        pid = self.pid()
-        return {"rss_bytes": rss_bytes(pid)} if pid else {}
-
-
-class ZfsRam(FuseSystem):
-    name = "zfs_ram"
-
-    def __init__(self, path: Path, size_bytes: int, extra_options: str = "") -> None:
-        super().__init__(path, size_bytes)
-        self.extra_options = extra_options
-        self._pid: int | None = None
-        self.tool = shutil.which("zfs-ram") or str(Path(sys.executable).parent / "zfs-ram")
-
-    def mount(self) -> None:
-        options = f"size={self.size_bytes}" + (
-            f",{self.extra_options}" if self.extra_options else ""
-        )
-        run([self.tool, "mount", str(self.path), "-o", options])
-        self._pid = ControlClient(self.path).pid()
-
-    def unmount(self) -> None:
-        if is_mounted(self.path):
-            subprocess.run(
-                [self.tool, "umount", str(self.path)], check=False, stderr=subprocess.DEVNULL
-            )
-        super().unmount()
-
-    def pid(self) -> int | None:
-        return self._pid
-
-    def stats(self) -> dict[str, Any]:
-        return ControlClient(self.path).stats()
-
-    def settle(self) -> None:
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while time.monotonic() < deadline:
-            if not self.stats()["compactor"]["running"]:
-                return
-            time.sleep(0.1)
-
-    def memory(self) -> dict[str, float]:
-        stats = self.stats()
-        mem = super().memory()
-        mem["pool_bytes"] = stats["pool"]["pages_used"] * PAGE_SIZE
-        mem["orig_data_size"] = stats["mm_stat"]["orig_data_size"]
-        mem["compr_data_size"] = stats["mm_stat"]["compr_data_size"]
-        mem["mem_used_total"] = stats["mm_stat"]["mem_used_total"]
-        return mem
-
-
-class NullFs(FuseSystem):
-    name = "nullfs"
-    verifies = False
-
-    extra_args: tuple[str, ...] = ()
-
-    def __init__(self, path: Path, size_bytes: int, xattrs: bool = False) -> None:
-        super().__init__(path, size_bytes)
-        self.xattrs = xattrs
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def mount(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "nullfs.py"), str(self.path), *self.extra_args]
-            + (["--xattrs"] if self.xattrs else []),
-            start_new_session=True,  # Ctrl-C goes to us; we unmount it in order
-        )
-        deadline = time.monotonic() + 30
-        while not is_mounted(self.path):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nullfs did not mount")
-            time.sleep(0.05)
-        os.stat(self.path)  # the first request: FUSE_INIT is answered
-
-    def unmount(self) -> None:
-        super().unmount()
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-
-class Lz4NullFs(NullFs):
-    """nullfs --lz4: the ceiling plus zfs_ram's codec on every page, and nothing else. Its
-    ratio to nullfs bounds what any pure-Python filesystem that lz4-compresses each page can
-    reach here, whatever its allocator and page table cost."""
-
-    name = "lz4null"
-    extra_args = ("--lz4",)
 
 
 # -- inputs, built once and cached on disk -----------------------------------------------------
@@ -662,32 +473,7 @@ class Report:
 
 
 def environment(argv: list[str]) -> dict[str, Any]:
-    def cmd(*args: str) -> str:
-        try:
-            return subprocess.run(args, capture_output=True, text=True, cwd=HERE).stdout.strip()
-        except OSError:
-            return ""
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
-    mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "kernel": platform.release(),
-        "cpu": f"{cpu} x{os.cpu_count()}",
-        "mem_gib": round(int(mem) / MIB, 1),
-        "python": platform.python_version(),
-        "commit": cmd("git", "rev-parse", "--short", "HEAD"),
-        "fio": cmd("fio", "--version") or None,
-        "command": " ".join(["fs_bench.py", *argv]),
-    }
+    return describe_run("fs_bench.py", argv, {"fio": command_output("fio", "--version") or None})
 
 
 def per_rep_ratios(report: Report, num: str, den: str) -> dict[str, list[float]]:
