@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from zfs_ram.client import ControlClient
+from zfs_ram.mounts import locate
 from zfs_ram.vocabulary import PAGE_SIZE
 
 KIB = 1024
@@ -54,9 +55,8 @@ def run(cmd: list[str] | str, **kwargs: Any) -> subprocess.CompletedProcess[str]
 
 
 def is_mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo") as mounts:
-        return any(line.split()[4] == target for line in mounts)
+    """Whether something is mounted on ``path``, from the mount table (zfs_ram.mounts)."""
+    return locate(str(path)).is_mountpoint
 
 
 def command_output(*args: str) -> str:

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from zfs_ram.client import COMPACT_TIMEOUT, ControlClient
+from zfs_ram.mounts import locate
 from zfs_ram.vocabulary import MM_STAT_FIELDS, ControlFile
 
 MIB = 1 << 20
@@ -156,10 +157,9 @@ def _unmount_fuse(mountpoint: str) -> None:
 
 
 def _is_mounted(path: str) -> bool:
-    # Resolve the parent only: the mountpoint itself is answered by the daemon, which may hang.
-    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == real for line in f if len(line.split()) > 1)
+    """Whether something is mounted on ``path``, from the mount table: the mountpoint itself
+    is answered by the daemon, which may hang."""
+    return locate(path).is_mountpoint
 
 
 class ZfsRamTarget(Target):
