@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from abc import ABC, abstractmethod
 from array import array
+from collections.abc import Sequence
 
 from zfs_ram.vocabulary import PAGE_SIZE
 
@@ -146,6 +147,35 @@ class Pool(ABC):
     def read_many(self, handles: list[int]) -> list[bytes]:
         """read() of each handle, in order: one call for a whole FUSE read of many pages."""
         return [self.read(h) for h in handles]
+
+    # Batches: one call per FUSE request instead of one per page. The compiled engine
+    # overrides them with loops that run without the GIL; these are the reference semantics.
+
+    def store_many(self, blob: BytesLike, sizes: Sequence[int]) -> array[int]:
+        """store() each of the objects laid back to back in `blob` (sizes[i] bytes each), in
+        order. Stops at the first object the pool cannot take (PoolFullError): the handles
+        returned are those of a prefix of `sizes`, and nothing after it was stored."""
+        handles = array("Q")
+        view = memoryview(blob)
+        pos = 0
+        for size in sizes:
+            try:
+                handle = self.store(view[pos : pos + size])
+            except PoolFullError:
+                break
+            handles.append(handle)
+            pos += size
+        return handles
+
+    def read_joined(self, handles: Sequence[int]) -> tuple[bytes, array[int]]:
+        """The objects of `handles`, concatenated in order, and each one's size: a whole FUSE
+        read in two Python objects rather than one per page."""
+        objects = self.read_many(list(handles))
+        return b"".join(objects), array("H", [len(obj) for obj in objects])
+
+    def free_many(self, handles: Sequence[int]) -> array[int]:
+        """free() each handle, in order; the freed objects' sizes."""
+        return array("H", [self.free(h) for h in handles])
 
     @abstractmethod
     def object_size(self, h: int) -> int:
