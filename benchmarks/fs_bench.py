@@ -806,8 +806,8 @@ def main(argv: list[str] | None = None) -> int:
         "--nullfs-xattrs",
         action="store_true",
         help="nullfs and lz4null support xattrs (getxattr -> ENODATA) as zfs_ram "
-        "does: the kernel then sends GETXATTR security.capability on every "
-        "write(2)",
+        "does with -o xattr (give it in --zfs-ram-options too): the kernel then sends "
+        "GETXATTR security.capability on every write(2)",
     )
     parser.add_argument(
         "--zfs-ram-options", default="", help="extra zfs-ram mount options, e.g. pool=zbud"

@@ -283,7 +283,14 @@ def test_later_of_two_opposite_flags_wins(text: str, present: str, absent: str) 
 
 
 @pytest.mark.parametrize(
-    ("text", "xattrs"), [("", True), ("noxattr", False), ("noxattr,xattr", True)]
+    ("text", "xattrs"),
+    [
+        ("", False),
+        ("xattr", True),
+        ("noxattr", False),
+        ("noxattr,xattr", True),
+        ("xattr,noxattr", False),
+    ],
 )
 def test_xattr_flags_reach_the_filesystem_not_the_kernel(text: str, xattrs: bool) -> None:
     assert config(text).xattrs is xattrs

@@ -18,6 +18,7 @@ from typing import Any
 import pyfuse3
 import pytest
 
+from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.operations import ROOT_INODE, ZfsRamOperations
 from zfs_ram.pagestore import MAX_FILE_SIZE
 from zfs_ram.testing.ops import Ctx, Fields, run_ops
@@ -49,7 +50,7 @@ def listing(path: Path) -> list[str]:
 
 @pytest.fixture
 def mount(zfs_ram_mount: Any) -> Any:
-    return zfs_ram_mount("size=64m")
+    return zfs_ram_mount("size=64m,xattr")
 
 
 def assert_still_answers(mount: Any) -> None:
@@ -167,7 +168,7 @@ def test_the_daemon_checks_xattr_limits_itself() -> None:
         assert await ops.listxattr(ino, ctx) == []
         await ops.release(info.fh)
 
-    _run(body)
+    _run(body, FsConfig(xattrs=True))
 
 
 # ---- the control directory

@@ -35,7 +35,7 @@ DATA = b"zfs_ram fault test " * 1000  # a few compressible pages
 
 
 def run(fn: Callable[[ZfsRamOperations], Coroutine[Any, Any, None]]) -> None:
-    filesystem = build(FsConfig())
+    filesystem = build(FsConfig(xattrs=True))  # xattrs on: setxattr is one of the changes
 
     async def main() -> None:
         try:

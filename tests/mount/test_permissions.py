@@ -170,7 +170,7 @@ def test_without_allow_other_the_user_is_locked_out(
 def test_with_allow_other_the_kernel_enforces_modes_and_the_sticky_bit(
     public_mounts: MountFactory, user: pwd.struct_passwd
 ) -> None:
-    mount = public_mounts("size=8m,allow_other")
+    mount = public_mounts("size=8m,allow_other,xattr")
     mnt = mount.path
     assert stat.S_IMODE(mnt.stat().st_mode) == 0o1777  # tmpfs's default root
     (mnt / "rootfile").write_text("root's")

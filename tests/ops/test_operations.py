@@ -24,6 +24,7 @@ from zfs_ram.vocabulary import PAGE_SIZE, mem_total_bytes
 
 CTX = Ctx()
 run = run_ops
+XATTRS = FsConfig(xattrs=True)  # extended attributes are off by default (-o xattr)
 
 
 async def create(
@@ -295,6 +296,24 @@ def test_xattrs_namespaces_and_limits() -> None:
             await ops.getxattr(ino, b"user.colour", CTX)
         assert errno_of(excinfo) == pyfuse3.ENOATTR
 
+    run(body, XATTRS)
+
+
+def test_xattrs_are_off_by_default() -> None:
+    """ENOSYS, so that the kernel stops asking (security.capability before every write)."""
+
+    async def body(ops: ZfsRamOperations) -> None:
+        _fh, ino = await create(ops, b"f")
+        for call in (
+            ops.getxattr(ino, b"security.capability", CTX),
+            ops.setxattr(ino, b"user.a", b"b", CTX),
+            ops.listxattr(ino, CTX),
+            ops.removexattr(ino, b"user.a", CTX),
+        ):
+            with pytest.raises(pyfuse3.FUSEError) as excinfo:
+                await call
+            assert errno_of(excinfo) == errno.ENOSYS
+
     run(body)
 
 
@@ -324,7 +343,7 @@ def test_times_follow_posix() -> None:
         assert (final.st_atime_ns, final.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
         await ops.release(fh)
 
-    run(body)
+    run(body, XATTRS)
 
 
 def test_names_too_long_and_control_dir_protected() -> None:

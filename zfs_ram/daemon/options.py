@@ -291,7 +291,7 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("compact_batch=N", str(_DEFAULTS.compact_batch), "objects moved per compaction step"),
     ("fsname=NAME", DEFAULT_FSNAME, "first field of /proc/mounts and df"),
     ("log=PATH", "none", "the daemon's log file"),
-    ("xattr|noxattr", "xattr", "extended attributes"),
+    ("xattr|noxattr", "noxattr", "extended attributes (cost: a request per write(2))"),
     ("[no]atime|[no]relatime|strictatime", "relatime", "when reads update atime"),
     ("allow_other|allow_root", "neither", "let other users (or root) in"),
     ("suid|nosuid", "nosuid", "honour set-user-id bits"),

@@ -30,9 +30,10 @@ class FsConfig:
     compact_batch: int = 4
     fsname: str = "zfs_ram"
     noatime: bool = False  # mount -o noatime: reads never update atime (else relatime rules)
-    # -o noxattr: no extended attributes (ENOSYS, which the kernel remembers). It then stops
-    # asking for security.capability before every write(2): one round trip less per write.
-    xattrs: bool = True
+    # Extended attributes are off unless -o xattr: getxattr answers ENOSYS, which the kernel
+    # remembers, and it then stops asking for security.capability before every write(2), one
+    # round trip in two for small writes (issue 13; README "Extended attributes").
+    xattrs: bool = False
 
     @property
     def mem_limit_pages(self) -> int:

@@ -99,7 +99,7 @@ class ZfsRamOperations(pyfuse3.Operations):
         compaction: Compaction,
         control: ControlDirectory,
         meter: RequestMeter,
-        xattrs: bool = True,
+        xattrs: bool = False,
     ) -> None:
         super().__init__()
         self.namespace = namespace
