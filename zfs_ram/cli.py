@@ -35,7 +35,7 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 # `zfs-ram stat --json`: the sections a reader looks at first; `classes` (hundreds of size
 # classes) goes last, anything else in between.
-JSON_FIRST = ("mountpoint", "mm_stat", "fs", "pool", "store", "compactor")
+JSON_FIRST = ("mountpoint", "mm_stat", "fs", "engines", "pool", "store", "compactor")
 JSON_LAST = ("classes",)
 
 

@@ -542,7 +542,7 @@ def test_stat_json_puts_the_summaries_first_and_classes_last(mountpoint: Path) -
     mount_ok(mountpoint, "size=8m")
     text = zfs_ram_cli("stat", "--json", str(mountpoint)).stdout
     keys = list(json.loads(text))
-    assert keys[:5] == ["mm_stat", "fs", "pool", "store", "compactor"]
+    assert keys[:6] == ["mm_stat", "fs", "engines", "pool", "store", "compactor"]
     assert keys[-1] == "classes"
     assert text.splitlines()[1].startswith('  "mm_stat": {')  # indent=2
     listed = json.loads(zfs_ram_cli("stat", "--json").stdout)

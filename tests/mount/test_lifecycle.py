@@ -516,3 +516,22 @@ def test_locate_resolves_symlinks_outside_but_never_stats_inside(
     assert where.path == f"{mnt}/sub"
     assert where.zfs_ram is not None and not where.is_mountpoint
     assert locate(str(tmp_path / "link"), table).is_mountpoint
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_the_daemon_says_which_engine_runs(
+    zfs_ram_mount: MountFactory, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    """stats.json and the daemon's log name the engine of every component that has a compiled
+    twin; ZFS_RAM_ENGINE=python in the daemon's environment selects the reference engine."""
+    monkeypatch.setenv("ZFS_RAM_ENGINE", engine)
+    mount = zfs_ram_mount("size=16m")
+    (mount.path / "f").write_bytes(b"x" * 100_000)
+    engines = mount.stats()["engines"]
+    if engine == "python":
+        assert set(engines.values()) <= {"python"}
+    else:
+        assert set(engines.values()) <= {"native", "python"}
+    log = mount.log_tail()
+    for component, used in engines.items():
+        assert f"{component} engine: {used}" in log

@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from zfs_ram import native
 from zfs_ram.daemon.options import MountOptions, OptionError, parse_options
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.mounts import MountInfo, find_mount, is_alive, locate, read_mounts
@@ -430,6 +431,8 @@ async def _watch_signals(task_status: Any) -> None:
 async def _announce_ready(served: Served, path: str, state: _ServeState) -> None:
     await served.operations.ready.wait()
     log.info("mounted %s (pid %d)", path, os.getpid())
+    for component, reason in native.reasons().items():
+        log.info("%s engine: %s (%s)", component, native.engines()[component], reason)
     state.ready = True
     state.report(READY_WORD.decode().strip())
     sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted {path}")

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import pyfuse3
 
+from zfs_ram import native
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.errors import FsError
 from zfs_ram.fs.namespace import Namespace
@@ -111,6 +112,8 @@ class MountStatistics:
                 "read_only_reason": namespace.read_only_reason,
                 "requests": self.meter.total,
             },
+            # Which engine runs the per-page work: "native" (the C modules) or "python".
+            "engines": native.engines(),
             "requests": self.meter.statistics(),
             "pool": self.pool.statistics(),
             "store": store.statistics(),
