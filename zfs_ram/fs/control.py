@@ -193,7 +193,10 @@ class ControlDirectory:
         self.statistics = statistics
         self.cache_timeout = cache_timeout
         self.ram_bytes = ram_bytes  # what `echo 50% > mem_limit` is a share of
-        self._buffers: dict[int, bytes] = {}  # open handle -> the file as rendered at open
+        # open handle -> what renders its file (None: write-only or a command file), and
+        # the text of its latest read from offset 0 (see read)
+        self._renderers: dict[int, Callable[[], bytes] | None] = {}
+        self._buffers: dict[int, bytes] = {}
         pool = statistics.pool
         specs: list[tuple[str, int, Callable[[], bytes] | None, Any]] = [
             (ControlFile.MM_STAT, 0o444, lambda: mm_stat_line(statistics.mm_stat()), None),
@@ -226,7 +229,7 @@ class ControlDirectory:
 
     def holds(self, fh: int) -> bool:
         """Whether an open file handle is of a control file."""
-        return fh in self._buffers
+        return fh in self._renderers
 
     # -- attributes and names -------------------------------------------------------------------
 
@@ -277,12 +280,18 @@ class ControlDirectory:
     def open(self, fh: int, ino: int, write_only: bool) -> None:
         if ino == CONTROL_DIR_INO:
             raise FsError(errno.EISDIR)
-        cfile = self._file(ino)
-        render = cfile.render
-        self._buffers[fh] = render() if render is not None and not write_only else b""
+        render = self._file(ino).render
+        self._renderers[fh] = None if write_only else render
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        return self._buffers[fh][offset : offset + size]
+        """A read from offset 0 renders the file afresh, as in procfs and sysfs, so that a
+        monitor may keep it open and pread it again; a read further on continues that same
+        text, so that a reader in several pieces sees one consistent file."""
+        buffer = self._buffers.get(fh)
+        if offset == 0 or buffer is None:
+            render = self._renderers[fh]
+            buffer = self._buffers[fh] = render() if render is not None else b""
+        return buffer[offset : offset + size]
 
     async def write(self, ino: int, data: bytes) -> None:
         apply = self._file(ino).apply
@@ -291,6 +300,7 @@ class ControlDirectory:
         await apply(data)
 
     def release(self, fh: int) -> None:
+        self._renderers.pop(fh, None)
         self._buffers.pop(fh, None)
 
     # -- commands -------------------------------------------------------------------------------
