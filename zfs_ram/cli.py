@@ -14,23 +14,26 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, NoReturn, cast
 
 from zfs_ram import __version__
 from zfs_ram.client import ControlClient, ControlError, NoAnswer
-from zfs_ram.mounts import MountInfo, abort_connection, is_alive, is_stopped, locate, read_mounts
+from zfs_ram.mounts import (
+    MountInfo,
+    abort_connection,
+    fusermount,
+    locate,
+    read_mounts,
+    wait_for_exit,
+)
 from zfs_ram.vocabulary import PAGE_SIZE, SUBTYPE
 
 PROG = "zfs-ram"
 # How long umount waits for the daemon to exit after the kernel let go of the mount. The daemon
 # only drops its inodes and frees the pool then, which takes well under a second.
 DAEMON_EXIT_TIMEOUT = 30.0
-# fusermount3 -u does not talk to the daemon; the bound guards against a wedged system.
-FUSERMOUNT_TIMEOUT = 5.0
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 # `zfs-ram stat --json`: the sections a reader looks at first; `classes` (hundreds of size
@@ -55,20 +58,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fusermount(path: str, *, lazy: bool) -> str | None:
-    """``fusermount3 -u [-z] path``, bounded; None on success, else its last error line."""
-    tool = shutil.which("fusermount3")
-    if tool is None:
+    """mounts.fusermount, but a missing fusermount3 is the user's to fix, not a reason."""
+    if shutil.which("fusermount3") is None:
         raise CliError("fusermount3 not found (install the fuse3 package)")
-    cmd = [tool, "-u"] + (["-z"] if lazy else []) + [path]
-    try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=FUSERMOUNT_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return f"fusermount3 did not return within {FUSERMOUNT_TIMEOUT:.0f} s"
-    if done.returncode == 0:
-        return None
-    return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+    return fusermount(path, lazy=lazy)
 
 
 def _zfs_ram_mount(mountpoint: str, command: str) -> MountInfo:
@@ -155,19 +148,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 f" close them or use '{PROG} umount -z'"
             )
         raise CliError(f"unmounting {args.mountpoint} failed: {reason}")
-    if pid is not None:
-        deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
-        while _is_daemon(pid) and is_alive(pid):
-            if is_stopped(pid):
-                print(
-                    f"{PROG}: unmounted {args.mountpoint}; its daemon (pid {pid}) is stopped"
-                    " and exits once it runs again",
-                    file=sys.stderr,
-                )
-                return 0
-            if time.monotonic() > deadline:
-                raise CliError(f"unmounted, but the daemon (pid {pid}) has not exited")
-            time.sleep(0.05)
+    if pid is not None and _is_daemon(pid):
+        outcome = wait_for_exit(pid, DAEMON_EXIT_TIMEOUT)
+        if outcome == "stopped":
+            print(
+                f"{PROG}: unmounted {args.mountpoint}; its daemon (pid {pid}) is stopped"
+                " and exits once it runs again",
+                file=sys.stderr,
+            )
+        elif outcome == "running":
+            raise CliError(f"unmounted, but the daemon (pid {pid}) has not exited")
     return 0
 
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
+import time
 from dataclasses import dataclass
 
 from zfs_ram.vocabulary import FSTYPE
@@ -44,6 +46,11 @@ FUSECTL_TYPE = "fusectl"
 FUSECTL_MOUNT_TIMEOUT = 5.0
 # The kernel's limit on symlinks followed in one path walk (MAXSYMLINKS).
 MAX_SYMLINKS = 40
+#: fusermount3 does not talk to the daemon and returns at once when healthy; the bound guards
+#: against a wedged system (it hangs only on a mount nobody answers).
+FUSERMOUNT_TIMEOUT = 5.0
+#: How often wait_for_exit looks at the process.
+EXIT_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -255,3 +262,32 @@ def is_alive(pid: int) -> bool:
 def is_stopped(pid: int) -> bool:
     """True if ``pid`` is stopped by a signal (SIGSTOP, SIGTSTP) or a tracer."""
     return _run_state(pid) in ("T", "t")
+
+
+def fusermount(path: str, *, lazy: bool = False, timeout: float = FUSERMOUNT_TIMEOUT) -> str | None:
+    """``fusermount3 -u [-z] path``, bounded: None once it succeeded, else one line saying why
+    not (its last error line, a timeout, or that fusermount3 is missing)."""
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        return "fusermount3 not found (install the fuse3 package)"
+    cmd = [tool, "-u"] + (["-z"] if lazy else []) + [path]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return f"fusermount3 did not return within {timeout:.0f} s"
+    if done.returncode == 0:
+        return None
+    return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+
+
+def wait_for_exit(pid: int, timeout: float) -> str:
+    """Wait up to ``timeout`` seconds for ``pid`` to end: "gone", "stopped" (it cannot end
+    before it is continued, so waiting is no use) or "running" (the time ran out)."""
+    deadline = time.monotonic() + timeout
+    while is_alive(pid):
+        if is_stopped(pid):
+            return "stopped"
+        if time.monotonic() >= deadline:
+            return "running"
+        time.sleep(EXIT_POLL_SECONDS)
+    return "gone"

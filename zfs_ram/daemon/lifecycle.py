@@ -35,11 +35,9 @@ import faulthandler
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,7 +46,7 @@ from typing import Any, Protocol
 from zfs_ram import native
 from zfs_ram.daemon.options import MountOptions, OptionError, parse_options
 from zfs_ram.fs.config import FsConfig
-from zfs_ram.mounts import MountInfo, find_mount, is_alive, locate, read_mounts
+from zfs_ram.mounts import MountInfo, find_mount, fusermount, is_alive, locate, read_mounts
 
 __all__ = [
     "MountError",
@@ -73,8 +71,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Written by the child on the readiness pipe once FUSE_INIT was handled.
 READY_WORD = b"ok\n"
 FUSE_DEVICE = "/dev/fuse"
-# fusermount3 returns at once when healthy; it only hangs on a mount nobody answers.
-FUSERMOUNT_TIMEOUT = 5.0
 # A mountpoint inside another zfs_ram mount is looked at through that mount's daemon, which
 # may be stopped: its stat and listing are given this long.
 INSIDE_MOUNT_TIMEOUT = 3.0
@@ -340,10 +336,7 @@ def _unmount_if_ours(path: str, mount_id: int | None, *, lazy: bool) -> None:
     current = find_mount(path)
     if current is None or mount_id is None or current.mount_id != mount_id:
         return
-    tool = shutil.which("fusermount3") or "fusermount3"
-    cmd = [tool, "-u", "-q"] + (["-z"] if lazy else []) + [path]
-    with contextlib.suppress(subprocess.TimeoutExpired):  # a wedged fusermount3: give up
-        subprocess.run(cmd, check=False, stderr=subprocess.DEVNULL, timeout=FUSERMOUNT_TIMEOUT)
+    fusermount(path, lazy=lazy)  # a failure leaves nothing to do here: the caller exits
 
 
 def _serve_mounted(served: Served, path: str, mount_id: int | None, notify_fd: int | None) -> int:

@@ -38,7 +38,14 @@ from typing import Any
 import pytest
 
 from zfs_ram.client import ControlClient, ControlError, NoAnswer, bounded
-from zfs_ram.mounts import MountInfo, abort_connection, is_alive, is_stopped, locate
+from zfs_ram.mounts import (
+    MountInfo,
+    abort_connection,
+    fusermount,
+    is_stopped,
+    locate,
+    wait_for_exit,
+)
 from zfs_ram.vocabulary import CONTROL_DIR, FSTYPE, MM_STAT_FIELDS
 
 __all__ = [
@@ -93,16 +100,6 @@ def _parent_death_signal() -> Callable[[], None]:
     return preexec
 
 
-def _run_fusermount(path: str, *, lazy: bool) -> subprocess.CompletedProcess[str] | None:
-    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
-    try:
-        return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=UNMOUNT_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return None
-
-
 def _mounted(path: str | os.PathLike[str]) -> MountInfo | None:
     """What is mounted exactly on ``path``, from the mount table: never blocks on a daemon."""
     where = locate(os.fspath(path))
@@ -116,10 +113,7 @@ def _kill(pid: int) -> None:
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while is_alive(pid) and time.monotonic() < deadline:
-        time.sleep(POLL_INTERVAL)
-    return not is_alive(pid)
+    return wait_for_exit(pid, timeout) == "gone"
 
 
 def force_unmount(path: str | os.PathLike[str], pid: int | None = None) -> list[str]:
@@ -150,10 +144,9 @@ def force_unmount(path: str | os.PathLike[str], pid: int | None = None) -> list[
         reason = abort_connection(info)
         if reason is not None:
             problems.append(f"daemon of {where} does not answer; cannot abort it: {reason}")
-    done = _run_fusermount(where, lazy=False)
-    if done is None or done.returncode != 0:
+    if fusermount(where, timeout=UNMOUNT_TIMEOUT) is not None:
         problems.append(f"fusermount3 -u {where} failed; unmounted lazily")
-        _run_fusermount(where, lazy=True)
+        fusermount(where, lazy=True, timeout=UNMOUNT_TIMEOUT)
     if pid is not None and not _wait_gone(pid, UNMOUNT_TIMEOUT):
         problems.append(f"daemon {pid} did not exit after unmount; killed")
         _kill(pid)
@@ -220,9 +213,8 @@ class Mount:
         """Unmount cleanly (fusermount3 -u), wait for the daemon and return its exit status.
 
         Raises AssertionError, within about ``timeout`` seconds, if either does not happen."""
-        done = _run_fusermount(str(self.path), lazy=False)
-        if done is None or done.returncode != 0:
-            reason = "timed out" if done is None else done.stderr.strip()
+        reason = fusermount(str(self.path), timeout=UNMOUNT_TIMEOUT)
+        if reason is not None:
             raise AssertionError(f"fusermount3 -u {self.path} failed: {reason}")
         if is_stopped(self.pid):
             raise AssertionError(f"zfs_ram daemon {self.pid} is stopped: unmounted, not exited")
@@ -248,16 +240,16 @@ class Mount:
             if _mounted(path) is None:
                 clean = True  # the test unmounted it some other way (zfs-ram umount, umount)
             else:
-                done = _run_fusermount(path, lazy=False)
-                clean = done is not None and done.returncode == 0
+                failed = fusermount(path, timeout=UNMOUNT_TIMEOUT)
+                clean = failed is None
                 if not clean and is_stopped(self.pid):
                     # Requests wait in the mount for a daemon that cannot answer: end it, which
                     # aborts the connection, then the dead mount unmounts.
                     problems.append(f"zfs_ram daemon {self.pid} was stopped; killed to unmount")
                     self._kill()
-                    done = _run_fusermount(path, lazy=False)
-                if done is None or done.returncode != 0:  # busy, or fusermount3 hung: detach it
-                    _run_fusermount(path, lazy=True)
+                    failed = fusermount(path, timeout=UNMOUNT_TIMEOUT)
+                if failed is not None:  # busy, or fusermount3 hung: detach it
+                    fusermount(path, lazy=True, timeout=UNMOUNT_TIMEOUT)
             if self.process.poll() is None and is_stopped(self.pid):
                 if clean:
                     problems.append(f"zfs_ram daemon {self.pid} hung after unmount; killed")
@@ -279,7 +271,7 @@ class Mount:
                     " while still mounted"
                 )
         if _mounted(path) is not None:  # a dead mount left by a crash
-            _run_fusermount(path, lazy=True)
+            fusermount(path, lazy=True, timeout=UNMOUNT_TIMEOUT)
         status = self.process.returncode
         if clean and status != 0:
             problems.append(f"zfs_ram daemon exited with status {status} after a clean unmount")
