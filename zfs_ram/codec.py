@@ -180,10 +180,12 @@ DEFAULT_ALGORITHM = "lz4"
 
 # -- the second thread ----------------------------------------------------------------------
 
-# A write of at least this many pages is encoded by two threads, half each. Both engines let
-# the second core work while they compress (lz4 and _codec.encode release the GIL), but only
-# on large batches: one hand-off per page costs more than it gains (measured on the Python
-# engine: 0.84x the speed of one thread); see benchmarks/codec_bench.py for the figures.
+# A batch of at least this many pages is encoded by two threads, half each, on the compiled
+# engine: _codec.encode releases the GIL for its whole half, so the halves really run at once
+# (benchmarks/codec_bench.py, 1 MiB of /usr/lib: 1.49-1.51x the speed of one thread). The
+# pure-Python engine stays on one thread: lz4 releases the GIL only page by page there, and
+# the hand-offs cost what the second core gains (0.69-0.98x, the same run; 0.84x for one
+# hand-off per page). encode_pages, the old list form, still splits as it always did.
 PARALLEL_MIN_PAGES = 32
 
 
@@ -283,7 +285,7 @@ class Codec:
         not shorter than huge_size are kept raw. Large batches run on two threads."""
         view = memoryview(src).cast("B")
         count = len(view) // PAGE_SIZE
-        if count < PARALLEL_MIN_PAGES:
+        if count < PARALLEL_MIN_PAGES or self.compiled is None:
             return self._encode(view, huge_size)
         half = count // 2 * PAGE_SIZE
         front, back = _in_parallel(
@@ -297,7 +299,7 @@ class Codec:
         return blob + back_blob, sizes, words
 
     def _encode(self, view: memoryview, huge_size: int) -> Batch:
-        """One thread's share of encode()."""
+        """encode() on one thread."""
         if len(view) % PAGE_SIZE:
             raise ValueError(f"{len(view)} bytes are not whole pages")
         count = len(view) // PAGE_SIZE

@@ -21,7 +21,7 @@ import lz4.block
 import pytest
 from hypothesis import given, settings
 
-from zfs_ram import codec
+from zfs_ram import codec, native
 
 PAGE = codec.PAGE_SIZE
 HUGE = 3633
@@ -292,8 +292,8 @@ def test_an_error_in_the_helper_reaches_the_caller_and_the_next_write_works() ->
 
 def test_the_engine_is_chosen_once_and_said() -> None:
     assert codec.DEFAULT_CODEC.engine == (
-        codec.native.PYTHON if codec.COMPILED is None else codec.native.NATIVE
+        native.PYTHON if codec.COMPILED is None else native.NATIVE
     )
-    assert codec.native.engines()["codec"] == codec.DEFAULT_CODEC.engine
+    assert native.engines()["codec"] == codec.DEFAULT_CODEC.engine
     with pytest.raises(ValueError):
         codec.Codec("lzo")
