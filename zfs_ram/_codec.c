@@ -10,6 +10,8 @@
  *       objects back to back, shaped for Pool.store_many; sizes (array('H'), n entries) gets
  *       each page's object size, 0 for a same-filled page, whose word goes to words
  *       (array('Q'), n entries; 0 for every other page).
+ *   encode_page(algorithm, level, page, huge_size) -> bytes | int
+ *       One page: its object, or its word if it is same-filled (the one-page write's path).
  *   decode_into(algorithm, blob, sizes, words, out, skip)
  *       The inverse, straight into the writable buffer out: the pages encode described,
  *       starting `skip` bytes into the first one, as many bytes as out holds. An object of
@@ -23,6 +25,9 @@
  * being filled, which nobody else holds yet. Every length is checked before the loop; a
  * corrupt object (lz4 failing or not giving exactly PAGE_SIZE bytes) stops the loop and
  * raises CorruptError naming it; nothing is written past any buffer.
+ *
+ * The page store's table loops (place, handles_of, spread) live here too: the per-page part
+ * of its batches, over its array('Q') chunks, the accounting left to zfs_ram/pagestore.py.
  *
  * Algorithms are numbered (ALGORITHM_LZ4, ...) and switched on in compress_page and
  * decompress_page only, so that lz4hc or zstd is one case there and one name in codec.py.
@@ -200,6 +205,49 @@ done:
     return blob;
 }
 
+/* encode_page(algorithm, level, page, huge_size) -> bytes | int: one page as encode() would
+ * encode it, for the page store's one-page writes: the object to store, or the same-filled
+ * page's word as an int. No arrays to make, for the commonest small write. */
+static PyObject *codec_encode_page(PyObject *module, PyObject *args)
+{
+    (void)module;
+    int algorithm, level;
+    Py_ssize_t huge_size;
+    Py_buffer page = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "iiy*n:encode_page", &algorithm, &level, &page, &huge_size))
+        return NULL;
+    if (check_algorithm(algorithm) < 0)
+        goto done;
+    if (huge_size < 1 || huge_size > PAGE_SIZE) {
+        PyErr_Format(PyExc_ValueError, "huge_size %zd is not in 1..%d", huge_size, PAGE_SIZE);
+        goto done;
+    }
+    if (page.len != PAGE_SIZE) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes are not one page", page.len);
+        goto done;
+    }
+    unsigned char packed[LZ4_COMPRESSBOUND(PAGE_SIZE)];
+    uint64_t word = 0;
+    int same, size = 0;
+    Py_BEGIN_ALLOW_THREADS
+    same = same_filled(page.buf, &word);
+    if (!same)
+        size = compress_page(algorithm, level, page.buf, packed);
+    Py_END_ALLOW_THREADS
+    if (same)
+        result = PyLong_FromUnsignedLongLong(word);
+    else if (size <= 0)
+        PyErr_SetString(PyExc_RuntimeError, "the compressor failed");
+    else if (size >= huge_size)
+        result = PyBytes_FromStringAndSize(page.buf, PAGE_SIZE);
+    else
+        result = PyBytes_FromStringAndSize((const char *)packed, size);
+done:
+    PyBuffer_Release(&page);
+    return result;
+}
+
 /* -- decode ------------------------------------------------------------------------------ */
 
 /* Check a decode's arguments (with the GIL): -1 and an exception if they do not fit. */
@@ -348,18 +396,188 @@ done:
     return result;
 }
 
+/* -- the page store's table ------------------------------------------------------------- */
+
+/* The page store's entries (zfs_ram/pagestore.py): 0 a hole, handle << 1 | 1 a pool object,
+ * SAME_ENTRY a same-filled page. These loops are the per-page part of its batches; the page
+ * store keeps the pure-Python twins and all the accounting. */
+#define SAME_ENTRY 2
+
+static inline uint64_t load_u64(const unsigned char *base, Py_ssize_t i)
+{
+    uint64_t value;
+    memcpy(&value, base + sizeof value * (size_t)i, sizeof value);
+    return value;
+}
+
+static inline void store_u64(unsigned char *base, Py_ssize_t i, uint64_t value)
+{
+    memcpy(base + sizeof value * (size_t)i, &value, sizeof value);
+}
+
+static inline uint16_t load_u16(const unsigned char *base, Py_ssize_t i)
+{
+    uint16_t value;
+    memcpy(&value, base + sizeof value * (size_t)i, sizeof value);
+    return value;
+}
+
+static int check_range(const Py_buffer *buffer, Py_ssize_t itemsize, Py_ssize_t first,
+                       Py_ssize_t count, const char *name)
+{
+    if (buffer->len % itemsize || first < 0 || count < 0 ||
+        first > buffer->len / itemsize - count) {
+        PyErr_Format(PyExc_ValueError, "%s: items %zd..%zd+%zd are not within its %zd bytes",
+                     name, first, first, count, buffer->len);
+        return -1;
+    }
+    return 0;
+}
+
+/* place(chunk, start, sizes, first, count, handles, hfirst, olds, ofirst)
+ *     -> (new_pages, old_same, old_objects, handles_used)
+ * Entries chunk[start:start+count] become the pages sizes[first:first+count] describe: an
+ * object (the next handle from handles[hfirst:]) or SAME_ENTRY (size 0). The old entries'
+ * handles go to olds[ofirst:], to be freed; holes and same-filled pages replaced are counted. */
+static PyObject *codec_place(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer chunk = {0}, sizes = {0}, handles = {0}, olds = {0};
+    Py_ssize_t start, first, count, hfirst, ofirst;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*ny*nny*nw*n:place", &chunk, &start, &sizes, &first, &count,
+                          &handles, &hfirst, &olds, &ofirst))
+        return NULL;
+    if (check_range(&chunk, 8, start, count, "chunk") < 0 ||
+        check_range(&sizes, 2, first, count, "sizes") < 0 ||
+        check_range(&handles, 8, hfirst, 0, "handles") < 0 ||
+        check_range(&olds, 8, ofirst, count, "olds") < 0)
+        goto done;
+    Py_ssize_t new_pages = 0, old_same = 0, old_objects = 0, used = 0;
+    Py_ssize_t handles_left = handles.len / 8 - hfirst;
+    int short_of_handles = 0;
+    unsigned char *table = chunk.buf, *old_out = olds.buf;
+    const unsigned char *size_in = sizes.buf, *handle_in = handles.buf;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t objects = 0;
+    for (Py_ssize_t i = 0; i < count; i++)
+        objects += load_u16(size_in, first + i) != 0;
+    short_of_handles = objects > handles_left; /* then nothing is changed */
+    for (Py_ssize_t i = 0; i < count && !short_of_handles; i++) {
+        uint64_t entry = SAME_ENTRY;
+        if (load_u16(size_in, first + i))
+            entry = load_u64(handle_in, hfirst + used++) << 1 | 1;
+        uint64_t old = load_u64(table, start + i);
+        store_u64(table, start + i, entry);
+        if (old & 1)
+            store_u64(old_out, ofirst + old_objects++, old >> 1);
+        else if (old)
+            old_same++;
+        else
+            new_pages++;
+    }
+    Py_END_ALLOW_THREADS
+    if (short_of_handles)
+        PyErr_SetString(PyExc_ValueError, "place: fewer handles than objects");
+    else
+        result = Py_BuildValue("nnnn", new_pages, old_same, old_objects, used);
+done:
+    PyBuffer_Release(&chunk);
+    PyBuffer_Release(&sizes);
+    PyBuffer_Release(&handles);
+    PyBuffer_Release(&olds);
+    return result;
+}
+
+/* handles_of(entries, out) -> n: the handles of the object entries, in order, into out[:n]. */
+static PyObject *codec_handles_of(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer entries = {0}, out = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*w*:handles_of", &entries, &out))
+        return NULL;
+    if (check_range(&entries, 8, 0, entries.len / 8, "entries") < 0 ||
+        check_range(&out, 8, 0, entries.len / 8, "out") < 0)
+        goto done;
+    Py_ssize_t count = entries.len / 8, found = 0;
+    const unsigned char *in = entries.buf;
+    unsigned char *handle_out = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t entry = load_u64(in, i);
+        if (entry & 1)
+            store_u64(handle_out, found++, entry >> 1);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(found);
+done:
+    PyBuffer_Release(&entries);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* spread(entries, object_sizes, out): out[i] = the next object's size for an object entry,
+ * else 0: the per-page sizes decode() takes, from the per-object sizes Pool.read_joined gives. */
+static PyObject *codec_spread(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer entries = {0}, object_sizes = {0}, out = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*w*:spread", &entries, &object_sizes, &out))
+        return NULL;
+    if (check_range(&entries, 8, 0, entries.len / 8, "entries") < 0 ||
+        check_range(&object_sizes, 2, 0, object_sizes.len / 2, "object_sizes") < 0 ||
+        check_range(&out, 2, 0, entries.len / 8, "out") < 0 || out.len / 2 != entries.len / 8)
+        goto fail;
+    Py_ssize_t count = entries.len / 8, objects = object_sizes.len / 2, used = 0;
+    const unsigned char *in = entries.buf, *size_in = object_sizes.buf;
+    unsigned char *size_out = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint16_t size = 0;
+        if (load_u64(in, i) & 1 && used < objects)
+            size = load_u16(size_in, used++);
+        else if (load_u64(in, i) & 1)
+            used++; /* one object too few: reported below */
+        memcpy(size_out + sizeof size * (size_t)i, &size, sizeof size);
+    }
+    Py_END_ALLOW_THREADS
+    if (used != objects) {
+        PyErr_Format(PyExc_ValueError, "spread: %zd object entries, %zd object sizes", used,
+                     objects);
+        goto fail;
+    }
+    result = Py_NewRef(Py_None);
+fail:
+    PyBuffer_Release(&entries);
+    PyBuffer_Release(&object_sizes);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 /* -- the module -------------------------------------------------------------------------- */
 
 static PyMethodDef codec_methods[] = {
     {"encode", codec_encode, METH_VARARGS,
      "encode(algorithm, level, src, huge_size, sizes, words) -> bytes: a batch of whole pages "
      "as objects back to back; sizes[i] each (0: same-filled, its word in words[i])."},
+    {"encode_page", codec_encode_page, METH_VARARGS,
+     "encode_page(algorithm, level, page, huge_size) -> bytes | int: one page's object, or "
+     "its word if it is same-filled."},
     {"decode_into", codec_decode_into, METH_VARARGS,
      "decode_into(algorithm, blob, sizes, words, out, skip=0): the pages encode() described, "
      "from byte skip of the first, into the writable buffer out (as many bytes as it holds)."},
     {"decode", codec_decode, METH_VARARGS,
      "decode(algorithm, blob, sizes, words, skip, length) -> bytes: decode_into a new bytes "
      "object of length bytes."},
+    {"place", codec_place, METH_VARARGS,
+     "place(chunk, start, sizes, first, count, handles, hfirst, olds, ofirst) -> (new_pages, "
+     "old_same, old_objects, handles_used): a batch's entries into a page-table chunk."},
+    {"handles_of", codec_handles_of, METH_VARARGS,
+     "handles_of(entries, out) -> n: the object entries' handles, in order, into out[:n]."},
+    {"spread", codec_spread, METH_VARARGS,
+     "spread(entries, object_sizes, out): per-page sizes (0 where no object) into out."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -326,6 +326,24 @@ class Codec:
             sizes[i] = len(stored)
         return b"".join(objects), sizes, words
 
+    def encode_page(self, page: bytes | memoryview, huge_size: int) -> bytes | memoryview | int:
+        """One page as encode() would encode it: the object to store, or (same-filled) its
+        word. The one-page write's path: no arrays, no blob."""
+        if self.compiled is not None:
+            result: bytes | int = self.compiled.encode_page(
+                self.algorithm.number, self.algorithm.level, page, huge_size
+            )
+            return result
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"{len(page)} bytes are not one page")
+        if not 1 <= huge_size <= PAGE_SIZE:
+            raise ValueError(f"huge_size {huge_size} is not in 1..{PAGE_SIZE}")
+        word = same_filled_word(page)
+        if word is not None:
+            return word
+        packed = self.algorithm.compress(page)
+        return page if len(packed) >= huge_size else packed
+
     # -- decode ---------------------------------------------------------------------------
 
     def decode(

@@ -9,11 +9,15 @@ same accounting and the same all-or-nothing rule at the size limit.
 
 from __future__ import annotations
 
+import importlib
 import random
+from array import array
+from types import ModuleType
 
 import pytest
 from page_kinds import page_of_kind
 
+from zfs_ram import pagestore
 from zfs_ram.codec import encode_page
 from zfs_ram.pagestore import FileData, NoSpaceError, PageStore
 from zfs_ram.pool import InvalidHandleError, create_pool
@@ -147,3 +151,33 @@ def test_a_truncate_at_mem_limit_keeps_the_file() -> None:
             assert store.read(data, 0, grown) == bytes(model) + bytes(PAGE_SIZE)
         pool.check()
     assert left_stale > 0  # some cut pages found no room even after the pages past them went
+
+
+TABLES = [pagestore, importlib.import_module("zfs_ram._codec")]
+
+
+@pytest.mark.parametrize("table", TABLES, ids=["python", "native"])
+def test_the_table_loops_of_both_engines(table: ModuleType) -> None:
+    """place, handles_of and spread: the per-page loops of a batch, on a chunk with a hole,
+    a same-filled page and objects, and refused whole when the handles run short."""
+    chunk = array("Q", [0, pagestore.SAME_ENTRY, 7 << 1 | 1, 0, 9 << 1 | 1])
+    sizes = array("H", [99, 100, 0, 200, 0, 300])
+    handles = array("Q", [0, 11, 12, 13])
+    olds = array("Q", bytes(8 * 6))
+    # Pages 1..5 of the chunk take sizes[1:5]: two objects (handles 11, 12) and two same.
+    assert table.place(chunk, 1, sizes, 1, 4, handles, 1, olds, 1) == (1, 1, 2, 2)
+    assert list(chunk) == [0, 11 << 1 | 1, pagestore.SAME_ENTRY, 12 << 1 | 1, pagestore.SAME_ENTRY]
+    assert list(olds[1:3]) == [7, 9]
+    before = chunk.tobytes()
+    with pytest.raises(ValueError):
+        table.place(chunk, 0, sizes, 0, 4, handles, 3, olds, 0)  # 3 objects, 1 handle left
+    with pytest.raises(ValueError):
+        table.place(chunk, 2, sizes, 0, 4, handles, 0, olds, 0)  # past the chunk's end
+    assert chunk.tobytes() == before
+    out = array("Q", bytes(8 * len(chunk)))
+    assert table.handles_of(chunk, out) == 2 and list(out[:2]) == [11, 12]
+    spread = array("H", bytes(2 * len(chunk)))
+    table.spread(chunk, array("H", [50, 60]), spread)
+    assert list(spread) == [0, 50, 0, 60, 0]
+    with pytest.raises(ValueError):
+        table.spread(chunk, array("H", [50]), spread)
