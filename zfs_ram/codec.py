@@ -61,7 +61,7 @@ class CorruptPageError(ValueError):
 _frame_compress = lz4.frame.compress
 
 
-def same_filled_word(page: bytes | memoryview) -> int | None:
+def same_filled_word(page: bytes | bytearray | memoryview) -> int | None:
     """The repeated 8-byte word if the page is one word repeated, else None."""
     first = bytes(page[:8])
     # The last word first, as zram does: most pages differ there and the check costs nothing.
@@ -326,7 +326,9 @@ class Codec:
             sizes[i] = len(stored)
         return b"".join(objects), sizes, words
 
-    def encode_page(self, page: bytes | memoryview, huge_size: int) -> bytes | memoryview | int:
+    def encode_page(
+        self, page: bytes | bytearray | memoryview, huge_size: int
+    ) -> bytes | bytearray | memoryview | int:
         """One page as encode() would encode it: the object to store, or (same-filled) its
         word. The one-page write's path: no arrays, no blob."""
         if self.compiled is not None:

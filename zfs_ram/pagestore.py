@@ -27,6 +27,19 @@ Frees are announced, not polled: every public call (write, truncate, release) th
 least one pool object (an overwrite frees the old one) calls on_free() once, as it returns or
 raises, so the compactor can be woken.
 
+Partial pages. A write that ends inside the file's last page (tar's 10 KiB records end inside
+every other page) leaves that page pending: kept uncompressed in FileData.pending, its table
+entry a hole, its bytes past the end of file zeros, until a write fills it (then it is
+compressed once, not once per write), the file grows past it, or flush() stores it (the FUSE
+layer calls it on release and fsync). At most pending_limit_pages files hold one; the oldest
+is stored to make room for another. A pending page counts as zram would count the page once
+the page cache wrote it back, as far as that is known before compressing it: as a page held
+(stored_pages, orig_data_size, the size limit's used_pages, detached_pages for a detached
+file), and in same_pages if it is same-filled (it will need no object); not in
+compr_data_size, footprint or huge_pages, as no pool object holds it yet; pending_pages says
+how many there are. A pending page made from a stored one frees that object; storing it never
+needs the size limit's room.
+
 Correctness rules. A write that fails leaves the file as it was for the page that failed; pages
 before it are written (the caller reports a short write). A new object is stored before the old
 one is freed, as zram does, so a failed store never loses the old page; when the pool refuses
@@ -44,7 +57,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, decode, fill_page
+from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, decode, fill_page, same_filled_word
 from zfs_ram.pool import Pool, PoolFullError
 from zfs_ram.vocabulary import PAGE_SIZE
 
@@ -52,6 +65,9 @@ CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
 CHUNK_PAGES = 1 << CHUNK_SHIFT
 CHUNK_MASK = CHUNK_PAGES - 1
 SAME_ENTRY = 2  # even and non-zero: cannot be a hole (0) or an object (odd)
+# Pending pages the whole store holds at most (256 KiB uncompressed): one per file being
+# appended to, and many more files than that are seldom written at once.
+PENDING_LIMIT_PAGES = 64
 # The largest file: the kernel's MAX_LFS_FILESIZE, as tmpfs.
 MAX_FILE_SIZE = (1 << 63) - 1
 
@@ -77,6 +93,8 @@ class FileData:
         "footprint",
         "stale_tail",
         "detached",
+        "pending",
+        "pending_page",
     )
 
     def __init__(self) -> None:
@@ -90,6 +108,10 @@ class FileData:
         self.stale_tail = False
         # Unlinked and not open, but not yet forgotten by the kernel: see PageStore.detach.
         self.detached = False
+        # The unfinished last page, kept uncompressed (see "Partial pages"), and its number
+        # (-1: none). Its bytes past the end of file are zeros; its table entry is a hole.
+        self.pending: bytearray | None = None
+        self.pending_page = -1
 
     def entry(self, page: int) -> int:
         chunk = self.chunks.get(page >> CHUNK_SHIFT)
@@ -170,6 +192,7 @@ class StoreStats:
     stored_pages: int
     detached_pages: int
     size_limit_pages: int
+    pending_pages: int
 
 
 def _nothing() -> None:
@@ -254,6 +277,7 @@ class PageStore:
         size_limit_pages: int = 0,
         on_free: Callable[[], None] = _nothing,
         codec: Codec = DEFAULT_CODEC,
+        pending_limit_pages: int = PENDING_LIMIT_PAGES,
     ) -> None:
         self.pool = pool
         self.size_limit_pages = size_limit_pages  # tmpfs's size=; 0 = unlimited
@@ -266,13 +290,17 @@ class PageStore:
         self._huge_size = pool.huge_class_size
         self.stored_pages = 0
         self.compr_bytes = 0
-        self.same_pages = 0
+        self._same_words = 0  # same-filled pages in the tables (see same_pages)
         self.huge_pages = 0
         self.huge_pages_since = 0
         self._freed = 0  # pool objects freed so far: a public call that moves it calls on_free
         # Pages of files nobody can reach by name or handle any more, kept only until the
         # kernel forgets the inode (see detach); they do not count against size_limit_pages.
         self.detached_pages = 0
+        # The files with a pending page, oldest first (see "Partial pages"); at most
+        # pending_limit_pages of them (0: every page is compressed as it is written).
+        self.pending_limit_pages = pending_limit_pages
+        self._pending: dict[FileData, None] = {}
 
     # -- statistics -----------------------------------------------------------------------
 
@@ -286,7 +314,19 @@ class PageStore:
             stored_pages=self.stored_pages,
             detached_pages=self.detached_pages,
             size_limit_pages=self.size_limit_pages,
+            pending_pages=len(self._pending),
         )
+
+    @property
+    def same_pages(self) -> int:
+        """zram's same_pages: the same-filled pages held, pending ones included (they will
+        need no object either: counted as they will be stored, so that a file's last page
+        counts the same before and after it is flushed)."""
+        same = self._same_words
+        for data in self._pending:
+            assert data.pending is not None
+            same += same_filled_word(data.pending) is not None
+        return same
 
     @property
     def used_pages(self) -> int:
@@ -312,6 +352,8 @@ class PageStore:
     # -- reading pages ----------------------------------------------------------------------
 
     def _page(self, data: FileData, page: int) -> bytes:
+        if page == data.pending_page:
+            return bytes(data.pending)  # type: ignore[arg-type]  # set with pending_page
         value = data.entry(page)
         if value & 1:
             return decode(self.pool.read(value >> 1))
@@ -323,6 +365,14 @@ class PageStore:
     def _read_pages(self, data: FileData, first: int, stop: int, skip: int, length: int) -> bytes:
         """`length` bytes from byte `skip` of page `first` (within pages first..stop-1): the
         objects gathered in one pool call, decoded in one codec call into one buffer."""
+        pending = data.pending_page
+        if first <= pending < stop:  # the file's last page, so the read's last page too
+            head = pending * PAGE_SIZE - (first * PAGE_SIZE + skip)  # bytes before it
+            start = max(-head, 0)
+            tail = bytes(data.pending[start : start + length - max(head, 0)])  # type: ignore[index]
+            if head <= 0:
+                return tail
+            return self._read_pages(data, first, pending, skip, head) + tail
         entries = data.entry_array(first, stop)
         count = len(entries)
         handles = _zeros("Q", count)
@@ -343,10 +393,20 @@ class PageStore:
 
     # -- storing pages ----------------------------------------------------------------------
 
-    def _put(self, data: FileData, page: int, content: bytes | memoryview) -> None:
+    def _put(self, data: FileData, page: int, content: bytes | bytearray | memoryview) -> None:
         """Make `page` hold `content` (a full page). Raises NoSpaceError(0, ...) and changes
         nothing if a limit stops it. One page has a path of its own: a batch's arrays would
         cost more than its encoding (4 KiB random writes, small files, partial pages)."""
+        if page == data.pending_page:  # the pending page is stored (or overwritten) at last
+            pending = data.pending
+            assert pending is not None
+            self._unpend(data)
+            try:
+                self._put(data, page, content)
+            except NoSpaceError:
+                self._count_pending(data, page, pending)  # as it was
+                raise
+            return
         encoded = self.codec.encode_page(content, self._huge_size)
         old = data.entry(page)
         if not old and self.size_limit_pages and self.used_pages >= self.size_limit_pages:
@@ -367,7 +427,7 @@ class PageStore:
         if data.detached:
             self.detached_pages += 1
         if new == SAME_ENTRY:
-            self.same_pages += 1
+            self._same_words += 1
             if encoded:
                 if data.same_words is None:
                     data.same_words = {}
@@ -390,7 +450,7 @@ class PageStore:
             if size == PAGE_SIZE:
                 self.huge_pages -= 1
         elif value == SAME_ENTRY:
-            self.same_pages -= 1
+            self._same_words -= 1
             if data.same_words:
                 data.same_words.pop(page, None)
         data.stored_pages -= 1
@@ -503,7 +563,7 @@ class PageStore:
         self.stored_pages += new_pages
         if data.detached:
             self.detached_pages += new_pages
-        self.same_pages += same_new - old_same
+        self._same_words += same_new - old_same
         huge = placed.count(PAGE_SIZE)
         self.huge_pages += huge
         self.huge_pages_since += huge
@@ -553,6 +613,8 @@ class PageStore:
             raise OverflowError("file too large")
         if data.stale_tail and offset + len(buf) > data.size:
             self._zero_tail(data)  # a NoSpaceError here says that 0 bytes landed
+        if data.pending is not None and buf:
+            self._settle_pending(data, offset, offset + len(buf))  # NoSpaceError: 0 landed
         if len(buf) == PAGE_SIZE and not offset % PAGE_SIZE:
             # One whole page, the commonest small write: no slicing, no batch. A NoSpaceError
             # from _put already says that 0 bytes landed.
@@ -587,18 +649,107 @@ class PageStore:
     def _write_partial(
         self, data: FileData, offset: int, buf: bytes, position: int, end: int
     ) -> int:
-        """Read-modify-write the page holding `position`; returns where the write goes on."""
+        """Read-modify-write the page holding `position`; returns where the write goes on.
+        A page the write leaves unfinished at the end of file is kept pending instead."""
         page, start = divmod(position, PAGE_SIZE)
         page_start = page * PAGE_SIZE
         stop = min(end - page_start, PAGE_SIZE)
         piece = buf[position - offset : position - offset + stop - start]
         # A page at or past the end of file reads as zeros.
         old = self._page(data, page) if page_start < data.size else ZERO_PAGE
-        self._put(data, page, old[:start] + piece + old[stop:])
-        position = page_start + stop
-        if position > data.size:
-            data.size = position
-        return position
+        content = bytearray(old)
+        content[start:stop] = piece
+        size = max(data.size, page_start + stop)
+        if stop < PAGE_SIZE and (size - 1) // PAGE_SIZE == page and self._may_pend(data):
+            # Zero what lies past the end of file: a stale tail, if the page had one, is gone.
+            content[size - page_start :] = bytes(PAGE_SIZE - (size - page_start))
+            self._pend(data, page, content)  # NoSpaceError: nothing changed
+        else:
+            self._put(data, page, content)
+        data.size = size
+        return page_start + stop
+
+    # -- partial pages ----------------------------------------------------------------------
+
+    def _may_pend(self, data: FileData) -> bool:
+        """Whether `data` may keep a pending page: it has one, or there is room for one (the
+        oldest other one is stored to make it, if the pool has room for that)."""
+        if data.pending is not None:
+            return True
+        if not self.pending_limit_pages:
+            return False
+        if len(self._pending) >= self.pending_limit_pages:
+            try:
+                self._flush_pending(next(iter(self._pending)))
+            except NoSpaceError:
+                return False  # the page is stored as it is written, or the write refused
+        return True
+
+    def _pend(self, data: FileData, page: int, content: bytearray) -> None:
+        """Make `page` (the file's last) the pending page with `content`, its stored object
+        freed if it had one. Raises NoSpaceError(0, physical=False), changing nothing, if the
+        page is new and the size limit is reached."""
+        if page == data.pending_page:
+            data.pending = content
+            del self._pending[data]  # the most recently written, last
+            self._pending[data] = None
+            return
+        assert data.pending is None, "a file has at most one pending page"
+        old = data.entry(page)
+        if not old and self.size_limit_pages and self.used_pages >= self.size_limit_pages:
+            raise NoSpaceError(0, physical=False)
+        if old:
+            self._drop(data, page, old)
+            data.set_entry(page, 0)
+        self._count_pending(data, page, content)
+        data.stale_tail = False  # the tail is zeroed in content: the page is the last one
+
+    def _count_pending(self, data: FileData, page: int, content: bytearray) -> None:
+        """Hold `content` as the pending `page`, counted as a stored page."""
+        data.pending = content
+        data.pending_page = page
+        self._pending[data] = None
+        data.stored_pages += 1
+        self.stored_pages += 1
+        if data.detached:
+            self.detached_pages += 1
+
+    def _unpend(self, data: FileData) -> None:
+        """Forget the pending page, counts and all (its content is the caller's)."""
+        del self._pending[data]
+        data.pending = None
+        data.pending_page = -1
+        data.stored_pages -= 1
+        self.stored_pages -= 1
+        if data.detached:
+            self.detached_pages -= 1
+
+    def _flush_pending(self, data: FileData) -> None:
+        """Store the pending page in the pool. Raises NoSpaceError(0, physical=True) if the
+        pool has no room: then it stays pending."""
+        assert data.pending is not None
+        self._put(data, data.pending_page, data.pending)
+
+    def _settle_pending(self, data: FileData, offset: int, end: int) -> None:
+        """Before a write of offset..end: store the pending page unless the write leaves it the
+        file's last page, or merges into it (it starts or ends inside it)."""
+        pending = data.pending_page
+        first = offset // PAGE_SIZE
+        last = (end - 1) // PAGE_SIZE
+        if last < pending or (first == pending == last):
+            return
+        if first == pending and offset % PAGE_SIZE:  # starts inside: merged, then stored
+            return
+        if last == pending and end % PAGE_SIZE:  # ends inside: merged, still pending
+            return
+        self._flush_pending(data)  # it is overwritten whole, or no longer the last page
+
+    def flush(self, data: FileData) -> None:
+        """Store the file's pending page, if it has one: on close, fsync and flush, so that an
+        idle file holds no page uncompressed. Raises NoSpaceError(0, physical=True) if the pool
+        has no room; the page then stays pending (and readable), and a later call retries."""
+        if data.pending is not None:
+            self._flush_pending(data)
 
     def truncate(self, data: FileData, size: int) -> None:
         """Set the file's size; pages past it are freed and the tail of a cut page zeroed.
@@ -616,6 +767,15 @@ class PageStore:
     def _truncate(self, data: FileData, size: int) -> None:
         if size > MAX_FILE_SIZE:
             raise OverflowError("file too large")
+        pending = data.pending
+        if pending is not None and size != data.size:
+            cut = size - data.pending_page * PAGE_SIZE
+            if cut <= 0:  # cut off whole
+                self._unpend(data)
+            elif cut <= PAGE_SIZE:  # still the last page: zeroed past the new end, in place
+                pending[cut:] = bytes(PAGE_SIZE - cut)
+            else:  # no longer the last page
+                self._flush_pending(data)  # NoSpaceError: refused, nothing changed
         if size > data.size:
             if data.stale_tail:
                 self._zero_tail(data)
@@ -672,7 +832,7 @@ class PageStore:
         if data.same_words:
             for number in [n for n in data.same_words if n >= first_page]:
                 del data.same_words[number]
-        self.same_pages -= same
+        self._same_words -= same
         data.stored_pages -= pages
         self.stored_pages -= pages
         if data.detached:
@@ -681,6 +841,8 @@ class PageStore:
     def release(self, data: FileData) -> None:
         """Free every page of a file that is gone (detached or not): it is empty afterwards."""
         freed = self._freed
+        if data.pending is not None:
+            self._unpend(data)
         self._free_from(data, 0)  # counts a detached file's pages out of detached_pages too
         data.size = 0
         data.stale_tail = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import random
 from array import array
+from collections.abc import Sequence
 from types import ModuleType
 
 import pytest
@@ -181,3 +182,69 @@ def test_the_table_loops_of_both_engines(table: ModuleType) -> None:
     assert list(spread) == [0, 50, 0, 60, 0]
     with pytest.raises(ValueError):
         table.spread(chunk, array("H", [50]), spread)
+
+
+class CountingPool:
+    """A zsmalloc pool whose stored objects are counted, store and store_many alike."""
+
+    def __init__(self) -> None:
+        self.pool = create_pool("zsmalloc")
+        self.stored = 0
+        store, store_many = self.pool.store, self.pool.store_many
+
+        def counting_store(data: bytes) -> int:
+            self.stored += 1
+            return store(data)
+
+        def counting_store_many(blob: bytes, sizes: Sequence[int]) -> array[int]:
+            before = self.stored  # store_many may call store(): count its objects once
+            handles = store_many(blob, sizes)
+            self.stored = before + len(handles)
+            return handles
+
+        self.pool.store = counting_store  # type: ignore[method-assign, assignment]  # counting
+        self.pool.store_many = counting_store_many  # type: ignore[method-assign, assignment]
+
+
+def test_10k_appends_compress_each_page_once() -> None:
+    """tar's records: every other one ends inside a page, which stays pending (uncompressed)
+    until the next record fills it, instead of being compressed once per record."""
+    rng = random.Random(3)
+    counted = CountingPool()
+    store = PageStore(counted.pool)
+    data = FileData()
+    content = b"".join(page_of_kind("text", rng) for _ in range(64))[: 63 * PAGE_SIZE + 1000]
+    record = 10 * 1024
+    for offset in range(0, len(content), record):
+        store.write(data, offset, content[offset : offset + record])
+        assert store.read(data, 0, offset + record) == content[: offset + record]
+    assert counted.stored == 63  # every full page once; the last, partial one is pending
+    stats = store.statistics()
+    assert (stats.pending_pages, stats.stored_pages) == (1, 64)
+    assert stats.orig_data_size == 64 * PAGE_SIZE  # held, as zram counts it
+    assert stats.compr_data_size == counted.pool.bytes_stored  # but in no pool object
+    store.flush(data)
+    assert counted.stored == 64 and store.statistics().pending_pages == 0
+    assert store.read(data, 0, len(content) + 1) == content
+    store.truncate(data, 100)
+    store.write(data, 100, b"x" * 50)  # the cut page, stored, comes back pending
+    assert store.statistics().pending_pages == 1 and data.pending_page == 0
+    assert store.read(data, 0, 200) == content[:100] + b"x" * 50
+    store.release(data)
+    assert (store.stored_pages, store.statistics().pending_pages, counted.pool.objects) == (0, 0, 0)
+
+
+def test_the_oldest_pending_page_is_stored_for_a_new_one() -> None:
+    counted = CountingPool()
+    store = PageStore(counted.pool, pending_limit_pages=2)
+    files = [FileData() for _ in range(3)]
+    for number, data in enumerate(files):
+        store.write(data, 0, bytes([number + 1]) * 100)
+    assert [data.pending is not None for data in files] == [False, True, True]
+    assert counted.stored == 1 and store.statistics().pending_pages == 2
+    for number, data in enumerate(files):
+        assert store.read(data, 0, 200) == bytes([number + 1]) * 100
+    unlimited = PageStore(create_pool("zsmalloc"), pending_limit_pages=0)
+    data = FileData()
+    unlimited.write(data, 0, b"y" * 100)  # 0: no page is kept pending
+    assert data.pending is None and unlimited.pool.objects == 1

@@ -131,10 +131,14 @@ class PageStoreMachine(RuleBasedStateMachine):
         self.pool.close()
         self.twin_pool.close()
 
-    @initialize(size_pages=st.integers(6, 40), mem_pages=st.integers(3, 24))
-    def limits(self, size_pages: int, mem_pages: int) -> None:
+    @initialize(
+        size_pages=st.integers(6, 40), mem_pages=st.integers(3, 24), pending=st.integers(0, 3)
+    )
+    def limits(self, size_pages: int, mem_pages: int, pending: int) -> None:
         self.store.size_limit_pages = self.twin.size_limit_pages = size_pages
         self.pool.mem_limit_pages = self.twin_pool.mem_limit_pages = mem_pages
+        # Fewer pending pages than files (some of the time): the oldest is stored for another.
+        self.store.pending_limit_pages = self.twin.pending_limit_pages = pending
 
     # -- the operations ------------------------------------------------------------------------
 
@@ -234,6 +238,17 @@ class PageStoreMachine(RuleBasedStateMachine):
         self.detached[i] = False
 
     @rule(i=st.integers(0, FILES - 1))
+    def flush(self, i: int) -> None:
+        """close, fsync or flush: the pending page is stored (refused only at mem_limit)."""
+        try:
+            self._call(lambda store, files: store.flush(files[i]))
+        except NoSpaceError as error:
+            self._refused(error)
+            assert error.physical and self.files[i].pending is not None
+            return
+        assert self.files[i].pending is None
+
+    @rule(i=st.integers(0, FILES - 1))
     def detach(self, i: int) -> None:
         """Unlinked and not open (twice in a row does nothing the second time)."""
         self.store.detach(self.files[i])
@@ -281,7 +296,7 @@ class PageStoreMachine(RuleBasedStateMachine):
     def counters_match(self) -> None:
         pool, store = self.pool, self.store
         pool.check()
-        stored = same = objects = compr = huge = detached = 0
+        stored = same = objects = compr = huge = detached = pending = 0
         for data, model, is_detached in zip(self.files, self.models, self.detached, strict=True):
             assert data.detached == is_detached
             end_page = -(-len(model) // PAGE_SIZE)
@@ -297,6 +312,15 @@ class PageStoreMachine(RuleBasedStateMachine):
                 else:
                     assert entry == SAME_ENTRY
                     same += 1
+            if data.pending is not None:  # the last page, uncompressed; a hole in the table
+                event("a pending page")
+                pending += 1
+                pages += 1
+                same += bytes(data.pending) == data.pending[:8] * (PAGE_SIZE // 8)
+                assert data.pending_page == (len(model) - 1) // PAGE_SIZE
+                assert not data.entry(data.pending_page) and len(data.pending) == PAGE_SIZE
+                tail = len(model) - data.pending_page * PAGE_SIZE
+                assert data.pending[tail:] == bytes(PAGE_SIZE - tail)
             assert (data.stored_pages, data.footprint) == (pages, footprint)
             stored += pages
             compr += footprint
@@ -311,6 +335,7 @@ class PageStoreMachine(RuleBasedStateMachine):
         assert stats.detached_pages == store.detached_pages == detached
         assert store.used_pages == stored - detached
         assert stats.size_limit_pages == store.size_limit_pages
+        assert stats.pending_pages == pending <= store.pending_limit_pages
 
     @invariant()
     def twins_match(self) -> None:
@@ -329,6 +354,7 @@ class PageStoreMachine(RuleBasedStateMachine):
             )
             assert self._layout(twin, self.twin_pool) == self._layout(data, self.pool)
             assert twin.same_words == data.same_words
+            assert (twin.pending, twin.pending_page) == (data.pending, data.pending_page)
 
     @staticmethod
     def _layout(data: FileData, pool: Pool) -> list[tuple[int, int]]:
