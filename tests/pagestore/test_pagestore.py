@@ -248,3 +248,35 @@ def test_the_oldest_pending_page_is_stored_for_a_new_one() -> None:
     data = FileData()
     unlimited.write(data, 0, b"y" * 100)  # 0: no page is kept pending
     assert data.pending is None and unlimited.pool.objects == 1
+
+
+def test_a_stale_tail_does_not_survive_into_a_pending_page() -> None:
+    """A cut page left with its old tail (no room to store it zeroed) that becomes pending
+    through a write that does not grow the file: growing it later must show zeros."""
+    for trial in range(40):
+        rng = random.Random(trial)
+        pool = create_pool("zsmalloc", mem_limit_pages=16)
+        store = PageStore(pool)
+        data = FileData()
+        model = bytearray()
+        while True:
+            number = len(model) // PAGE_SIZE
+            content = page_of_kind("mixed", rng, number)
+            try:
+                store.write(data, number * PAGE_SIZE, content)
+            except NoSpaceError:
+                break
+            model += content
+        number = rng.choice(range(4, len(model) // PAGE_SIZE, 5))
+        size = number * PAGE_SIZE + rng.randrange(20, PAGE_SIZE)
+        store.truncate(data, size)
+        if not data.stale_tail:
+            continue
+        del model[size:]
+        store.write(data, size - 10, b"z" * 10)  # inside the last page: it becomes pending
+        model[size - 10 : size] = b"z" * 10
+        assert data.pending_page == number and not data.stale_tail
+        store.truncate(data, size + 100)  # grows within the pending page
+        assert store.read(data, 0, size + PAGE_SIZE) == bytes(model) + bytes(100)
+        return
+    pytest.fail("no trial left a stale tail")
