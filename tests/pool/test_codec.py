@@ -14,6 +14,8 @@ import ctypes.util
 import os
 import random
 import sys
+import threading
+import time
 from array import array
 
 import hypothesis.strategies as st
@@ -297,3 +299,40 @@ def test_the_engine_is_chosen_once_and_said() -> None:
     assert native.engines()["codec"] == codec.DEFAULT_CODEC.engine
     with pytest.raises(ValueError):
         codec.Codec("lzo")
+
+
+def test_the_compiled_batch_runs_without_the_gil() -> None:
+    """Another thread keeps running while one call encodes, or decodes, 8 MiB: the GIL is
+    released for the whole batch. Held, the other thread could run only before the call or
+    after it, never in the first half of it (after it, it may run before the caller reads
+    the clock, which is why only the first half counts)."""
+    rng = random.Random(9)
+    src = b"".join(page_of("text", rng) for _ in range(16)) * 128  # 8 MiB
+    batch = NATIVE.encode(src, HUGE)
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            for _ in range(100):
+                pass
+            stamps.append(time.perf_counter())
+
+    thread = threading.Thread(target=tick)
+    thread.start()
+    inside = {"encode": 0, "decode": 0}
+    try:
+        time.sleep(0.01)  # the other thread is running
+        for _ in range(3):
+            for name, call in (
+                ("encode", lambda: NATIVE._encode(memoryview(src), HUGE)),  # one call
+                ("decode", lambda: NATIVE.decode(*batch)),
+            ):
+                start = time.perf_counter()
+                call()
+                half = start + (time.perf_counter() - start) / 2
+                inside[name] += sum(1 for stamp in stamps[-100000:] if start < stamp < half)
+    finally:
+        stop.set()
+        thread.join()
+    assert inside["encode"] > 0 and inside["decode"] > 0, inside
