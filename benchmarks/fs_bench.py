@@ -1,13 +1,17 @@
-"""zfs_ram beside kernel tmpfs and a do-nothing pyfuse3 filesystem (the ceiling), in one run.
+"""zfs_ram beside kernel tmpfs, kernel zram+ext4 and a do-nothing pyfuse3 filesystem (the
+ceiling), in one run.
 
 Why three systems: absolute figures on a shared, noisy 2-core machine say little. tmpfs is what
 zfs_ram replaces; nullfs (benchmarks/nullfs.py) is the best any pyfuse3 filesystem can do here,
 so zfs_ram/nullfs is the share of the FUSE ceiling that zfs_ram's own code leaves. Every
 repetition runs each workload on all the systems back to back (their order rotates from one
-repetition to the next), and the report gives medians of the per-repetition ratios. A fourth
-system runs on request (--systems tmpfs zfs_ram nullfs lz4null): lz4null, nullfs with zfs_ram's
-codec on every page (nullfs.py --lz4), whose ratio to nullfs says how far any pure-Python
-filesystem that compresses each page before answering a write can go here.
+repetition to the next), and the report gives medians of the per-repetition ratios. zram is
+ext4 on a kernel zram device of its own (lz4, -o discard; systems.ZramExt4), the kernel's way to
+keep files compressed in RAM: issue 14's throughput targets are ratios to it (zfs/zram column);
+it is left out, with a line saying why, where it cannot run (not root, no zram module, no
+mkfs.ext4). A fifth system runs on request (--systems tmpfs zfs_ram nullfs zram lz4null):
+lz4null, nullfs with zfs_ram's codec on every page (nullfs.py --lz4), whose ratio to nullfs says
+how far any pure-Python filesystem that compresses each page before answering a write can go.
 
 Workloads (names for --only):
   seqwrite_1m, seqwrite_4k  sequential write of --size-mib of real data (files from /usr/lib and
@@ -69,6 +73,7 @@ from systems import (
     System,
     Tmpfs,
     ZfsRam,
+    ZramExt4,
     command_output,
     cpu_seconds,
     describe_run,
@@ -110,6 +115,8 @@ TARGETS: dict[str, float] = {
     "smallfiles.unlink": 0.7,
     "untar": 0.7,
 }
+# Issue 14's targets: minimum zfs_ram/zram+ext4 ratio (same run, real data, medians).
+ZRAM_TARGETS: dict[str, float] = {"seqwrite_1m": 1.0, "seqread": 0.7}
 RSS_FACTOR, RSS_SLACK = 1.05, 64 * MIB  # RSS <= 1.05 x pool pages + 64 MiB (issue's target)
 ZRAM_TOLERANCE = 0.05  # pool pages within 5% of kernel zram's mem_used_total
 WORKLOADS = (
@@ -123,8 +130,8 @@ WORKLOADS = (
 )
 SEQ_FILE = "seq.bin"
 PREWARM_FACTOR = 2  # warm 2x the data: page cache plus pool frames (or the read buffer)
-SYSTEMS = ("tmpfs", "zfs_ram", "nullfs", "lz4null")
-DEFAULT_SYSTEMS = SYSTEMS[:3]  # lz4null (the pure-Python codec bound) only when asked for
+SYSTEMS = ("tmpfs", "zfs_ram", "nullfs", "zram", "lz4null")
+DEFAULT_SYSTEMS = SYSTEMS[:4]  # lz4null (the pure-Python codec bound) only when asked for
 CPU_SYSTEMS = ("zfs_ram", "nullfs", "lz4null")  # the daemons whose CPU time is reported
 DEFAULT_REPS = 3  # the median of 3 outvotes one disturbed repetition; a full rep takes minutes
 
@@ -533,8 +540,12 @@ def render(report: Report, systems: list[str]) -> str:
                 medians[(m, name)] = statistics.median(values)
     to_null = ratios(report, "zfs_ram", "nullfs")
     to_tmpfs = ratios(report, "zfs_ram", "tmpfs")
+    to_zram = ratios(report, "zfs_ram", "zram")
     head = f"{'workload':<20}{'unit':>8}" + "".join(f"{n:>10}" for n in systems)
-    head += f"{'zfs/ceil':>10}{'zfs/tmpfs':>10}{'target':>8}  verdict"
+    head += f"{'zfs/ceil':>10}{'zfs/tmpfs':>10}"
+    if "zram" in systems:
+        head += f"{'zfs/zram':>10}"
+    head += f"{'target':>8}  verdict"
     if "zfs_ram" in systems and "nullfs" in systems:  # the CPU column needs both
         head += "  daemon CPU s " + "/".join(
             {"zfs_ram": "zfs", "nullfs": "null"}.get(n, n) for n in CPU_SYSTEMS if n in systems
@@ -548,6 +559,9 @@ def render(report: Report, systems: list[str]) -> str:
         c, t = to_null.get(m), to_tmpfs.get(m)
         row += f"{c:>10.2f}" if c is not None else f"{'-':>10}"
         row += f"{t:>10.3f}" if t is not None else f"{'-':>10}"
+        if "zram" in systems:
+            z = to_zram.get(m)
+            row += f"{z:>10.2f}" if z is not None else f"{'-':>10}"
         target = TARGETS.get(m)
         if target is not None:
             verdict = "-" if c is None else "ok" if c >= target else "MISS"
@@ -565,6 +579,17 @@ def render(report: Report, systems: list[str]) -> str:
                 else:
                     row += "  " + " / ".join(f"{cpu[n] or 0.0:.1f}" for n in shown)
         lines.append(row.rstrip())
+    if to_zram:
+        spread = ratio_ranges(report, "zfs_ram", "zram")
+        lines += ["", "against kernel zram+ext4 (issue 14): median (per-repetition range)"]
+        for m, target in ZRAM_TARGETS.items():
+            if m in to_zram:
+                low, high = spread[m]
+                verdict = "ok" if to_zram[m] >= target else "MISS"
+                lines.append(
+                    f"  {m:<20}{to_zram[m]:>6.2f} ({low:.2f}-{high:.2f})  target "
+                    f"{target:.2f}: {verdict}"
+                )
     bound = ratios(report, "lz4null", "nullfs")
     if bound:
         spread = ratio_ranges(report, "lz4null", "nullfs")
@@ -697,9 +722,14 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
         "zfs_ram": lambda path: ZfsRam(path, fs_size, args.zfs_ram_options),
         "nullfs": lambda path: NullFs(path, fs_size, xattrs=args.nullfs_xattrs),
         "lz4null": lambda path: Lz4NullFs(path, fs_size, xattrs=args.nullfs_xattrs),
+        "zram": lambda path: ZramExt4(path, fs_size),
     }
     for name in SYSTEMS:
         if name not in (args.systems or DEFAULT_SYSTEMS):
+            continue
+        if name == "zram" and (reason := ZramExt4.unavailable_reason()) is not None:
+            log(f"zram+ext4 left out: {reason}")
+            report.errors.append(f"zram+ext4 not run: {reason}")
             continue
         path = root / name
         path.mkdir()
@@ -767,7 +797,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        description="zfs_ram vs tmpfs vs a do-nothing pyfuse3 filesystem",
+        description="zfs_ram vs tmpfs vs zram+ext4 vs a do-nothing pyfuse3 filesystem",
         epilog="Needs root. Random I/O uses fio if installed (apt-get install -y fio).",
     )
     parser.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
@@ -787,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         "--systems",
         nargs="+",
         choices=SYSTEMS,
-        help="the systems to run (default tmpfs zfs_ram nullfs; lz4null is "
+        help="the systems to run (default tmpfs zfs_ram nullfs zram; zram is ext4 on a "
+        "kernel zram device; lz4null is "
         "nullfs plus zfs_ram's codec: the bound for pure-Python compression)",
     )
     parser.add_argument(
@@ -830,7 +861,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     report = run_benchmark(args, argv)
-    systems = [n for n in SYSTEMS if n in (args.systems or DEFAULT_SYSTEMS)]
+    ran = {sample.system for sample in report.samples}
+    systems = [
+        n for n in SYSTEMS if n in (args.systems or DEFAULT_SYSTEMS) and (n != "zram" or n in ran)
+    ]
     text = render(report, systems)
     print(text)
     if args.json:
@@ -838,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["summary"] = {
             "zfs_ram/nullfs": ratios(report, "zfs_ram", "nullfs"),
             "zfs_ram/tmpfs": ratios(report, "zfs_ram", "tmpfs"),
+            "zfs_ram/zram": ratios(report, "zfs_ram", "zram"),
+            "zram_targets": ZRAM_TARGETS,
             "lz4null/nullfs": ratios(report, "lz4null", "nullfs"),
             "targets": TARGETS,
         }

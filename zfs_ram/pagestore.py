@@ -15,13 +15,36 @@ Every change goes through this module, so the counters are exact. The pages of d
 (unlinked, not yet forgotten: see PageStore.detach) are held but do not count against the size
 limit; detached_pages follows every write, truncate and release of such a file.
 
+Batches. A write of several pages is encoded in one codec call (zfs_ram.codec: the objects back
+to back, a size and a word per page), its objects stored with one Pool.store_many, and placed in
+the page table chunk by chunk by place(), whose old objects go back with one Pool.free_many; the
+counters follow from the arrays' sums and counts, not from a Python step per page. A read of
+several pages gathers its objects with one Pool.read_joined and decodes them into one bytes
+object. The table loops (place, handles_of, spread) have a C twin in zfs_ram._codec, run when
+the codec runs compiled. One aligned page, the commonest small write, keeps a path of its own.
+
 Frees are announced, not polled: every public call (write, truncate, release) that freed at
 least one pool object (an overwrite frees the old one) calls on_free() once, as it returns or
 raises, so the compactor can be woken.
 
+Partial pages. A write that ends inside the file's last page (tar's 10 KiB records end inside
+every other page) leaves that page pending: kept uncompressed in FileData.pending, its table
+entry a hole, its bytes past the end of file zeros, until a write fills it (then it is
+compressed once, not once per write), the file grows past it, or flush() stores it (the FUSE
+layer calls it on release and fsync). At most pending_limit_pages files hold one; the oldest
+is stored to make room for another. A pending page counts as zram would count the page once
+the page cache wrote it back, as far as that is known before compressing it: as a page held
+(stored_pages, orig_data_size, the size limit's used_pages, detached_pages for a detached
+file), and in same_pages if it is same-filled (it will need no object); not in
+compr_data_size, footprint or huge_pages, as no pool object holds it yet; pending_pages says
+how many there are. A pending page made from a stored one frees that object; storing it never
+needs the size limit's room.
+
 Correctness rules. A write that fails leaves the file as it was for the page that failed; pages
 before it are written (the caller reports a short write). A new object is stored before the old
-one is freed, as zram does, so a failed store never loses the old page. A refused truncate
+one is freed, as zram does, so a failed store never loses the old page; when the pool refuses
+part of a batch, the pages before the refused object land and free their old objects, and the
+rest is tried again for as long as that frees something. A refused truncate
 changes nothing, and a shrinking truncate is never refused: it frees what lies past the new end
 and only then needs room, to store the cut page with its tail zeroed. If even that does not fit,
 the old page stays, tail and all (FileData.stale_tail): the bytes past the end of file cannot be
@@ -34,15 +57,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from zfs_ram.codec import (
-    ZERO_PAGE,
-    Encoded,
-    decode,
-    decode_many,
-    encode_page,
-    encode_pages,
-    fill_page,
-)
+from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, decode, fill_page, same_filled_word
 from zfs_ram.pool import Pool, PoolFullError
 from zfs_ram.vocabulary import PAGE_SIZE
 
@@ -50,6 +65,9 @@ CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
 CHUNK_PAGES = 1 << CHUNK_SHIFT
 CHUNK_MASK = CHUNK_PAGES - 1
 SAME_ENTRY = 2  # even and non-zero: cannot be a hole (0) or an object (odd)
+# Pending pages the whole store holds at most (256 KiB uncompressed): one per file being
+# appended to, and many more files than that are seldom written at once.
+PENDING_LIMIT_PAGES = 64
 # The largest file: the kernel's MAX_LFS_FILESIZE, as tmpfs.
 MAX_FILE_SIZE = (1 << 63) - 1
 
@@ -75,6 +93,8 @@ class FileData:
         "footprint",
         "stale_tail",
         "detached",
+        "pending",
+        "pending_page",
     )
 
     def __init__(self) -> None:
@@ -88,6 +108,10 @@ class FileData:
         self.stale_tail = False
         # Unlinked and not open, but not yet forgotten by the kernel: see PageStore.detach.
         self.detached = False
+        # The unfinished last page, kept uncompressed (see "Partial pages"), and its number
+        # (-1: none). Its bytes past the end of file are zeros; its table entry is a hole.
+        self.pending: bytearray | None = None
+        self.pending_page = -1
 
     def entry(self, page: int) -> int:
         chunk = self.chunks.get(page >> CHUNK_SHIFT)
@@ -111,21 +135,41 @@ class FileData:
             chunk.frombytes(bytes(8 * (index + 1 - len(chunk))))
         chunk[index] = value
 
-    def entries(self, first: int, stop: int) -> list[int]:
-        """The entries of pages first..stop-1, holes included (as 0)."""
-        out: list[int] = []
+    def entry_array(self, first: int, stop: int) -> array[int]:
+        """The entries of pages first..stop-1, holes included (as 0), in one array('Q')."""
+        if first >= stop:
+            return array("Q")
+        key = first >> CHUNK_SHIFT
+        if key == (stop - 1) >> CHUNK_SHIFT:  # within one chunk: the common case
+            chunk = self.chunks.get(key)
+            base = key << CHUNK_SHIFT
+            out = chunk[first - base : stop - base] if chunk is not None else array("Q")
+            if len(out) < stop - first:
+                out.frombytes(bytes(8 * (stop - first - len(out))))
+            return out
+        out = array("Q")
         page = first
         while page < stop:
             key = page >> CHUNK_SHIFT
             base = key << CHUNK_SHIFT
             upto = min(stop, base + CHUNK_PAGES)
             chunk = self.chunks.get(key)
-            part = chunk[page - base : upto - base].tolist() if chunk is not None else []
+            part = chunk[page - base : upto - base] if chunk is not None else array("Q")
             out += part
             if len(part) < upto - page:
-                out += [0] * (upto - page - len(part))
+                out.frombytes(bytes(8 * (upto - page - len(part))))
             page = upto
         return out
+
+    def chunk_for(self, key: int, upto: int) -> array[int]:
+        """Chunk `key`, made or grown to hold at least `upto` entries (holes)."""
+        chunk = self.chunks.get(key)
+        if chunk is None:
+            chunk = self.chunks[key] = array("Q")
+        if len(chunk) < upto:
+            # Grow to the page written, not to a whole chunk: a small file stays small.
+            chunk.frombytes(bytes(8 * (upto - len(chunk))))
+        return chunk
 
     def pages(self) -> Iterator[tuple[int, int]]:
         """(page, entry) for every page that is not a hole, in no particular order."""
@@ -148,31 +192,115 @@ class StoreStats:
     stored_pages: int
     detached_pages: int
     size_limit_pages: int
+    pending_pages: int
 
 
 def _nothing() -> None:
     """The default on_free: nobody to tell."""
 
 
+# -- the table loops: the pure-Python twins of zfs_ram._codec's place, handles_of, spread ----
+
+
+def place(
+    chunk: array[int],
+    start: int,
+    sizes: array[int],
+    first: int,
+    count: int,
+    handles: array[int],
+    hfirst: int,
+    olds: array[int],
+    ofirst: int,
+) -> tuple[int, int, int, int]:
+    """Entries chunk[start:start+count] become the pages sizes[first:first+count] describe: an
+    object (the next handle of handles[hfirst:]) or SAME_ENTRY (size 0). The replaced objects'
+    handles go to olds[ofirst:]. Returns (holes filled, same-filled pages replaced, objects
+    replaced, handles used); changes nothing (ValueError) if there are too few handles."""
+    for name, items, at in (
+        ("chunk", chunk, start),
+        ("sizes", sizes, first),
+        ("olds", olds, ofirst),
+    ):
+        if at < 0 or count < 0 or at + count > len(items):
+            raise ValueError(f"{name}: items {at}..{at}+{count} are not within it")
+    if sum(1 for i in range(first, first + count) if sizes[i]) > len(handles) - hfirst:
+        raise ValueError("place: fewer handles than objects")
+    new_pages = old_same = old_objects = used = 0
+    for i in range(count):
+        if sizes[first + i]:
+            entry = handles[hfirst + used] << 1 | 1
+            used += 1
+        else:
+            entry = SAME_ENTRY
+        old = chunk[start + i]
+        chunk[start + i] = entry
+        if old & 1:
+            olds[ofirst + old_objects] = old >> 1
+            old_objects += 1
+        elif old:
+            old_same += 1
+        else:
+            new_pages += 1
+    return new_pages, old_same, old_objects, used
+
+
+def handles_of(entries: array[int], out: array[int]) -> int:
+    """The handles of the object entries, in order, into out[:n]; returns n."""
+    found = [entry >> 1 for entry in entries if entry & 1]
+    out[: len(found)] = array("Q", found)
+    return len(found)
+
+
+def spread(entries: array[int], object_sizes: array[int], out: array[int]) -> None:
+    """out[i] = the next object's size where entries[i] is an object, else 0."""
+    if len(out) != len(entries) or sum(1 for e in entries if e & 1) != len(object_sizes):
+        raise ValueError("spread: the object entries and the object sizes do not match")
+    objects = iter(object_sizes)
+    for i, entry in enumerate(entries):
+        out[i] = next(objects) if entry & 1 else 0
+
+
+def _zeros(typecode: str, count: int) -> array[int]:
+    return array(typecode, bytes(array(typecode).itemsize * count))
+
+
 class PageStore:
-    """All files' pages over one pool; enforces the logical limit (tmpfs size=, in pages)."""
+    """All files' pages over one pool; enforces the logical limit (tmpfs size=, in pages).
+
+    `codec` encodes and decodes the pages (default: lz4 on the engine chosen at import); the
+    page-table loops run on the same engine."""
 
     def __init__(
-        self, pool: Pool, size_limit_pages: int = 0, on_free: Callable[[], None] = _nothing
+        self,
+        pool: Pool,
+        size_limit_pages: int = 0,
+        on_free: Callable[[], None] = _nothing,
+        codec: Codec = DEFAULT_CODEC,
+        pending_limit_pages: int = PENDING_LIMIT_PAGES,
     ) -> None:
         self.pool = pool
         self.size_limit_pages = size_limit_pages  # tmpfs's size=; 0 = unlimited
         self.on_free = on_free  # called once after a public call that freed pool objects
+        self.codec = codec
+        compiled = codec.compiled
+        self._place = place if compiled is None else compiled.place
+        self._handles_of = handles_of if compiled is None else compiled.handles_of
+        self._spread = spread if compiled is None else compiled.spread
         self._huge_size = pool.huge_class_size
         self.stored_pages = 0
         self.compr_bytes = 0
-        self.same_pages = 0
+        self._same_words = 0  # same-filled pages in the tables (see same_pages)
         self.huge_pages = 0
         self.huge_pages_since = 0
         self._freed = 0  # pool objects freed so far: a public call that moves it calls on_free
         # Pages of files nobody can reach by name or handle any more, kept only until the
         # kernel forgets the inode (see detach); they do not count against size_limit_pages.
         self.detached_pages = 0
+        # The files with a pending page, oldest first (see "Partial pages"); at most
+        # pending_limit_pages of them (0: every page is compressed as it is written).
+        self.pending_limit_pages = pending_limit_pages
+        self._pending: dict[FileData, None] = {}
 
     # -- statistics -----------------------------------------------------------------------
 
@@ -186,7 +314,19 @@ class PageStore:
             stored_pages=self.stored_pages,
             detached_pages=self.detached_pages,
             size_limit_pages=self.size_limit_pages,
+            pending_pages=len(self._pending),
         )
+
+    @property
+    def same_pages(self) -> int:
+        """zram's same_pages: the same-filled pages held, pending ones included (they will
+        need no object either: counted as they will be stored, so that a file's last page
+        counts the same before and after it is flushed)."""
+        same = self._same_words
+        for data in self._pending:
+            assert data.pending is not None
+            same += same_filled_word(data.pending) is not None
+        return same
 
     @property
     def used_pages(self) -> int:
@@ -209,9 +349,11 @@ class PageStore:
             data.detached = False
             self.detached_pages -= data.stored_pages
 
-    # -- one page ---------------------------------------------------------------------------
+    # -- reading pages ----------------------------------------------------------------------
 
     def _page(self, data: FileData, page: int) -> bytes:
+        if page == data.pending_page:
+            return bytes(data.pending)  # type: ignore[arg-type]  # set with pending_page
         value = data.entry(page)
         if value & 1:
             return decode(self.pool.read(value >> 1))
@@ -220,50 +362,52 @@ class PageStore:
             return fill_page(words.get(page, 0) if words else 0)
         return ZERO_PAGE
 
-    def _pages(self, data: FileData, first: int, stop: int) -> list[bytes]:
-        """The contents of pages first..stop-1: objects fetched and decoded in one batch each."""
-        entries = data.entries(first, stop)
-        handles = [value >> 1 for value in entries if value & 1]
-        decoded = decode_many(self.pool.read_many(handles))
-        if len(decoded) == len(entries):  # no holes, no same-filled pages: the common case
-            return decoded
-        objects = iter(decoded)
-        words = data.same_words
-        return [
-            next(objects)
-            if value & 1
-            else fill_page(words.get(page, 0) if words else 0)
-            if value == SAME_ENTRY
-            else ZERO_PAGE
-            for page, value in enumerate(entries, first)
-        ]
+    def _read_pages(self, data: FileData, first: int, stop: int, skip: int, length: int) -> bytes:
+        """`length` bytes from byte `skip` of page `first` (within pages first..stop-1): the
+        objects gathered in one pool call, decoded in one codec call into one buffer."""
+        pending = data.pending_page
+        if first <= pending < stop:  # the file's last page, so the read's last page too
+            head = pending * PAGE_SIZE - (first * PAGE_SIZE + skip)  # bytes before it
+            start = max(-head, 0)
+            tail = bytes(data.pending[start : start + length - max(head, 0)])  # type: ignore[index]
+            if head <= 0:
+                return tail
+            return self._read_pages(data, first, pending, skip, head) + tail
+        entries = data.entry_array(first, stop)
+        count = len(entries)
+        handles = _zeros("Q", count)
+        del handles[self._handles_of(entries, handles) :]
+        blob, object_sizes = self.pool.read_joined(handles)
+        if len(handles) == count:  # no holes, no same-filled pages: the common case
+            sizes = object_sizes
+        else:
+            sizes = _zeros("H", count)
+            self._spread(entries, object_sizes, sizes)
+        words = _zeros("Q", count)
+        same_words = data.same_words
+        if same_words and entries.count(SAME_ENTRY):
+            for i, entry in enumerate(entries):
+                if entry == SAME_ENTRY:
+                    words[i] = same_words.get(first + i, 0)
+        return self.codec.decode(blob, sizes, words, skip, length)
 
-    def _drop(self, data: FileData, page: int, value: int) -> None:
-        """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
-        if value & 1:
-            size = self.pool.free(value >> 1)
-            self._freed += 1
-            self.compr_bytes -= size
-            data.footprint -= size
-            if size == PAGE_SIZE:
-                self.huge_pages -= 1
-        elif value == SAME_ENTRY:
-            self.same_pages -= 1
-            if data.same_words:
-                data.same_words.pop(page, None)
-        data.stored_pages -= 1
-        self.stored_pages -= 1
-        if data.detached:
-            self.detached_pages -= 1
+    # -- storing pages ----------------------------------------------------------------------
 
-    def _put(self, data: FileData, page: int, content: bytes) -> None:
-        """Make `page` hold `content` (a full page); see _store."""
-        self._store(data, page, encode_page(content, self._huge_size))
-
-    def _store(self, data: FileData, page: int, encoded: Encoded) -> None:
-        """Make `page` hold an encoded page: a same-filled word (int) or an object to store.
-
-        Raises NoSpaceError(0, ...) and changes nothing if a limit stops it."""
+    def _put(self, data: FileData, page: int, content: bytes | bytearray | memoryview) -> None:
+        """Make `page` hold `content` (a full page). Raises NoSpaceError(0, ...) and changes
+        nothing if a limit stops it. One page has a path of its own: a batch's arrays would
+        cost more than its encoding (4 KiB random writes, small files, partial pages)."""
+        if page == data.pending_page:  # the pending page is stored (or overwritten) at last
+            pending = data.pending
+            assert pending is not None
+            self._unpend(data)
+            try:
+                self._put(data, page, content)
+            except NoSpaceError:
+                self._count_pending(data, page, pending)  # as it was
+                raise
+            return
+        encoded = self.codec.encode_page(content, self._huge_size)
         old = data.entry(page)
         if not old and self.size_limit_pages and self.used_pages >= self.size_limit_pages:
             raise NoSpaceError(0, physical=False)
@@ -271,7 +415,7 @@ class PageStore:
             new = SAME_ENTRY
         else:
             try:
-                handle = self.pool.store(encoded)  # type: ignore[arg-type]
+                handle = self.pool.store(encoded)  # type: ignore[arg-type]  # not an int
             except PoolFullError:
                 raise NoSpaceError(0, physical=True) from None
             new = handle << 1 | 1
@@ -283,18 +427,159 @@ class PageStore:
         if data.detached:
             self.detached_pages += 1
         if new == SAME_ENTRY:
-            self.same_pages += 1
+            self._same_words += 1
             if encoded:
                 if data.same_words is None:
                     data.same_words = {}
-                data.same_words[page] = encoded  # type: ignore[assignment]
+                data.same_words[page] = encoded  # type: ignore[assignment]  # an int here
         else:
-            size = len(encoded)  # type: ignore[arg-type]
+            size = len(encoded)  # type: ignore[arg-type]  # not an int
             self.compr_bytes += size
             data.footprint += size
             if size == PAGE_SIZE:
                 self.huge_pages += 1
                 self.huge_pages_since += 1
+
+    def _drop(self, data: FileData, page: int, value: int) -> None:
+        """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
+        if value & 1:
+            size = self.pool.free(value >> 1)
+            self._freed += 1
+            self.compr_bytes -= size
+            data.footprint -= size
+            if size == PAGE_SIZE:
+                self.huge_pages -= 1
+        elif value == SAME_ENTRY:
+            self._same_words -= 1
+            if data.same_words:
+                data.same_words.pop(page, None)
+        data.stored_pages -= 1
+        self.stored_pages -= 1
+        if data.detached:
+            self.detached_pages -= 1
+
+    def _room_for(self, data: FileData, first: int, count: int) -> int:
+        """How many of pages first.. (at most count) the size limit lets land: a page that is
+        a hole now is refused once used_pages has reached the limit."""
+        limit = self.size_limit_pages
+        if not limit:
+            return count
+        room = limit - self.used_pages
+        entries = data.entry_array(first, first + count)
+        holes = entries.count(0)
+        if holes <= room or (data.detached and room > 0):  # a detached file's pages don't count
+            return count
+        if room <= 0:
+            return entries.index(0) if holes else count
+        for i, entry in enumerate(entries):  # stop at the hole that would pass the limit
+            if not entry:
+                if room == 0:
+                    return i
+                room -= 1
+        return count
+
+    def _store_batch(
+        self, data: FileData, first: int, blob: bytes, sizes: array[int], words: array[int]
+    ) -> tuple[int, bool]:
+        """Make pages first.. hold a batch from the codec, in order, as far as the limits let
+        it: returns (pages landed, whether mem_limit stopped it). Each page's new object is
+        stored before its old one is freed; the pages past the first one that did not land are
+        as they were. When the pool refuses an object, the pages before it land, their old
+        objects are freed, and the rest is tried again while that frees something."""
+        count = self._room_for(data, first, len(sizes))
+        done = 0
+        position = 0  # in blob, where page `done`'s object starts
+        while done < count:
+            if done == 0 and count == len(sizes):
+                objects = array("H", filter(None, sizes))
+            else:
+                objects = array("H", filter(None, sizes[done:count]))
+            stored_bytes = sum(objects)
+            handles = (
+                self.pool.store_many(memoryview(blob)[position : position + stored_bytes], objects)
+                if objects
+                else array("Q")
+            )
+            landed = count
+            if len(handles) < len(objects):  # the pool is full: land the pages before it
+                landed = done
+                left = len(handles)
+                while landed < count and (left or not sizes[landed]):
+                    left -= sizes[landed] != 0
+                    landed += 1
+                stored_bytes = sum(objects[: len(handles)])
+            freed = self._commit(data, first + done, sizes, words, done, landed - done, handles)
+            self.compr_bytes += stored_bytes
+            data.footprint += stored_bytes
+            position += stored_bytes
+            done = landed
+            if done < count and not freed:
+                return done, True
+        return done, False
+
+    def _commit(
+        self,
+        data: FileData,
+        page: int,
+        sizes: array[int],
+        words: array[int],
+        first: int,
+        count: int,
+        handles: array[int],
+    ) -> int:
+        """Pages page..page+count-1 take the entries of sizes[first:first+count] (their
+        objects stored already, as `handles`); the objects they held are freed, and every
+        counter but the new objects' bytes (the caller's) follows. Returns objects freed."""
+        olds = _zeros("Q", count)
+        new_pages = old_same = old_objects = used = 0
+        done = 0
+        while done < count:
+            key = (page + done) >> CHUNK_SHIFT
+            start = (page + done) & CHUNK_MASK
+            part = min(count - done, CHUNK_PAGES - start)
+            chunk = data.chunk_for(key, start + part)
+            n, s, o, u = self._place(
+                chunk, start, sizes, first + done, part, handles, used, olds, old_objects
+            )
+            new_pages += n
+            old_same += s
+            old_objects += o
+            used += u
+            done += part
+        placed = sizes[first : first + count]
+        same_new = count - used
+        same_words = data.same_words
+        if same_words and old_same:  # forget the words of same-filled pages replaced
+            for number in range(page, page + count):
+                same_words.pop(number, None)
+        if same_new and words[first : first + count].count(0) != count:
+            if same_words is None:
+                same_words = data.same_words = {}
+            for i in range(count):
+                word = words[first + i]
+                if word and not placed[i]:
+                    same_words[page + i] = word
+        data.stored_pages += new_pages
+        self.stored_pages += new_pages
+        if data.detached:
+            self.detached_pages += new_pages
+        self._same_words += same_new - old_same
+        huge = placed.count(PAGE_SIZE)
+        self.huge_pages += huge
+        self.huge_pages_since += huge
+        if old_objects:
+            del olds[old_objects:]
+            self._free_objects(data, olds)
+        return old_objects
+
+    def _free_objects(self, data: FileData, handles: array[int]) -> None:
+        """Free pool objects the file held (their entries changed by the caller)."""
+        freed = self.pool.free_many(handles)
+        self._freed += len(freed)
+        size = sum(freed)
+        self.compr_bytes -= size
+        data.footprint -= size
+        self.huge_pages -= freed.count(PAGE_SIZE)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -305,12 +590,10 @@ class PageStore:
             return b""
         first = offset // PAGE_SIZE
         last = (end - 1) // PAGE_SIZE
-        if first == last:
-            start = offset - first * PAGE_SIZE
-            return self._page(data, first)[start : start + end - offset]
-        joined = b"".join(self._pages(data, first, last + 1))
         start = offset - first * PAGE_SIZE
-        return joined[start : start + end - offset]
+        if first == last:
+            return self._page(data, first)[start : start + end - offset]
+        return self._read_pages(data, first, last + 1, start, end - offset)
 
     def write(self, data: FileData, offset: int, buf: bytes) -> int:
         """Write buf at offset and grow the file; returns len(buf).
@@ -330,6 +613,8 @@ class PageStore:
             raise OverflowError("file too large")
         if data.stale_tail and offset + len(buf) > data.size:
             self._zero_tail(data)  # a NoSpaceError here says that 0 bytes landed
+        if data.pending is not None and buf:
+            self._settle_pending(data, offset, offset + len(buf))  # NoSpaceError: 0 landed
         if len(buf) == PAGE_SIZE and not offset % PAGE_SIZE:
             # One whole page, the commonest small write: no slicing, no batch. A NoSpaceError
             # from _put already says that 0 bytes landed.
@@ -342,20 +627,19 @@ class PageStore:
         try:
             if offset % PAGE_SIZE:  # a partial first page
                 position = self._write_partial(data, offset, buf, offset, end)
-            # Whole pages: all encoded first, then stored in order.
+            # Whole pages: encoded in one batch, stored with one pool call, placed per chunk.
             whole = (end - position) // PAGE_SIZE
             if whole:
-                first = position // PAGE_SIZE
                 base = position - offset
-                view = memoryview(buf)
-                pages = [
-                    view[base + i * PAGE_SIZE : base + (i + 1) * PAGE_SIZE] for i in range(whole)
-                ]
-                for i, encoded in enumerate(encode_pages(pages, self._huge_size)):
-                    self._store(data, first + i, encoded)
-                    position += PAGE_SIZE
-                    if position > data.size:
-                        data.size = position
+                batch = self.codec.encode(
+                    memoryview(buf)[base : base + whole * PAGE_SIZE], self._huge_size
+                )
+                landed, physical = self._store_batch(data, position // PAGE_SIZE, *batch)
+                position += landed * PAGE_SIZE
+                if landed and position > data.size:
+                    data.size = position
+                if landed < whole:
+                    raise NoSpaceError(0, physical)
             if position < end:  # a partial last page
                 position = self._write_partial(data, offset, buf, position, end)
         except NoSpaceError as error:
@@ -365,18 +649,107 @@ class PageStore:
     def _write_partial(
         self, data: FileData, offset: int, buf: bytes, position: int, end: int
     ) -> int:
-        """Read-modify-write the page holding `position`; returns where the write goes on."""
+        """Read-modify-write the page holding `position`; returns where the write goes on.
+        A page the write leaves unfinished at the end of file is kept pending instead."""
         page, start = divmod(position, PAGE_SIZE)
         page_start = page * PAGE_SIZE
         stop = min(end - page_start, PAGE_SIZE)
         piece = buf[position - offset : position - offset + stop - start]
         # A page at or past the end of file reads as zeros.
         old = self._page(data, page) if page_start < data.size else ZERO_PAGE
-        self._put(data, page, old[:start] + piece + old[stop:])
-        position = page_start + stop
-        if position > data.size:
-            data.size = position
-        return position
+        content = bytearray(old)
+        content[start:stop] = piece
+        size = max(data.size, page_start + stop)
+        if stop < PAGE_SIZE and (size - 1) // PAGE_SIZE == page and self._may_pend(data):
+            # Zero what lies past the end of file: a stale tail, if the page had one, is gone.
+            content[size - page_start :] = bytes(PAGE_SIZE - (size - page_start))
+            self._pend(data, page, content)  # NoSpaceError: nothing changed
+        else:
+            self._put(data, page, content)
+        data.size = size
+        return page_start + stop
+
+    # -- partial pages ----------------------------------------------------------------------
+
+    def _may_pend(self, data: FileData) -> bool:
+        """Whether `data` may keep a pending page: it has one, or there is room for one (the
+        oldest other one is stored to make it, if the pool has room for that)."""
+        if data.pending is not None:
+            return True
+        if not self.pending_limit_pages:
+            return False
+        if len(self._pending) >= self.pending_limit_pages:
+            try:
+                self._flush_pending(next(iter(self._pending)))
+            except NoSpaceError:
+                return False  # the page is stored as it is written, or the write refused
+        return True
+
+    def _pend(self, data: FileData, page: int, content: bytearray) -> None:
+        """Make `page` (the file's last) the pending page with `content`, its stored object
+        freed if it had one. Raises NoSpaceError(0, physical=False), changing nothing, if the
+        page is new and the size limit is reached."""
+        if page == data.pending_page:
+            data.pending = content
+            del self._pending[data]  # the most recently written, last
+            self._pending[data] = None
+            return
+        assert data.pending is None, "a file has at most one pending page"
+        old = data.entry(page)
+        if not old and self.size_limit_pages and self.used_pages >= self.size_limit_pages:
+            raise NoSpaceError(0, physical=False)
+        if old:
+            self._drop(data, page, old)
+            data.set_entry(page, 0)
+        self._count_pending(data, page, content)
+        data.stale_tail = False  # the tail is zeroed in content: the page is the last one
+
+    def _count_pending(self, data: FileData, page: int, content: bytearray) -> None:
+        """Hold `content` as the pending `page`, counted as a stored page."""
+        data.pending = content
+        data.pending_page = page
+        self._pending[data] = None
+        data.stored_pages += 1
+        self.stored_pages += 1
+        if data.detached:
+            self.detached_pages += 1
+
+    def _unpend(self, data: FileData) -> None:
+        """Forget the pending page, counts and all (its content is the caller's)."""
+        del self._pending[data]
+        data.pending = None
+        data.pending_page = -1
+        data.stored_pages -= 1
+        self.stored_pages -= 1
+        if data.detached:
+            self.detached_pages -= 1
+
+    def _flush_pending(self, data: FileData) -> None:
+        """Store the pending page in the pool. Raises NoSpaceError(0, physical=True) if the
+        pool has no room: then it stays pending."""
+        assert data.pending is not None
+        self._put(data, data.pending_page, data.pending)
+
+    def _settle_pending(self, data: FileData, offset: int, end: int) -> None:
+        """Before a write of offset..end: store the pending page unless the write leaves it the
+        file's last page, or merges into it (it starts or ends inside it)."""
+        pending = data.pending_page
+        first = offset // PAGE_SIZE
+        last = (end - 1) // PAGE_SIZE
+        if last < pending or (first == pending == last):
+            return
+        if first == pending and offset % PAGE_SIZE:  # starts inside: merged, then stored
+            return
+        if last == pending and end % PAGE_SIZE:  # ends inside: merged, still pending
+            return
+        self._flush_pending(data)  # it is overwritten whole, or no longer the last page
+
+    def flush(self, data: FileData) -> None:
+        """Store the file's pending page, if it has one: on close, fsync and flush, so that an
+        idle file holds no page uncompressed. Raises NoSpaceError(0, physical=True) if the pool
+        has no room; the page then stays pending (and readable), and a later call retries."""
+        if data.pending is not None:
+            self._flush_pending(data)
 
     def truncate(self, data: FileData, size: int) -> None:
         """Set the file's size; pages past it are freed and the tail of a cut page zeroed.
@@ -394,6 +767,15 @@ class PageStore:
     def _truncate(self, data: FileData, size: int) -> None:
         if size > MAX_FILE_SIZE:
             raise OverflowError("file too large")
+        pending = data.pending
+        if pending is not None and size != data.size:
+            cut = size - data.pending_page * PAGE_SIZE
+            if cut <= 0:  # cut off whole
+                self._unpend(data)
+            elif cut <= PAGE_SIZE:  # still the last page: zeroed past the new end, in place
+                pending[cut:] = bytes(PAGE_SIZE - cut)
+            else:  # no longer the last page
+                self._flush_pending(data)  # NoSpaceError: refused, nothing changed
         if size > data.size:
             if data.stale_tail:
                 self._zero_tail(data)
@@ -428,25 +810,39 @@ class PageStore:
         data.stale_tail = False
 
     def _free_from(self, data: FileData, first_page: int) -> None:
-        """Free every page numbered first_page or higher."""
+        """Free every page numbered first_page or higher: each chunk's objects in one call."""
+        pages = same = 0
         for key in sorted(data.chunks):
             chunk = data.chunks[key]
             base = key << CHUNK_SHIFT
             if base + len(chunk) <= first_page:
                 continue
             start = max(first_page - base, 0)
-            for index in range(start, len(chunk)):
-                value = chunk[index]
-                if value:
-                    self._drop(data, base + index, value)
+            cut = chunk[start:] if start else chunk
+            handles = _zeros("Q", len(cut))
+            del handles[self._handles_of(cut, handles) :]
+            pages += len(cut) - cut.count(0)
+            same += cut.count(SAME_ENTRY)
             if start == 0:
                 del data.chunks[key]
             else:
                 del chunk[start:]
+            if handles:
+                self._free_objects(data, handles)
+        if data.same_words:
+            for number in [n for n in data.same_words if n >= first_page]:
+                del data.same_words[number]
+        self._same_words -= same
+        data.stored_pages -= pages
+        self.stored_pages -= pages
+        if data.detached:
+            self.detached_pages -= pages
 
     def release(self, data: FileData) -> None:
         """Free every page of a file that is gone (detached or not): it is empty afterwards."""
         freed = self._freed
+        if data.pending is not None:
+            self._unpend(data)
         self._free_from(data, 0)  # counts a detached file's pages out of detached_pages too
         data.size = 0
         data.stale_tail = False

@@ -9,6 +9,11 @@ change nothing; a shrinking truncate must never be refused. Files are detached (
 yet forgotten) and reattached at random, and written, truncated and released while detached;
 every public call that freed a pool object must have called on_free() exactly once.
 
+Both engines run every sequence: the store under test uses the engine chosen at import (the
+compiled one unless ZFS_RAM_ENGINE=python), and a twin store over a twin pool, on the other
+engine, takes the same steps; after every step their outcomes, counters, page tables (entry
+kinds and object sizes) and pools' statistics must be equal.
+
 ZFS_RAM_SOAK=1 runs many more and longer sequences.
 """
 
@@ -16,19 +21,26 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from page_kinds import KINDS, page_of_kind
 
+from zfs_ram import native
+from zfs_ram.codec import DEFAULT_CODEC, Codec
 from zfs_ram.pagestore import SAME_ENTRY, FileData, NoSpaceError, PageStore
 from zfs_ram.pool import PAGE_SIZE, Pool, create_pool
 
 SOAK = os.environ.get("ZFS_RAM_SOAK") == "1"
 T = TypeVar("T")
+#: The twin's engine: whichever the store under test does not run.
+TWIN_ENGINE = native.PYTHON if DEFAULT_CODEC.engine == native.NATIVE else native.NATIVE
 FILES = 3
 #: Files reach past one page-table chunk (512 pages) only through holes: a write far out.
 FAR_PAGE = 600
@@ -73,9 +85,21 @@ class PageStoreMachine(RuleBasedStateMachine):
             self.objects_freed += 1
             return free(handle)
 
+        free_many = self.pool.free_many
+
+        def counting_free_many(handles: Sequence[int]) -> array[int]:
+            before = self.objects_freed  # free_many may call free(): count its objects once
+            sizes = free_many(handles)
+            self.objects_freed = before + len(sizes)
+            return sizes
+
         self.pool.free = counting_free  # type: ignore[method-assign]  # an instance's own
+        self.pool.free_many = counting_free_many  # type: ignore[method-assign]  # the same
         self.on_free_calls = 0
         self.store = PageStore(self.pool, on_free=self._on_free)
+        self.twin_pool: Pool = create_pool(self.kind)
+        self.twin = PageStore(self.twin_pool, codec=Codec(engine=TWIN_ENGINE))
+        self.twin_files = [FileData() for _ in range(FILES)]
         self.files = [FileData() for _ in range(FILES)]
         self.models = [bytearray() for _ in range(FILES)]
         self.detached = [False] * FILES
@@ -84,21 +108,37 @@ class PageStoreMachine(RuleBasedStateMachine):
     def _on_free(self) -> None:
         self.on_free_calls += 1
 
-    def _call(self, operation: Callable[[], T]) -> T:
-        """Run one public call of the store: on_free() once if it freed objects, else never."""
+    def _call(self, operation: Callable[[PageStore, list[FileData]], T]) -> T:
+        """Run one public call of the store: on_free() once if it freed objects, else never;
+        then the same call on the twin, which must end the same way."""
         freed, calls = self.objects_freed, self.on_free_calls
         try:
-            return operation()
-        finally:
+            result = operation(self.store, self.files)
+        except NoSpaceError as error:
             assert self.on_free_calls - calls == (1 if self.objects_freed > freed else 0)
+            with pytest.raises(NoSpaceError) as twin_error:
+                operation(self.twin, self.twin_files)
+            assert (twin_error.value.written, twin_error.value.physical) == (
+                error.written,
+                error.physical,
+            )
+            raise
+        assert self.on_free_calls - calls == (1 if self.objects_freed > freed else 0)
+        assert operation(self.twin, self.twin_files) == result
+        return result
 
     def teardown(self) -> None:
         self.pool.close()
+        self.twin_pool.close()
 
-    @initialize(size_pages=st.integers(6, 40), mem_pages=st.integers(3, 24))
-    def limits(self, size_pages: int, mem_pages: int) -> None:
-        self.store.size_limit_pages = size_pages
-        self.pool.mem_limit_pages = mem_pages
+    @initialize(
+        size_pages=st.integers(6, 40), mem_pages=st.integers(3, 24), pending=st.integers(0, 3)
+    )
+    def limits(self, size_pages: int, mem_pages: int, pending: int) -> None:
+        self.store.size_limit_pages = self.twin.size_limit_pages = size_pages
+        self.pool.mem_limit_pages = self.twin_pool.mem_limit_pages = mem_pages
+        # Fewer pending pages than files (some of the time): the oldest is stored for another.
+        self.store.pending_limit_pages = self.twin.pending_limit_pages = pending
 
     # -- the operations ------------------------------------------------------------------------
 
@@ -106,7 +146,7 @@ class PageStoreMachine(RuleBasedStateMachine):
         data, model = self.files[i], self.models[i]
         used = self.store.used_pages
         try:
-            assert self._call(lambda: self.store.write(data, offset, buf)) == len(buf)
+            assert self._call(lambda store, files: store.write(files[i], offset, buf)) == len(buf)
             written = len(buf)
         except NoSpaceError as error:
             self._refused(error)
@@ -153,7 +193,7 @@ class PageStoreMachine(RuleBasedStateMachine):
     def _truncate(self, i: int, size: int) -> None:
         data, model = self.files[i], self.models[i]
         try:
-            self._call(lambda: self.store.truncate(data, size))
+            self._call(lambda store, files: store.truncate(files[i], size))
         except NoSpaceError as error:
             self._refused(error)
             self.files_match()  # nothing changed: checked before the next assertion
@@ -183,42 +223,58 @@ class PageStoreMachine(RuleBasedStateMachine):
     def read(self, i: int, offset: int, length: int) -> None:
         model = self.models[i]
         assert self.store.read(self.files[i], offset, length) == model[offset : offset + length]
+        assert self.twin.read(self.twin_files[i], offset, length) == model[offset : offset + length]
 
     @rule(i=st.integers(0, FILES - 1))
     def release(self, i: int) -> None:
         """The file is gone (detached or not): its pages are freed, and its slot holds a new,
         empty file."""
         data = self.files[i]
-        self._call(lambda: self.store.release(data))
+        self._call(lambda store, files: store.release(files[i]))
         assert data.stored_pages == 0 and data.size == 0 and not data.detached
         self.files[i] = FileData()
+        self.twin_files[i] = FileData()
         self.models[i] = bytearray()
         self.detached[i] = False
+
+    @rule(i=st.integers(0, FILES - 1))
+    def flush(self, i: int) -> None:
+        """close, fsync or flush: the pending page is stored (refused only at mem_limit)."""
+        try:
+            self._call(lambda store, files: store.flush(files[i]))
+        except NoSpaceError as error:
+            self._refused(error)
+            assert error.physical and self.files[i].pending is not None
+            return
+        assert self.files[i].pending is None
 
     @rule(i=st.integers(0, FILES - 1))
     def detach(self, i: int) -> None:
         """Unlinked and not open (twice in a row does nothing the second time)."""
         self.store.detach(self.files[i])
+        self.twin.detach(self.twin_files[i])
         self.detached[i] = True
 
     @rule(i=st.integers(0, FILES - 1))
     def reattach(self, i: int) -> None:
         """Opened through a path walk that ended before the unlink (idempotent too)."""
         self.store.reattach(self.files[i])
+        self.twin.reattach(self.twin_files[i])
         self.detached[i] = False
 
     @rule(n=st.integers(1, 40))
     def compact_step(self, n: int) -> None:
-        self.pool.compact_step(n)
+        assert self.pool.compact_step(n) == self.twin_pool.compact_step(n)
 
     @rule()
     def compact(self) -> None:
-        self.pool.compact()
+        assert self.pool.compact() == self.twin_pool.compact()
 
     @rule(extra=st.integers(-3, 6))
     def set_mem_limit(self, extra: int) -> None:
         """zram lets mem_limit be lowered below what is used: only new allocations fail."""
         self.pool.mem_limit_pages = max(self.pool.statistics().pages_used + extra, 1)
+        self.twin_pool.mem_limit_pages = self.pool.mem_limit_pages
 
     def _refused(self, error: NoSpaceError) -> None:
         self.refused += 1
@@ -240,7 +296,7 @@ class PageStoreMachine(RuleBasedStateMachine):
     def counters_match(self) -> None:
         pool, store = self.pool, self.store
         pool.check()
-        stored = same = objects = compr = huge = detached = 0
+        stored = same = objects = compr = huge = detached = pending = 0
         for data, model, is_detached in zip(self.files, self.models, self.detached, strict=True):
             assert data.detached == is_detached
             end_page = -(-len(model) // PAGE_SIZE)
@@ -256,6 +312,15 @@ class PageStoreMachine(RuleBasedStateMachine):
                 else:
                     assert entry == SAME_ENTRY
                     same += 1
+            if data.pending is not None:  # the last page, uncompressed; a hole in the table
+                event("a pending page")
+                pending += 1
+                pages += 1
+                same += bytes(data.pending) == data.pending[:8] * (PAGE_SIZE // 8)
+                assert data.pending_page == (len(model) - 1) // PAGE_SIZE
+                assert not data.entry(data.pending_page) and len(data.pending) == PAGE_SIZE
+                tail = len(model) - data.pending_page * PAGE_SIZE
+                assert data.pending[tail:] == bytes(PAGE_SIZE - tail)
             assert (data.stored_pages, data.footprint) == (pages, footprint)
             stored += pages
             compr += footprint
@@ -270,6 +335,34 @@ class PageStoreMachine(RuleBasedStateMachine):
         assert stats.detached_pages == store.detached_pages == detached
         assert store.used_pages == stored - detached
         assert stats.size_limit_pages == store.size_limit_pages
+        assert stats.pending_pages == pending <= store.pending_limit_pages
+
+    @invariant()
+    def twins_match(self) -> None:
+        """The other engine, after the same steps, holds the same pages the same way."""
+        assert self.twin.statistics() == self.store.statistics()
+        # Not metadata_bytes: the pool under test has counting free calls in its __dict__.
+        assert replace(self.twin_pool.statistics(), metadata_bytes=0) == replace(
+            self.pool.statistics(), metadata_bytes=0
+        )
+        for data, twin in zip(self.files, self.twin_files, strict=True):
+            assert (twin.size, twin.stale_tail, twin.stored_pages, twin.footprint) == (
+                data.size,
+                data.stale_tail,
+                data.stored_pages,
+                data.footprint,
+            )
+            assert self._layout(twin, self.twin_pool) == self._layout(data, self.pool)
+            assert twin.same_words == data.same_words
+            assert (twin.pending, twin.pending_page) == (data.pending, data.pending_page)
+
+    @staticmethod
+    def _layout(data: FileData, pool: Pool) -> list[tuple[int, int]]:
+        """(page, object size or -entry) for every page that is not a hole, in page order."""
+        return sorted(
+            (page, pool.object_size(entry >> 1) if entry & 1 else -entry)
+            for page, entry in data.pages()
+        )
 
 
 class ZbudPageStoreMachine(PageStoreMachine):
