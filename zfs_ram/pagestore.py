@@ -748,8 +748,14 @@ class PageStore:
         """Store the file's pending page, if it has one: on close, fsync and flush, so that an
         idle file holds no page uncompressed. Raises NoSpaceError(0, physical=True) if the pool
         has no room; the page then stays pending (and readable), and a later call retries."""
-        if data.pending is not None:
-            self._flush_pending(data)
+        if data.pending is None:
+            return
+        freed = self._freed
+        try:
+            self._flush_pending(data)  # frees the page's old object, if it had one
+        finally:
+            if self._freed != freed:
+                self.on_free()
 
     def truncate(self, data: FileData, size: int) -> None:
         """Set the file's size; pages past it are freed and the tail of a cut page zeroed.

@@ -21,6 +21,7 @@ change is half made; the only awaits are compaction before ENOSPC and control-fi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -421,7 +422,8 @@ class ZfsRamOperations(pyfuse3.Operations):
     # flush, fsync and fsyncdir are left to pyfuse3's defaults, which answer ENOSYS: the kernel
     # then stops sending them (fc->no_flush, no_fsync, no_fsyncdir) and close(2) and fsync(2)
     # return 0 without a round trip. There is nothing to do for them: every write is in the
-    # pool when it returns, as on tmpfs, where fsync is a no-op too.
+    # daemon's memory when it returns, as on tmpfs, where fsync is a no-op too (a file's
+    # unfinished last page may wait uncompressed until release; it is no less safe there).
 
     @total
     async def release(self, fh: int) -> None:
@@ -432,7 +434,12 @@ class ZfsRamOperations(pyfuse3.Operations):
         self._outsiders.discard(fh)
         node = self.namespace.inodes.get(ino)
         if node is not None:
-            self.namespace.closed(node)
+            self.namespace.closed(node)  # first: a file it frees needs no flush
+            if node.data is not None:
+                # Compress the unfinished last page now that the writer is gone. If the pool
+                # is full it stays pending, readable, and is stored by a later write or close.
+                with contextlib.suppress(NoSpaceError):
+                    self.store.flush(node.data)
 
     # -- directories -------------------------------------------------------------------------------
 
