@@ -478,3 +478,17 @@ def test_pages_compacted_is_net_of_frames_made_for_the_destination(pool: Zsmallo
     assert (freed, after.pages_used, after.pages_compacted) == (4, 2, 4)
     assert [pool.read(h) for h in hs[12:]] == [payload(1568, i) for i in range(12, 15)]
     pool.check()
+
+
+def test_free_refuses_a_handle_its_slot_does_not_name(pool: ZsmallocPool) -> None:
+    """free() checks in O(1) that the slot the handle locates names the handle back (the
+    kernel's in-object header): freeing through a stale or corrupt word would free a slot that
+    another live object owns."""
+    hs = [pool.store(payload(1568, i)) for i in range(3)]
+    c = pool._classes[pool._cid_of_size[1568]]
+    c.slots[1] = hs[2] << 1 | 1  # slot 1 (hs[1]'s) now claims to hold hs[2]
+    before = pool.statistics()
+    with pytest.raises(PoolCorruptionError):
+        pool.free(hs[1])
+    assert pool.statistics() == before  # refused before any change
+    assert pool.read(hs[0]) == payload(1568, 0)
