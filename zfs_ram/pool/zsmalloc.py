@@ -119,6 +119,21 @@ def fullness_group(inuse: int, objs: int) -> int:
     return 100 * inuse // objs // 10 + 1
 
 
+def class_table() -> tuple[list[SizeClass], bytes, int]:
+    """The distinct classes numbered from the largest down (class id = list index, so the huge
+    class is HUGE_CID), request size -> class id for sizes 0..4096, and the huge watermark:
+    what both engines are built from."""
+    distinct, table, watermark = build_classes()
+    assert distinct[HUGE_CID].huge and distinct[HUGE_CID].size == PAGE_SIZE
+    cid_of_index = {sc.index: cid for cid, sc in enumerate(distinct)}
+    cid_of_size = bytes(
+        cid_of_index[table[class_index(max(size, 1))].index] for size in range(PAGE_SIZE + 1)
+    )
+    assert all(cid_of_size[s] == HUGE_CID for s in range(watermark, PAGE_SIZE + 1))
+    assert cid_of_size[watermark - 1] != HUGE_CID
+    return distinct, cid_of_size, watermark
+
+
 class _Class:
     """Bookkeeping of one distinct size class (see the module comment for the arrays)."""
 
@@ -248,17 +263,11 @@ class ZsmallocPool(Pool):
 
     def __init__(self, mem_limit_pages: int = 0) -> None:
         super().__init__(mem_limit_pages)
-        distinct, _table, watermark = build_classes()
+        distinct, cid_of_size, watermark = class_table()
         self._classes = [_Class(cid, sc) for cid, sc in enumerate(distinct)]
-        assert self._classes[HUGE_CID].huge and self._classes[HUGE_CID].size == PAGE_SIZE
-        cid_of_index = {sc.index: cid for cid, sc in enumerate(distinct)}
         #: Request size -> distinct class id, for sizes 0..4096 (0 is rejected before lookup).
-        self._cid_of_size = bytes(
-            cid_of_index[_table[class_index(max(size, 1))].index] for size in range(PAGE_SIZE + 1)
-        )
+        self._cid_of_size = cid_of_size
         self._huge_size = watermark
-        assert all(self._cid_of_size[s] == HUGE_CID for s in range(watermark, PAGE_SIZE + 1))
-        assert self._cid_of_size[watermark - 1] != HUGE_CID
         #: Non-huge classes from the largest down: __zs_compact's visiting order.
         self._compact_order = [c for c in self._classes if not c.huge]
         self._compact_cursor = 0  #: where the last compact_step() stopped in _compact_order
