@@ -158,6 +158,12 @@ typedef struct {
     size_t nfree, freecap;
     uint32_t warm[WARM_FRAMES]; /* LIFO of freed frames still resident */
     size_t nwarm;
+    /* While `defer` is set (a batch call, a compaction pass) released frames are pushed on
+     * the free stack at once, in the reference's order, but their madvise waits: the top
+     * `npending` entries of the free stack are those frames, and arena_flush() gives them
+     * back sorted, one madvise per run of adjacent frames (a pass frees thousands). */
+    int defer;
+    size_t npending;
     uint64_t frames_created;
     uint64_t madvise_failures; /* check() reports them: Rss would exceed frames in use */
 } arena_t;
@@ -198,6 +204,14 @@ arena_alloc(arena_t *a, uint32_t *out, zerr *err)
     }
     if (a->nfree) {
         f = a->free_frames[--a->nfree];
+        if (a->npending) {
+            /* Released in this batch and still resident: reused as it is, like a warm frame
+             * (giving it back only to fault it in again would cost two kernel entries). Only
+             * its unused bytes differ from the reference's, which are zeros there. */
+            a->npending--;
+            *out = f;
+            return 0;
+        }
     } else {
         if (a->frames_created >= NOFRAME)
             return fail(err, ZE_NOMEM, 0, 0, "frame numbers exhausted");
@@ -218,9 +232,57 @@ arena_alloc(arena_t *a, uint32_t *out, zerr *err)
 static void
 arena_release(arena_t *a, uint32_t f)
 {
-    if (madvise(frame_ptr(a, f), PAGE_SIZE, MADV_DONTNEED) != 0)
-        a->madvise_failures++;
     a->free_frames[a->nfree++] = f;
+    if (a->defer)
+        a->npending++;
+    else if (madvise(frame_ptr(a, f), PAGE_SIZE, MADV_DONTNEED) != 0)
+        a->madvise_failures++;
+}
+
+static int
+cmp_frame(const void *x, const void *y)
+{
+    uint32_t a = *(const uint32_t *)x, b = *(const uint32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* Give the pending frames back to the OS: sorted, one madvise per run of adjacent frames in
+ * one segment (without memory for sorting, one by one). */
+static void
+arena_flush(arena_t *a)
+{
+    size_t n = a->npending;
+    const uint32_t *top = a->free_frames + (a->nfree - n);
+    uint32_t *sorted = n > 1 ? malloc(n * sizeof(uint32_t)) : NULL;
+    if (sorted != NULL) {
+        memcpy(sorted, top, n * sizeof(uint32_t));
+        qsort(sorted, n, sizeof(uint32_t), cmp_frame);
+        top = sorted;
+    }
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        if (sorted != NULL)
+            while (j < n && top[j] == top[j - 1] + 1 && (top[j] >> SEGMENT_SHIFT) == (top[i] >> SEGMENT_SHIFT))
+                j++;
+        if (madvise(frame_ptr(a, top[i]), (j - i) * PAGE_SIZE, MADV_DONTNEED) != 0)
+            a->madvise_failures++;
+        i = j;
+    }
+    free(sorted);
+    a->npending = 0;
+}
+
+static void
+arena_defer(arena_t *a)
+{
+    a->defer = 1;
+}
+
+static void
+arena_undefer(arena_t *a)
+{
+    arena_flush(a);
+    a->defer = 0;
 }
 
 static void
@@ -798,6 +860,37 @@ put_object(const Engine *e, uint64_t w, const char *src, uint32_t n, zerr *err)
     return 0;
 }
 
+/* Copy n bytes from one object's pieces to another's (kernel zs_object_copy(): either side
+ * may straddle two frames). */
+static void
+copy_pieces(const pieces *dst, const pieces *src)
+{
+    const char *s = src->p1;
+    uint32_t sleft = src->n1;
+    char *d = dst->p1;
+    uint32_t dleft = dst->n1, total = src->n1 + src->n2;
+    int sfirst = 1, dfirst = 1;
+    while (total) {
+        uint32_t k = sleft < dleft ? sleft : dleft;
+        memcpy(d, s, k);
+        total -= k;
+        s += k;
+        d += k;
+        sleft -= k;
+        dleft -= k;
+        if (sleft == 0 && sfirst) {
+            s = src->p2;
+            sleft = src->n2;
+            sfirst = 0;
+        }
+        if (dleft == 0 && dfirst) {
+            d = dst->p2;
+            dleft = dst->n2;
+            dfirst = 0;
+        }
+    }
+}
+
 /* -- compaction (the kernel's __zs_compact / migrate_zspage) ---------------------------- */
 
 /* Move objects from src to dst in slot order until dst is full, src is empty or the budget is
@@ -807,7 +900,6 @@ static int
 migrate(Engine *e, zclass *c, int32_t src, int32_t dst, int64_t budget, int64_t *moved,
         zerr *err)
 {
-    char tmp[PAGE_SIZE];
     size_t n = c->objs, sbase = (size_t)src * n, dbase = (size_t)dst * n, s = 0;
     int64_t nbytes = 0;
     int rc = 0;
@@ -827,7 +919,8 @@ migrate(Engine *e, zclass *c, int32_t src, int32_t dst, int64_t budget, int64_t 
             break;
         }
         uint32_t size = obj_size(w);
-        if (get_object(e, w, tmp, err) < 0) {
+        pieces from, to;
+        if (locate(e, w, size, &from, err) < 0) {
             rc = -1;
             break;
         }
@@ -847,10 +940,11 @@ migrate(Engine *e, zclass *c, int32_t src, int32_t dst, int64_t budget, int64_t 
         c->slots[dbase + d] = sw;
         c->inuse[dst]++;
         uint64_t nw = location_to_obj((uint64_t)dst, (uint32_t)d, c->cid, size);
-        if (put_object(e, nw, tmp, size, err) < 0) { /* cannot fail: its frames were made */
+        if (locate(e, nw, size, &to, err) < 0) { /* cannot fail: its frames were made */
             rc = -1;
             break;
         }
+        copy_pieces(&to, &from);
         e->hloc[h] = nw; /* the handle now names the new location: the move is complete */
         c->slots[sbase + s] = (uint32_t)(c->freeobj[src] + 1) << 1;
         c->freeobj[src] = (int16_t)s;
@@ -1164,8 +1258,13 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
         zclass *c = &e->classes[i];
         unsigned int index, size, pages, objs;
         int huge;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "IIIIp;a class is (index, "
-                              "size, pages, objs, huge)", &index, &size, &pages, &objs, &huge))
+        PyObject *row = PySequence_Fast_GET_ITEM(fast, i);
+        if (!PyTuple_Check(row)) {
+            PyErr_SetString(PyExc_TypeError, "a class is a tuple (index, size, pages, objs, huge)");
+            goto out;
+        }
+        if (!PyArg_ParseTuple(row, "IIIIp;a class is (index, size, pages, objs, huge)", &index,
+                              &size, &pages, &objs, &huge))
             goto out;
         if (size < 1 || size > PAGE_SIZE || pages < 1 || pages > 64 || objs < 1 ||
             objs > SLOT_MASK + 1 || (uint64_t)objs * size > (uint64_t)pages * PAGE_SIZE ||
@@ -1531,8 +1630,10 @@ Engine_free_many(Engine *e, PyObject *handles)
     }
     e->busy = 1;
     Py_BEGIN_ALLOW_THREADS
+    arena_defer(&e->arena);
     for (i = 0; i < n; i++)
         sz[i] = (uint16_t)free_checked(e, hs[i]);
+    arena_undefer(&e->arena);
     Py_END_ALLOW_THREADS
     e->busy = 0;
     result = new_array('H', sz, (size_t)n, sizeof(uint16_t));
@@ -1547,8 +1648,10 @@ out:
 static PyObject *
 Engine_can_compact(Engine *e, PyObject *Py_UNUSED(ignored))
 {
-    if (enter(e) < 0)
+    if (!e->ready) { /* a closed pool answers 0, so that statistics() still work */
+        PyErr_SetString(PyExc_RuntimeError, "zsmalloc engine not initialised");
         return NULL;
+    }
     return PyLong_FromLongLong(can_compact(e));
 }
 
@@ -1563,7 +1666,9 @@ Engine_compact_step(Engine *e, PyObject *args)
     int rc;
     e->busy = 1;
     Py_BEGIN_ALLOW_THREADS
+    arena_defer(&e->arena);
     rc = compact_step(e, max_objects, &moved, &err);
+    arena_undefer(&e->arena);
     Py_END_ALLOW_THREADS
     e->busy = 0;
     if (rc < 0)
@@ -1581,10 +1686,12 @@ Engine_compact(Engine *e, PyObject *Py_UNUSED(ignored))
     int rc;
     e->busy = 1;
     Py_BEGIN_ALLOW_THREADS
+    arena_defer(&e->arena);
     while ((rc = compact_step(e, COMPACT_SLICE, &moved, &err)) == 0 && moved)
         ;
     if (rc == 0)
         arena_trim(&e->arena);
+    arena_undefer(&e->arena);
     Py_END_ALLOW_THREADS
     e->busy = 0;
     if (rc < 0)
@@ -1805,6 +1912,8 @@ Engine_check_native(Engine *e, PyObject *Py_UNUSED(ignored))
     const char *bad = NULL;
     if (a->madvise_failures)
         bad = "madvise(MADV_DONTNEED) failed: freed frames may still be resident";
+    else if (a->npending || a->defer)
+        bad = "frames released but not given back outside a batch";
     else if (a->nseg > a->segcap || a->nfree > a->freecap || a->nwarm > WARM_FRAMES)
         bad = "arena stacks overflow their capacity";
     else if (a->frames_created > (uint64_t)a->nseg * SEGMENT_FRAMES)
