@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from collections.abc import Callable
 
 import hypothesis.strategies as st
@@ -227,5 +228,31 @@ def test_the_native_engine_runs_where_it_was_built() -> None:
         else:
             assert native.engines()["pool"] == "native", native.reasons()
             assert isinstance(pool, NativeZsmallocPool)
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(not native_pool.BUILT, reason="_zsmalloc was not built")
+def test_a_second_thread_is_refused_while_a_batch_runs_without_the_gil() -> None:
+    """Compaction runs without the GIL; the pool is not thread-safe, so a call from another
+    thread meanwhile must be refused (RuntimeError), never race with it."""
+    pool = make("native")
+    try:
+        rng = random.Random(5)
+        sizes = [rng.randint(100, 3000) for _ in range(60000)]
+        handles = list(pool.store_many(rng.randbytes(sum(sizes)), sizes))
+        pool.free_many(rng.sample(handles, len(handles) // 2))
+        refused = 0
+        compactor = threading.Thread(target=pool.compact)
+        compactor.start()
+        while compactor.is_alive():
+            try:
+                pool.store(b"x")
+            except RuntimeError:
+                refused += 1
+        compactor.join()
+        assert refused > 0
+        assert pool.statistics().freeable_pages == 0
+        pool.check()
     finally:
         pool.close()

@@ -130,3 +130,31 @@ def test_an_emptied_pool_drops_its_tables_and_still_works(kind: str) -> None:
         pool.check()
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_rss_is_frames_in_use_plus_warm_after_batches_and_compaction(engine: str) -> None:
+    """The batch calls and compaction may give freed frames back in one go at their end, but
+    by the time they return, every frame not in use or warm has left the process."""
+    pool = make(engine)
+    try:
+        sizes = realistic_sizes(6000, 11)
+        rng = random.Random(12)
+        block = rng.randbytes(PAGE_SIZE)
+        handles = list(pool.store_many(b"".join(block[:n] for n in sizes), sizes))
+
+        def resident_as_counted() -> None:
+            s = pool.statistics()
+            assert pool.arena_rss_bytes() == (s.pages_used + s.warm_frames) * PAGE_SIZE
+
+        resident_as_counted()
+        pool.free_many(rng.sample(handles, len(handles) // 2))
+        resident_as_counted()
+        while pool.compact_step(100):
+            resident_as_counted()
+        pool.compact()
+        resident_as_counted()
+        assert pool.statistics().warm_frames == 0
+        pool.check()
+    finally:
+        pool.close()
