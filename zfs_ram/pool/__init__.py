@@ -7,7 +7,7 @@ stay valid until freed. See zsmalloc.py for the design and its invariants.
 
 from __future__ import annotations
 
-from zfs_ram import native
+from zfs_ram.native import load as _load_engine
 from zfs_ram.vocabulary import PAGE_SHIFT, PAGE_SIZE
 
 from .base import BytesLike, Pool
@@ -26,7 +26,7 @@ from .zsmalloc import ZsmallocPool
 
 # The zsmalloc engine, chosen once: the compiled one where it was built (and not refused by
 # ZFS_RAM_ENGINE=python), else the pure-Python reference. zbud is pure Python either way.
-if native.load("pool", "zfs_ram.pool._zsmalloc") is not None:
+if _load_engine("pool", "zfs_ram.pool._zsmalloc") is not None:
     from .native import NativeZsmallocPool
 
     ZSMALLOC_ENGINE: type[Pool] = NativeZsmallocPool
