@@ -42,6 +42,10 @@ Invariants (all verified by check()):
   * obj_used == sum(inuse) and zspages == number of live L, per class.
 Concurrency: none. Calls are synchronous and run to completion; a compact_step() is atomic
 with respect to the caller, so readers never see a half-moved object.
+
+This is also the reference of the compiled engine (_zsmalloc.c, wrapped by native.py), which
+follows it step for step: tests/pool/test_pool_engines.py drives both with the same random steps
+and compares handles, bytes, statistics and these tables. A change here is a change there.
 """
 
 from __future__ import annotations
