@@ -17,8 +17,9 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from pool_engines import make_kind
 
-from zfs_ram.pool import PAGE_SIZE, InvalidSizeError, PoolFullError, create_pool
+from zfs_ram.pool import PAGE_SIZE, InvalidSizeError, PoolFullError
 
 #: Sizes that hit the edges (class bounds, straddling, the huge watermark) plus anything else.
 SIZES = st.one_of(
@@ -37,12 +38,12 @@ _settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
 
 @_settings
 class PoolMachine(RuleBasedStateMachine):
-    kind = "zsmalloc"
+    kind = "zsmalloc-python"
     handles = Bundle("handles")
 
     def __init__(self) -> None:
         super().__init__()
-        self.pool = create_pool(self.kind)
+        self.pool = make_kind(self.kind)
         self.model: dict[int, bytes] = {}
 
     def teardown(self) -> None:
@@ -163,12 +164,18 @@ class PoolMachine(RuleBasedStateMachine):
         assert s.pages_used <= s.max_pages_used
 
 
+class NativeMachine(PoolMachine):
+    kind = "zsmalloc-native"
+
+
 class ZbudMachine(PoolMachine):
     kind = "zbud"
 
 
 TestZsmallocStateMachine = PoolMachine.TestCase
+TestNativeZsmallocStateMachine = NativeMachine.TestCase
 TestZbudStateMachine = ZbudMachine.TestCase
 # @settings sets them on the decorated class's TestCase only (and refuses a second decorator
-# on a subclass): without this, zbud's machine ran with hypothesis's defaults.
+# on a subclass): without this, the subclasses' machines ran with hypothesis's defaults.
+TestNativeZsmallocStateMachine.settings = _settings
 TestZbudStateMachine.settings = _settings

@@ -6,15 +6,16 @@ import random
 from collections.abc import Iterator
 
 import pytest
+from pool_engines import ENGINES, layout, make, poke
 
 from zfs_ram.pool import (
     PAGE_SIZE,
     InvalidHandleError,
     InvalidSizeError,
+    Pool,
     PoolCorruptionError,
     PoolError,
     PoolFullError,
-    ZsmallocPool,
     build_classes,
     create_pool,
 )
@@ -23,10 +24,9 @@ from zfs_ram.pool.frames import WARM_FRAMES
 from zfs_ram.pool.zsmalloc import fullness_group
 
 
-@pytest.fixture
-def pool() -> Iterator[ZsmallocPool]:
-    p = create_pool("zsmalloc")
-    assert isinstance(p, ZsmallocPool)
+@pytest.fixture(params=ENGINES)
+def pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
+    p = make(request.param)
     yield p
     p.close()
 
@@ -35,7 +35,7 @@ def payload(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def class_row(pool: ZsmallocPool, size: int):
+def class_row(pool: Pool, size: int):
     """The class_statistics() row of the class that a request of `size` bytes lands in."""
     rows = [r for r in pool.class_statistics() if r.size >= size]
     return min(rows, key=lambda r: r.size)
@@ -84,7 +84,7 @@ def test_fullness_groups_follow_the_kernel() -> None:
     assert fullness_group(5, 10) == 6  # exactly 50% -> 50..60% bucket
 
 
-def test_huge_class_size_and_huge_objects(pool: ZsmallocPool) -> None:
+def test_huge_class_size_and_huge_objects(pool: Pool) -> None:
     assert pool.huge_class_size == 3633
     a = pool.store(payload(3632, 1))
     assert pool.statistics().huge_objects == 0
@@ -103,7 +103,7 @@ def test_huge_class_size_and_huge_objects(pool: ZsmallocPool) -> None:
     pool.check()
 
 
-def test_class_statistics_has_one_row_per_distinct_class(pool: ZsmallocPool) -> None:
+def test_class_statistics_has_one_row_per_distinct_class(pool: Pool) -> None:
     rows = pool.class_statistics()
     assert len(rows) == 119
     assert [r.index for r in rows] == sorted(r.index for r in rows)
@@ -113,7 +113,7 @@ def test_class_statistics_has_one_row_per_distinct_class(pool: ZsmallocPool) -> 
 # -- storage and layout ------------------------------------------------------------------------
 
 
-def test_store_read_round_trip_all_sizes(pool: ZsmallocPool) -> None:
+def test_store_read_round_trip_all_sizes(pool: Pool) -> None:
     sizes = range(1, PAGE_SIZE + 1, 7)  # 1, 8, ..., 4096: every class, huge included
     assert sizes[-1] == PAGE_SIZE
     handles = {pool.store(payload(n, n)): n for n in sizes}
@@ -124,7 +124,7 @@ def test_store_read_round_trip_all_sizes(pool: ZsmallocPool) -> None:
     assert min(handles) >= 1
 
 
-def test_malloc_then_partial_and_full_writes(pool: ZsmallocPool) -> None:
+def test_malloc_then_partial_and_full_writes(pool: Pool) -> None:
     h = pool.malloc(100)
     pool.write(h, b"x" * 100)
     pool.write(h, b"abc")
@@ -134,14 +134,15 @@ def test_malloc_then_partial_and_full_writes(pool: ZsmallocPool) -> None:
     assert pool.read(h) == b"q" * 10 + b"z" * 90
 
 
-def test_objects_straddle_non_adjacent_frames(pool: ZsmallocPool) -> None:
+def test_objects_straddle_non_adjacent_frames(pool: Pool) -> None:
     # Scatter the free-frame list: huge objects in frames 0..19, free every other one, so the
     # next 5-frame zspage is built from frames that are not neighbours in the arena.
     huge = [pool.store(bytes([i]) * PAGE_SIZE) for i in range(20)]
     for h in huge[::2]:
         pool.free(h)
     objs = {pool.store(payload(1568, i)): i for i in range(13)}  # one full 5-page zspage
-    c = pool._classes[pool._cid_of_size[1568]]
+    lay = layout(pool)
+    c = lay._classes[lay._cid_of_size[1568]]
     frames = list(c.frames[0:5])
     assert all(abs(a - b) > 1 for a, b in zip(frames, frames[1:], strict=False))
     # Slot 2 spans bytes 3136..4704 of the zspage: it straddles frames 0 and 1.
@@ -157,7 +158,7 @@ def test_objects_straddle_non_adjacent_frames(pool: ZsmallocPool) -> None:
 
 
 @pytest.mark.parametrize("size", [0, -1, PAGE_SIZE + 1, 1 << 20])
-def test_bad_sizes_are_refused(pool: ZsmallocPool, size: int) -> None:
+def test_bad_sizes_are_refused(pool: Pool, size: int) -> None:
     with pytest.raises(InvalidSizeError):
         pool.malloc(size)
     with pytest.raises(ValueError):
@@ -165,7 +166,7 @@ def test_bad_sizes_are_refused(pool: ZsmallocPool, size: int) -> None:
     pool.check()
 
 
-def test_empty_and_oversized_store_refused(pool: ZsmallocPool) -> None:
+def test_empty_and_oversized_store_refused(pool: Pool) -> None:
     with pytest.raises(InvalidSizeError):
         pool.store(b"")
     with pytest.raises(InvalidSizeError):
@@ -173,7 +174,7 @@ def test_empty_and_oversized_store_refused(pool: ZsmallocPool) -> None:
     assert pool.statistics().objects == 0
 
 
-def test_bad_handles_are_refused(pool: ZsmallocPool) -> None:
+def test_bad_handles_are_refused(pool: Pool) -> None:
     h = pool.store(b"hello")
     for bad in (0, -1, h + 1, 1 << 40):
         for op in (pool.read, pool.free, pool.object_size):
@@ -190,7 +191,7 @@ def test_bad_handles_are_refused(pool: ZsmallocPool) -> None:
     pool.check()
 
 
-def test_write_longer_than_object_refused(pool: ZsmallocPool) -> None:
+def test_write_longer_than_object_refused(pool: Pool) -> None:
     h = pool.store(b"0123456789")
     with pytest.raises(InvalidSizeError):
         pool.write(h, b"x" * 11)
@@ -202,14 +203,15 @@ def test_write_longer_than_object_refused(pool: ZsmallocPool) -> None:
 def test_unknown_kind_refused() -> None:
     with pytest.raises(ValueError, match="unknown pool kind"):
         create_pool("z3fold")
-    with pytest.raises(ValueError):
-        ZsmallocPool(mem_limit_pages=-1)
+    for engine in ENGINES:
+        with pytest.raises(ValueError):
+            make(engine, mem_limit_pages=-1)
 
 
 # -- mem_limit ---------------------------------------------------------------------------------
 
 
-def test_mem_limit_pages_refuses_without_damage(pool: ZsmallocPool) -> None:
+def test_mem_limit_pages_refuses_without_damage(pool: Pool) -> None:
     pool.mem_limit_pages = 20
     stored: dict[int, bytes] = {}
     with pytest.raises(PoolFullError):
@@ -232,7 +234,7 @@ def test_mem_limit_pages_refuses_without_damage(pool: ZsmallocPool) -> None:
     assert pool.statistics().pages_used == 21
 
 
-def test_mem_limit_pages_counts_frames_as_slots_reach_them(pool: ZsmallocPool) -> None:
+def test_mem_limit_pages_counts_frames_as_slots_reach_them(pool: Pool) -> None:
     first = pool.store(payload(1568, 0))
     assert pool.statistics().pages_used == 1  # a fresh 5-frame zspage holds one frame
     pool.mem_limit_pages = 1
@@ -248,7 +250,7 @@ def test_mem_limit_pages_counts_frames_as_slots_reach_them(pool: ZsmallocPool) -
     pool.check()
 
 
-def test_max_pages_and_reset(pool: ZsmallocPool) -> None:
+def test_max_pages_and_reset(pool: Pool) -> None:
     hs = [pool.store(bytes(PAGE_SIZE)) for _ in range(10)]
     for h in hs[:7]:
         pool.free(h)
@@ -261,7 +263,7 @@ def test_max_pages_and_reset(pool: ZsmallocPool) -> None:
 # -- fullness and allocation policy ------------------------------------------------------------
 
 
-def test_allocation_goes_to_the_fullest_non_full_zspage(pool: ZsmallocPool) -> None:
+def test_allocation_goes_to_the_fullest_non_full_zspage(pool: Pool) -> None:
     hs = [pool.store(payload(1568, i)) for i in range(39)]  # three full 13-object zspages
     a, b, c = hs[0:13], hs[13:26], hs[26:39]
     for h in a[:10]:
@@ -279,7 +281,7 @@ def test_allocation_goes_to_the_fullest_non_full_zspage(pool: ZsmallocPool) -> N
     pool.check()
 
 
-def test_zspage_is_freed_with_its_last_object(pool: ZsmallocPool) -> None:
+def test_zspage_is_freed_with_its_last_object(pool: Pool) -> None:
     hs = [pool.store(payload(1568, i)) for i in range(14)]  # 1 full zspage + 1 object
     assert pool.statistics().pages_used == 6  # the second zspage has made one frame so far
     pool.free(hs[13])
@@ -302,7 +304,7 @@ def test_zspage_is_freed_with_its_last_object(pool: ZsmallocPool) -> None:
     pool.check()
 
 
-def test_frames_beyond_the_warm_reserve_leave_at_once(pool: ZsmallocPool) -> None:
+def test_frames_beyond_the_warm_reserve_leave_at_once(pool: Pool) -> None:
     hs = [pool.store(payload(PAGE_SIZE, i)) for i in range(WARM_FRAMES + 50)]  # a frame each
     rss_full = pool.arena_rss_bytes()
     assert rss_full == len(hs) * PAGE_SIZE
@@ -323,10 +325,11 @@ def test_frames_beyond_the_warm_reserve_leave_at_once(pool: ZsmallocPool) -> Non
 # -- compaction --------------------------------------------------------------------------------
 
 
-def test_compaction_frees_the_emptiest_zspages(pool: ZsmallocPool) -> None:
+def test_compaction_frees_the_emptiest_zspages(pool: Pool) -> None:
     hs = [pool.store(payload(1568, i)) for i in range(39)]
     keep = {h: payload(1568, i) for i, h in enumerate(hs)}
-    c = pool._classes[pool._cid_of_size[1568]]
+    lay = layout(pool)
+    c = lay._classes[lay._cid_of_size[1568]]
     frames_of = [set(c.frames[z * 5 : z * 5 + 5]) for z in range(3)]
     for h in hs[0:11] + hs[13:18] + hs[26:30]:  # A: 2 left, B: 8 left, C: 9 left
         pool.free(h)
@@ -338,13 +341,13 @@ def test_compaction_frees_the_emptiest_zspages(pool: ZsmallocPool) -> None:
     s = pool.statistics()
     assert s.pages_compacted == 5 and s.objects_moved == 2 and s.pages_used == 10
     assert s.bytes_moved == 2 * 1568 and s.freeable_pages == 0
-    assert frames_of[0] <= set(pool.arena.free_frames)  # A, the emptiest, is gone
+    assert frames_of[0] <= set(layout(pool).arena.free_frames)  # A, the emptiest, is gone
     assert pool.compact() == 0
     pool.check()
     assert all(pool.read(h) == d for h, d in keep.items())
 
 
-def test_compact_step_is_bounded_and_ends_with_zero(pool: ZsmallocPool) -> None:
+def test_compact_step_is_bounded_and_ends_with_zero(pool: Pool) -> None:
     rng = random.Random(7)
     keep: dict[int, bytes] = {}
     for i in range(3000):
@@ -371,7 +374,7 @@ def test_compact_step_is_bounded_and_ends_with_zero(pool: ZsmallocPool) -> None:
     assert all(pool.read(h) == d for h, d in keep.items())
 
 
-def test_compaction_skips_the_huge_class(pool: ZsmallocPool) -> None:
+def test_compaction_skips_the_huge_class(pool: Pool) -> None:
     hs = [pool.store(bytes(PAGE_SIZE)) for _ in range(50)]
     for h in hs[::2]:
         pool.free(h)
@@ -383,8 +386,8 @@ def test_compaction_skips_the_huge_class(pool: ZsmallocPool) -> None:
 # -- the invariant checker ---------------------------------------------------------------------
 
 
-def filled(seed: int = 3) -> ZsmallocPool:
-    p = ZsmallocPool()
+def filled(engine: str, seed: int = 3) -> Pool:
+    p = make(engine)
     rng = random.Random(seed)
     hs = [p.store(payload(rng.choice([100, 1568, 3000, 4096]), i)) for i in range(200)]
     for h in hs[::3]:
@@ -393,52 +396,59 @@ def filled(seed: int = 3) -> ZsmallocPool:
     return p
 
 
-def _corrupt_slot_word(p: ZsmallocPool) -> None:
-    c = p._classes[p._cid_of_size[1568]]
+def _class(p: Pool, size: int):
+    lay = layout(p)
+    return lay._classes[lay._cid_of_size[size]]
+
+
+def _corrupt_slot_word(p: Pool) -> None:
+    c = _class(p, 1568)
     z = c.heads[c.mask.bit_length() - 1]
     s = next(s for s in range(c.objs) if c.slots[z * c.objs + s] & 1)
-    c.slots[z * c.objs + s] ^= 2  # the slot now names another handle
+    poke(p, "slots", c.cid, z * c.objs + s, c.slots[z * c.objs + s] ^ 2)  # names another handle
 
 
-def _corrupt_handle(p: ZsmallocPool) -> None:
-    h = next(h for h in range(1, len(p.hloc)) if p.hloc[h] & 1 and p.hloc[h] >> 13 & 0xFF)
-    p.hloc[h] ^= 1 << 21  # the handle now points at the neighbouring slot
+def _corrupt_handle(p: Pool) -> None:
+    hloc = layout(p).hloc
+    h = next(h for h in range(1, len(hloc)) if hloc[h] & 1 and hloc[h] >> 13 & 0xFF)
+    poke(p, "hloc", 0, h, hloc[h] ^ 1 << 21)  # the handle now points at the neighbouring slot
 
 
-def _corrupt_inuse(p: ZsmallocPool) -> None:
-    c = p._classes[p._cid_of_size[100]]
+def _corrupt_inuse(p: Pool) -> None:
+    c = _class(p, 100)
     z = c.heads[c.mask.bit_length() - 1]
-    c.inuse[z] -= 1
+    poke(p, "inuse", c.cid, z, c.inuse[z] - 1)
 
 
-def _corrupt_frames(p: ZsmallocPool) -> None:
-    c = p._classes[p._cid_of_size[3000]]
+def _corrupt_frames(p: Pool) -> None:
+    c = _class(p, 3000)
     live = [z for z in range(len(c.group)) if c.group[z] != 0xFF]
-    c.frames[live[0] * c.pages] = c.frames[live[1] * c.pages]  # one frame owned twice
+    poke(p, "frames", c.cid, live[0] * c.pages, c.frames[live[1] * c.pages])  # owned twice
 
 
-def _corrupt_list(p: ZsmallocPool) -> None:
-    c = p._classes[p._cid_of_size[100]]
+def _corrupt_list(p: Pool) -> None:
+    c = _class(p, 100)
     g = c.mask.bit_length() - 1
-    c.next[c.heads[g]] = c.heads[g]  # a cycle
+    poke(p, "next", c.cid, c.heads[g], c.heads[g])  # a cycle
 
 
-def _corrupt_free_handles(p: ZsmallocPool) -> None:
-    p.hloc[p.hfree] = p.hfree << 1  # the free-handle list loops on itself
+def _corrupt_free_handles(p: Pool) -> None:
+    hfree = layout(p).hfree
+    poke(p, "hloc", 0, hfree, hfree << 1)  # the free-handle list loops on itself
 
 
-def _corrupt_counter(p: ZsmallocPool) -> None:
-    p.pages_used += 1
+def _corrupt_counter(p: Pool) -> None:
+    poke(p, "pages_used", 0, 0, p.pages_used + 1)
 
 
-def _corrupt_bytes(p: ZsmallocPool) -> None:
-    p.bytes_stored -= 1
+def _corrupt_bytes(p: Pool) -> None:
+    poke(p, "bytes_stored", 0, 0, p.bytes_stored - 1)
 
 
-def _corrupt_free_frame(p: ZsmallocPool) -> None:
-    c = p._classes[p._cid_of_size[100]]
+def _corrupt_free_frame(p: Pool) -> None:
+    c = _class(p, 100)
     z = c.heads[c.mask.bit_length() - 1]
-    p.arena.free_frames.append(c.frames[z * c.pages])
+    poke(p, "push_free_frame", 0, 0, c.frames[z * c.pages])
 
 
 @pytest.mark.parametrize(
@@ -455,8 +465,9 @@ def _corrupt_free_frame(p: ZsmallocPool) -> None:
         _corrupt_free_frame,
     ],
 )
-def test_check_catches_corruption(corrupt) -> None:
-    p = filled()
+@pytest.mark.parametrize("engine", ENGINES)
+def test_check_catches_corruption(corrupt, engine: str) -> None:
+    p = filled(engine)
     try:
         corrupt(p)
         with pytest.raises(PoolCorruptionError):
@@ -465,7 +476,7 @@ def test_check_catches_corruption(corrupt) -> None:
         p.close()
 
 
-def test_pages_compacted_is_net_of_frames_made_for_the_destination(pool: ZsmallocPool) -> None:
+def test_pages_compacted_is_net_of_frames_made_for_the_destination(pool: Pool) -> None:
     """Frames are made lazily, so a move may need a new frame in the destination zspage;
     pages_compacted must count what compaction gave back, not what it freed gross."""
     hs = [pool.store(payload(1568, i)) for i in range(15)]  # A: 13 of 13 (5 frames), B: 2 (1)
@@ -478,3 +489,16 @@ def test_pages_compacted_is_net_of_frames_made_for_the_destination(pool: Zsmallo
     assert (freed, after.pages_used, after.pages_compacted) == (4, 2, 4)
     assert [pool.read(h) for h in hs[12:]] == [payload(1568, i) for i in range(12, 15)]
     pool.check()
+
+
+def test_free_refuses_a_handle_its_slot_does_not_name(pool: Pool) -> None:
+    """free() checks in O(1) that the slot the handle locates names the handle back (the
+    kernel's in-object header): freeing through a stale or corrupt word would free a slot that
+    another live object owns."""
+    hs = [pool.store(payload(1568, i)) for i in range(3)]
+    poke(pool, "slots", _class(pool, 1568).cid, 1, hs[2] << 1 | 1)  # slot 1 claims hs[2]
+    before = pool.statistics()
+    with pytest.raises(PoolCorruptionError):
+        pool.free(hs[1])
+    assert pool.statistics() == before  # refused before any change
+    assert pool.read(hs[0]) == payload(1568, 0)

@@ -7,6 +7,7 @@ stay valid until freed. See zsmalloc.py for the design and its invariants.
 
 from __future__ import annotations
 
+from zfs_ram.native import load as _load_engine
 from zfs_ram.vocabulary import PAGE_SHIFT, PAGE_SIZE
 
 from .base import BytesLike, Pool
@@ -23,8 +24,17 @@ from .stats import ClassStats, PoolStats
 from .zbud import ZbudPool
 from .zsmalloc import ZsmallocPool
 
+# The zsmalloc engine, chosen once: the compiled one where it was built (and not refused by
+# ZFS_RAM_ENGINE=python), else the pure-Python reference. zbud is pure Python either way.
+if _load_engine("pool", "zfs_ram.pool._zsmalloc") is not None:
+    from .native import NativeZsmallocPool
+
+    ZSMALLOC_ENGINE: type[Pool] = NativeZsmallocPool
+else:
+    ZSMALLOC_ENGINE = ZsmallocPool
+
 #: The allocators create_pool() knows, by the name mount options and the CLI use.
-POOL_KINDS: dict[str, type[Pool]] = {"zsmalloc": ZsmallocPool, "zbud": ZbudPool}
+POOL_KINDS: dict[str, type[Pool]] = {"zsmalloc": ZSMALLOC_ENGINE, "zbud": ZbudPool}
 
 
 def create_pool(kind: str = "zsmalloc", mem_limit_pages: int = 0) -> Pool:
@@ -65,6 +75,7 @@ __all__ = [
     "PoolFullError",
     "PoolStats",
     "SizeClass",
+    "ZSMALLOC_ENGINE",
     "ZbudPool",
     "ZsmallocPool",
     "arena_rss_bytes",

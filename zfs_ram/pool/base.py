@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from zfs_ram.vocabulary import PAGE_SIZE
 
-from .errors import InvalidHandleError, PoolCorruptionError, PoolFullError
+from .errors import InvalidHandleError, InvalidSizeError, PoolCorruptionError, PoolFullError
 from .frames import FrameArena
 from .stats import ClassStats, PoolStats
 
@@ -154,7 +154,14 @@ class Pool(ABC):
     def store_many(self, blob: BytesLike, sizes: Sequence[int]) -> array[int]:
         """store() each of the objects laid back to back in `blob` (sizes[i] bytes each), in
         order. Stops at the first object the pool cannot take (PoolFullError): the handles
-        returned are those of a prefix of `sizes`, and nothing after it was stored."""
+        returned are those of a prefix of `sizes`, and nothing after it was stored. A size
+        outside 1..PAGE_SIZE, or sizes adding up to more than the blob, are refused
+        (InvalidSizeError) before anything is stored."""
+        sizes = list(sizes)
+        if not all(0 < size <= PAGE_SIZE for size in sizes):
+            raise InvalidSizeError(f"a size outside 1..{PAGE_SIZE} in {len(sizes)} objects")
+        if sum(sizes) > len(blob):
+            raise InvalidSizeError(f"sizes add up to {sum(sizes)} bytes, the blob has {len(blob)}")
         handles = array("Q")
         view = memoryview(blob)
         pos = 0
@@ -174,7 +181,14 @@ class Pool(ABC):
         return b"".join(objects), array("H", [len(obj) for obj in objects])
 
     def free_many(self, handles: Sequence[int]) -> array[int]:
-        """free() each handle, in order; the freed objects' sizes."""
+        """free() each handle, in order; the freed objects' sizes. A handle that is not
+        allocated, or one given twice, is refused (InvalidHandleError) before anything is
+        freed."""
+        handles = list(handles)
+        for h in handles:
+            self._word(h)
+        if len(set(handles)) != len(handles):
+            raise InvalidHandleError("a handle given twice to free_many")
         return array("H", [self.free(h) for h in handles])
 
     @abstractmethod

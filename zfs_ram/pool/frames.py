@@ -29,6 +29,7 @@ import mmap
 import weakref
 from array import array
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from zfs_ram.vocabulary import PAGE_SHIFT, PAGE_SIZE
 
@@ -46,7 +47,19 @@ WARM_FRAMES = 64
 #: /proc/self/pagemap entry bit 63: the page is present in RAM (readable without privileges).
 _PAGEMAP_PRESENT = 1 << 63
 
-_live_arenas: weakref.WeakSet[FrameArena] = weakref.WeakSet()
+
+class Mapped(Protocol):
+    """Anything that owns arena segments: a FrameArena, or the compiled engine's pool."""
+
+    def ranges(self) -> list[tuple[int, int]]: ...
+
+
+_live_arenas: weakref.WeakSet[Mapped] = weakref.WeakSet()
+
+
+def register_arena(owner: Mapped) -> None:
+    """Count `owner`'s segments in all_arenas_rss_bytes() while it lives."""
+    _live_arenas.add(owner)
 
 
 def _mapping_address(m: mmap.mmap) -> int:
@@ -175,7 +188,7 @@ class FrameArena:
 
     def rss_bytes(self) -> int:
         """Resident bytes of this arena's segments, from /proc/self/smaps."""
-        return _rss_of_ranges(self.ranges())
+        return rss_of_ranges(self.ranges())
 
     def close(self) -> None:
         """Unmap every segment; the arena is empty afterwards."""
@@ -213,7 +226,7 @@ def _pagemap_present_bytes(start: int, end: int) -> int:
     return sum(1 for e in entries if e & _PAGEMAP_PRESENT) * PAGE_SIZE
 
 
-def _rss_of_ranges(ranges: Iterable[tuple[int, int]]) -> int:
+def rss_of_ranges(ranges: Iterable[tuple[int, int]]) -> int:
     """Rss of exactly the given address ranges.
 
     Adjacent anonymous mappings with the same flags may be merged by the kernel into one VMA
@@ -252,4 +265,4 @@ def all_arenas_rss_bytes() -> int:
     ranges: list[tuple[int, int]] = []
     for arena in list(_live_arenas):
         ranges.extend(arena.ranges())
-    return _rss_of_ranges(ranges)
+    return rss_of_ranges(ranges)

@@ -42,6 +42,10 @@ Invariants (all verified by check()):
   * obj_used == sum(inuse) and zspages == number of live L, per class.
 Concurrency: none. Calls are synchronous and run to completion; a compact_step() is atomic
 with respect to the caller, so readers never see a half-moved object.
+
+This is also the reference of the compiled engine (_zsmalloc.c, wrapped by native.py), which
+follows it step for step: tests/pool/test_pool_engines.py drives both with the same random steps
+and compares handles, bytes, statistics and these tables. A change here is a change there.
 """
 
 from __future__ import annotations
@@ -66,7 +70,31 @@ _CID_MASK = 0xFF  #: distinct-class id, at most 255 classes
 _SLOT_SHIFT = 21
 _SLOT_MASK = 0x3FF  #: slot index in 10 bits: at most 256 objects per zspage (class 48, chain 8)
 _ZS_SHIFT = 31  #: class-local zspage number (or frame number for huge objects) above this
-_LOW_MASK = (1 << _SLOT_SHIFT) - 1  #: size, class id and tag: what a move keeps
+
+
+def location_to_obj(zs: int, slot: int, cid: int, size: int) -> int:
+    """The live handle-table word of an object of `size` bytes in slot `slot` of class `cid`'s
+    zspage `zs` (for a huge object: `zs` is its frame, slot 0). Kernel location_to_obj()."""
+    return (
+        zs << _ZS_SHIFT | slot << _SLOT_SHIFT | cid << _CID_SHIFT | (size - 1) << _SIZE_SHIFT | LIVE
+    )
+
+
+def obj_to_location(w: int) -> tuple[int, int, int, int]:
+    """(class id, zspage or huge frame, slot, size) of the live word `w`: location_to_obj()'s
+    inverse (kernel obj_to_location(), which also says the class through the zspage)."""
+    return (
+        w >> _CID_SHIFT & _CID_MASK,
+        w >> _ZS_SHIFT,
+        w >> _SLOT_SHIFT & _SLOT_MASK,
+        (w >> _SIZE_SHIFT & _SIZE_MASK) + 1,
+    )
+
+
+def obj_size(w: int) -> int:
+    """The object size a live handle-table word records."""
+    return (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+
 
 #: The distinct classes are numbered from the largest down, so the huge (4096 B) class is 0.
 HUGE_CID = 0
@@ -93,6 +121,21 @@ def fullness_group(inuse: int, objs: int) -> int:
     if inuse == objs:
         return FULL_GROUP
     return 100 * inuse // objs // 10 + 1
+
+
+def class_table() -> tuple[list[SizeClass], bytes, int]:
+    """The distinct classes numbered from the largest down (class id = list index, so the huge
+    class is HUGE_CID), request size -> class id for sizes 0..4096, and the huge watermark:
+    what both engines are built from."""
+    distinct, table, watermark = build_classes()
+    assert distinct[HUGE_CID].huge and distinct[HUGE_CID].size == PAGE_SIZE
+    cid_of_index = {sc.index: cid for cid, sc in enumerate(distinct)}
+    cid_of_size = bytes(
+        cid_of_index[table[class_index(max(size, 1))].index] for size in range(PAGE_SIZE + 1)
+    )
+    assert all(cid_of_size[s] == HUGE_CID for s in range(watermark, PAGE_SIZE + 1))
+    assert cid_of_size[watermark - 1] != HUGE_CID
+    return distinct, cid_of_size, watermark
 
 
 class _Class:
@@ -167,6 +210,13 @@ class _Class:
         n = self.objs
         return (self.zspages * n - self.obj_used) // n * self.pages
 
+    def fix_fullness_group(self, z: int) -> None:
+        """Kernel fix_fullness_group(): move zspage z to the list its inuse now belongs on."""
+        g = self.group_of[self.inuse[z]]
+        if g != self.group[z]:
+            self.unlink(z)
+            self.link(z, g)
+
     def unlink(self, z: int) -> None:
         p = self.prev[z]
         x = self.next[z]
@@ -217,17 +267,11 @@ class ZsmallocPool(Pool):
 
     def __init__(self, mem_limit_pages: int = 0) -> None:
         super().__init__(mem_limit_pages)
-        distinct, _table, watermark = build_classes()
+        distinct, cid_of_size, watermark = class_table()
         self._classes = [_Class(cid, sc) for cid, sc in enumerate(distinct)]
-        assert self._classes[HUGE_CID].huge and self._classes[HUGE_CID].size == PAGE_SIZE
-        cid_of_index = {sc.index: cid for cid, sc in enumerate(distinct)}
         #: Request size -> distinct class id, for sizes 0..4096 (0 is rejected before lookup).
-        self._cid_of_size = bytes(
-            cid_of_index[_table[class_index(max(size, 1))].index] for size in range(PAGE_SIZE + 1)
-        )
+        self._cid_of_size = cid_of_size
         self._huge_size = watermark
-        assert all(self._cid_of_size[s] == HUGE_CID for s in range(watermark, PAGE_SIZE + 1))
-        assert self._cid_of_size[watermark - 1] != HUGE_CID
         #: Non-huge classes from the largest down: __zs_compact's visiting order.
         self._compact_order = [c for c in self._classes if not c.huge]
         self._compact_cursor = 0  #: where the last compact_step() stopped in _compact_order
@@ -338,8 +382,7 @@ class ZsmallocPool(Pool):
             c = self._classes[HUGE_CID]
             c.obj_used += 1
             c.zspages += 1
-            word = frame << _ZS_SHIFT | (size - 1) << _SIZE_SHIFT | LIVE
-            h = self._take_handle(word)
+            h = self._take_handle(location_to_obj(frame, 0, HUGE_CID, size))
         else:
             c = self._classes[cid]
             # find_get_zspage(): the fullest non-full zspage, scanning groups 10 down to 0.
@@ -368,16 +411,10 @@ class ZsmallocPool(Pool):
             base = z * c.objs
             slots = c.slots
             c.freeobj[z] = (slots[base + s] >> 1) - 1
-            word = z << _ZS_SHIFT | s << _SLOT_SHIFT | cid << _CID_SHIFT
-            word |= (size - 1) << _SIZE_SHIFT | LIVE
-            h = self._take_handle(word)
+            h = self._take_handle(location_to_obj(z, s, cid, size))
             slots[base + s] = h << 1 | LIVE
-            inuse = c.inuse[z] + 1
-            c.inuse[z] = inuse
-            g = c.group_of[inuse]
-            if g != c.group[z]:
-                c.unlink(z)
-                c.link(z, g)
+            c.inuse[z] += 1
+            c.fix_fullness_group(z)
             c.obj_used += 1
         self.bytes_stored += size
         return h
@@ -391,19 +428,21 @@ class ZsmallocPool(Pool):
         return h
 
     def free(self, h: int) -> int:
-        w = self._word(h)
-        cid = w >> _CID_SHIFT & _CID_MASK
+        cid, z, s, size = obj_to_location(self._word(h))
         c = self._classes[cid]
         if cid == HUGE_CID:
-            self.arena.free(w >> _ZS_SHIFT)
+            self.arena.free(z)
             self.pages_used -= 1
             self.huge_objects -= 1
             c.obj_used -= 1
             c.zspages -= 1
         else:
-            z = w >> _ZS_SHIFT
-            s = w >> _SLOT_SHIFT & _SLOT_MASK
-            c.slots[z * c.objs + s] = (c.freeobj[z] + 1) << 1
+            i = z * c.objs + s
+            # The slot must name this handle back (the kernel's in-object header does): a
+            # mismatch means the tables disagree, and freeing would corrupt a live object.
+            if not (0 <= i < len(c.slots) and c.slots[i] == h << 1 | LIVE):
+                raise PoolCorruptionError(f"handle {h}: slot ({z},{s}) of class {c.size} is not it")
+            c.slots[i] = (c.freeobj[z] + 1) << 1
             c.freeobj[z] = s
             inuse = c.inuse[z] - 1
             c.inuse[z] = inuse
@@ -411,12 +450,8 @@ class ZsmallocPool(Pool):
             if inuse == 0:
                 self._free_zspage(c, z)
             else:
-                g = c.group_of[inuse]
-                if g != c.group[z]:
-                    c.unlink(z)
-                    c.link(z, g)
+                c.fix_fullness_group(z)
         self._release_handle(h)
-        size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
         self.bytes_stored -= size
         return size
 
@@ -424,14 +459,14 @@ class ZsmallocPool(Pool):
 
     def _put(self, w: int, data: BytesLike, n: int) -> None:
         """Copy n bytes of data to the start of the object that handle word w locates."""
-        cid = w >> _CID_SHIFT & _CID_MASK
+        cid, z, s, _size = obj_to_location(w)
         if cid == HUGE_CID:
-            frame = w >> _ZS_SHIFT
+            frame = z
             inoff = 0
         else:
             c = self._classes[cid]
-            off = (w >> _SLOT_SHIFT & _SLOT_MASK) * c.size
-            fi = (w >> _ZS_SHIFT) * c.pages + (off >> 12)
+            off = s * c.size
+            fi = z * c.pages + (off >> 12)
             frame = c.frames[fi]
             inoff = off & _PAGE_MASK
             if inoff + n > PAGE_SIZE:  # straddles into the zspage's next frame
@@ -462,16 +497,14 @@ class ZsmallocPool(Pool):
         out: list[bytes] = []
         append = out.append
         for w in words:
-            n = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
-            cid = w >> _CID_SHIFT & _CID_MASK
+            cid, z, s, n = obj_to_location(w)
             if cid == HUGE_CID:
-                frame = w >> _ZS_SHIFT
-                pos = (frame & SEGMENT_MASK) << 12
-                append(segments[frame >> SEGMENT_SHIFT][pos : pos + n])
+                pos = (z & SEGMENT_MASK) << 12
+                append(segments[z >> SEGMENT_SHIFT][pos : pos + n])
                 continue
             c = classes[cid]
-            off = (w >> _SLOT_SHIFT & _SLOT_MASK) * c.size
-            fi = (w >> _ZS_SHIFT) * c.pages + (off >> 12)
+            off = s * c.size
+            fi = z * c.pages + (off >> 12)
             frame = c.frames[fi]
             inoff = off & _PAGE_MASK
             pos = ((frame & SEGMENT_MASK) << 12) + inoff
@@ -509,13 +542,13 @@ class ZsmallocPool(Pool):
     def write(self, h: int, data: BytesLike) -> None:
         w = self._word(h)
         n = len(data)
-        size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
+        size = obj_size(w)
         if n > size:
             raise InvalidSizeError(f"write of {n} bytes into a {size}-byte object")
         self._put(w, data, n)
 
     def object_size(self, h: int) -> int:
-        return (self._word(h) >> _SIZE_SHIFT & _SIZE_MASK) + 1
+        return obj_size(self._word(h))
 
     # -- compaction ---------------------------------------------------------------------------
 
@@ -586,7 +619,7 @@ class ZsmallocPool(Pool):
             freeobj[dst] = (slots[dbase + d] >> 1) - 1
             slots[dbase + d] = sw
             inuse[dst] += 1
-            nw = w & _LOW_MASK | d << _SLOT_SHIFT | dst << _ZS_SHIFT
+            nw = location_to_obj(dst, d, c.cid, obj_size(w))
             self._put(nw, data, len(data))
             hloc[h] = nw  # the handle now names the new location: the move is complete
             slots[sbase + s] = (freeobj[src] + 1) << 1
@@ -596,19 +629,13 @@ class ZsmallocPool(Pool):
             nbytes += len(data)
             s += 1
         self.bytes_moved += nbytes
-        g = c.group_of[inuse[dst]]
-        if g != c.group[dst]:
-            c.unlink(dst)
-            c.link(dst, g)
+        c.fix_fullness_group(dst)
         if inuse[src] == 0:
             net = self._free_zspage(c, src) - self._compaction_debt
             self.pages_compacted += max(net, 0)
             self._compaction_debt = max(-net, 0)
         else:
-            g = c.group_of[inuse[src]]
-            if g != c.group[src]:
-                c.unlink(src)
-                c.link(src, g)
+            c.fix_fullness_group(src)
         return moved
 
     # -- statistics ---------------------------------------------------------------------------

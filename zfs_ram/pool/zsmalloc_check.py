@@ -18,19 +18,7 @@ if TYPE_CHECKING:
 
 def check_zsmalloc(pool: ZsmallocPool) -> None:
     """Verify every zspage, list, slot and handle; raise PoolCorruptionError if any is off."""
-    from .zsmalloc import (
-        _CID_MASK,
-        _CID_SHIFT,
-        _SIZE_MASK,
-        _SIZE_SHIFT,
-        _SLOT_MASK,
-        _SLOT_SHIFT,
-        _ZS_SHIFT,
-        HUGE_CID,
-        NOFRAME,
-        NR_GROUPS,
-        UNUSED,
-    )
+    from .zsmalloc import HUGE_CID, NOFRAME, NR_GROUPS, UNUSED, obj_to_location
 
     pool._check_common()
     if pool._structures_bytes() != Pool._structures_bytes(pool):
@@ -121,12 +109,11 @@ def check_zsmalloc(pool: ZsmallocPool) -> None:
                         raise PoolCorruptionError(f"class {c.size}: slot ({z},{s}) no frame")
                 h = sw >> 1
                 w = hloc[h] if h < len(hloc) else 0
-                expect = z << _ZS_SHIFT | s << _SLOT_SHIFT | c.cid << _CID_SHIFT | LIVE
-                if w & ~(_SIZE_MASK << _SIZE_SHIFT) != expect:
+                wcid, wz, ws, size = obj_to_location(w)
+                if not w & LIVE or (wcid, wz, ws) != (c.cid, z, s):
                     raise PoolCorruptionError(
                         f"class {c.size}: slot ({z},{s}) -> handle {h} does not map back"
                     )
-                size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
                 if pool._cid_of_size[size] != c.cid:
                     raise PoolCorruptionError(f"handle {h}: size {size} not in class {c.size}")
                 total_bytes += size
@@ -140,13 +127,15 @@ def check_zsmalloc(pool: ZsmallocPool) -> None:
     huge = 0
     for h in range(1, len(hloc)):
         w = hloc[h]
-        if w & LIVE and (w >> _CID_SHIFT & _CID_MASK) == HUGE_CID:
-            if w >> _SLOT_SHIFT & _SLOT_MASK:
+        if not w & LIVE:
+            continue
+        cid, frame, slot, size = obj_to_location(w)
+        if cid == HUGE_CID:
+            if slot:
                 raise PoolCorruptionError(f"huge handle {h} has a slot")
-            size = (w >> _SIZE_SHIFT & _SIZE_MASK) + 1
             if size < pool._huge_size:
                 raise PoolCorruptionError(f"huge handle {h} of {size} bytes")
-            own(w >> _ZS_SHIFT, f"huge handle {h}")
+            own(frame, f"huge handle {h}")
             huge += 1
             total_bytes += size
     hc = pool._classes[HUGE_CID]
