@@ -34,6 +34,8 @@ PROG = "zfs-ram"
 # How long umount waits for the daemon to exit after the kernel let go of the mount. The daemon
 # only drops its inodes and frees the pool then, which takes well under a second.
 DAEMON_EXIT_TIMEOUT = 30.0
+# After aborting a connection, how long a "busy" unmount is retried before a lazy one.
+ABORTED_BUSY_SECONDS = 2.0
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 # `zfs-ram stat --json`: the sections a reader looks at first; `classes` (hundreds of size
@@ -57,11 +59,11 @@ class _Parser(argparse.ArgumentParser):
 # Helpers shared by the subcommands
 
 
-def _fusermount(path: str, *, lazy: bool) -> str | None:
+def _fusermount(path: str, *, lazy: bool, busy_for: float = 0.0) -> str | None:
     """mounts.fusermount, but a missing fusermount3 is the user's to fix, not a reason."""
     if shutil.which("fusermount3") is None:
         raise CliError("fusermount3 not found (install the fuse3 package)")
-    return fusermount(path, lazy=lazy)
+    return fusermount(path, lazy=lazy, busy_for=busy_for)
 
 
 def _zfs_ram_mount(mountpoint: str, command: str) -> MountInfo:
@@ -171,7 +173,7 @@ def _umount_unanswered(mountpoint: str, info: MountInfo) -> int:
     """
     problem = abort_connection(info)
     if problem is None:
-        reason = _fusermount(info.mountpoint, lazy=False)
+        reason = _fusermount(info.mountpoint, lazy=False, busy_for=ABORTED_BUSY_SECONDS)
         how = "aborted its connection and unmounted it"
         if reason is not None:  # other processes still hold files in it
             reason = _fusermount(info.mountpoint, lazy=True)

@@ -264,20 +264,31 @@ def is_stopped(pid: int) -> bool:
     return _run_state(pid) in ("T", "t")
 
 
-def fusermount(path: str, *, lazy: bool = False, timeout: float = FUSERMOUNT_TIMEOUT) -> str | None:
+def fusermount(
+    path: str, *, lazy: bool = False, timeout: float = FUSERMOUNT_TIMEOUT, busy_for: float = 0.0
+) -> str | None:
     """``fusermount3 -u [-z] path``, bounded: None once it succeeded, else one line saying why
-    not (its last error line, a timeout, or that fusermount3 is missing)."""
+    not (its last error line, a timeout, or that fusermount3 is missing).
+
+    ``busy_for``: retry a "busy" refusal for that many seconds. After a connection was aborted
+    the kernel drops what the failed requests held (a RELEASE in flight keeps its file open)
+    moments later, not at once."""
     tool = shutil.which("fusermount3")
     if tool is None:
         return "fusermount3 not found (install the fuse3 package)"
     cmd = [tool, "-u"] + (["-z"] if lazy else []) + [path]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return f"fusermount3 did not return within {timeout:.0f} s"
-    if done.returncode == 0:
-        return None
-    return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+    deadline = time.monotonic() + busy_for
+    while True:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return f"fusermount3 did not return within {timeout:.0f} s"
+        if done.returncode == 0:
+            return None
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+        if "busy" not in reason.lower() or time.monotonic() >= deadline:
+            return reason
+        time.sleep(EXIT_POLL_SECONDS)
 
 
 def wait_for_exit(pid: int, timeout: float) -> str:

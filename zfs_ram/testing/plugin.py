@@ -69,6 +69,8 @@ LOG_TAIL_LINES = 30
 # Applied to mount tests when pytest-timeout is installed but no timeout is configured.
 DEFAULT_TEST_TIMEOUT = 120
 POLL_INTERVAL = 0.05
+# After a daemon was killed or its connection aborted, how long a "busy" unmount is retried.
+ABORTED_BUSY_SECONDS = 2.0
 # A healthy daemon answers its pid file at once; force_unmount asks only to find the daemon.
 PID_READ_TIMEOUT = 2.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -136,15 +138,18 @@ def force_unmount(path: str | os.PathLike[str], pid: int | None = None) -> list[
             unanswered = True
         except ControlError:
             pass  # dead: fusermount3 -u works
+    busy_for = 0.0  # a connection that ends by force frees its files moments later
     if pid is not None and is_stopped(pid):
         problems.append(f"daemon {pid} was stopped; killed")
         _kill(pid)
         _wait_gone(pid, UNMOUNT_TIMEOUT)
+        busy_for = ABORTED_BUSY_SECONDS
     elif unanswered:
         reason = abort_connection(info)
         if reason is not None:
             problems.append(f"daemon of {where} does not answer; cannot abort it: {reason}")
-    if fusermount(where, timeout=UNMOUNT_TIMEOUT) is not None:
+        busy_for = ABORTED_BUSY_SECONDS
+    if fusermount(where, timeout=UNMOUNT_TIMEOUT, busy_for=busy_for) is not None:
         problems.append(f"fusermount3 -u {where} failed; unmounted lazily")
         fusermount(where, lazy=True, timeout=UNMOUNT_TIMEOUT)
     if pid is not None and not _wait_gone(pid, UNMOUNT_TIMEOUT):
@@ -247,7 +252,9 @@ class Mount:
                     # aborts the connection, then the dead mount unmounts.
                     problems.append(f"zfs_ram daemon {self.pid} was stopped; killed to unmount")
                     self._kill()
-                    failed = fusermount(path, timeout=UNMOUNT_TIMEOUT)
+                    failed = fusermount(
+                        path, timeout=UNMOUNT_TIMEOUT, busy_for=ABORTED_BUSY_SECONDS
+                    )
                 if failed is not None:  # busy, or fusermount3 hung: detach it
                     fusermount(path, lazy=True, timeout=UNMOUNT_TIMEOUT)
             if self.process.poll() is None and is_stopped(self.pid):
