@@ -274,7 +274,13 @@ def phase_compileall(job: Job, root: Path) -> str | None:
 
 
 # No config of the user's or the machine's (GIT_CONFIG_GLOBAL, GIT_CONFIG_NOSYSTEM in Job.env).
-GIT = "git -c user.name=CI -c user.email=ci@example.invalid -c init.defaultBranch=main".split()
+# gc.auto=0 and maintenance.auto=false: no "git gc --auto" detached after the commit, which
+# would pack and prune .git in the background of the later phases (files vanishing under grep
+# and rm, and its requests counted against them).
+GIT = (
+    "git -c user.name=CI -c user.email=ci@example.invalid -c init.defaultBranch=main"
+    " -c gc.auto=0 -c maintenance.auto=false"
+).split()
 
 
 def phase_git(job: Job, root: Path) -> str | None:
