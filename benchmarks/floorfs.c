@@ -7,6 +7,11 @@
  * costs on it is the kernel's FUSE and libfuse's single-threaded loop, nothing else:
  * benchmarks/request_floor.py sets pyfuse3 (nullfs.py) and zfs_ram against it.
  *
+ * With FLOORFS_SPIN_NS=N in the environment it serves from its own loop instead of
+ * fuse_session_loop: /dev/fuse non-blocking, and after each request it keeps reading for up to
+ * N ns before it sleeps in poll(), so that its vCPU does not halt between a client's requests
+ * (the experiment behind issue 13's next step; benchmarks/README.md has the figures).
+ *
  * Build: gcc -O2 -o floorfs floorfs.c $(pkg-config --cflags --libs fuse3)
  * Run:   ./floorfs MOUNTPOINT   (foreground; fusermount3 -u MOUNTPOINT ends it)
  */
@@ -15,6 +20,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <time.h>
 #include <sys/stat.h>
 
 #define FILE_INO 2
@@ -94,6 +103,40 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_err(req, 0);
 }
 
+static long elapsed_ns(const struct timespec *since) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - since->tv_sec) * 1000000000L + (now.tv_nsec - since->tv_nsec);
+}
+
+/* fuse_session_loop, but spinning for up to spin_ns after each request before it sleeps. */
+static int spinning_loop(struct fuse_session *se, long spin_ns) {
+    int fd = fuse_session_fd(se);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    struct fuse_buf buf = {0};
+    struct timespec last;
+    clock_gettime(CLOCK_MONOTONIC, &last);
+    int ret = 0;
+    while (!fuse_session_exited(se)) {
+        int res = fuse_session_receive_buf(se, &buf);
+        if (res == -EAGAIN || res == -EINTR) {
+            if (elapsed_ns(&last) >= spin_ns) {
+                struct pollfd p = {fd, POLLIN, 0};
+                poll(&p, 1, -1);
+            }
+            continue;
+        }
+        if (res <= 0) {
+            ret = res;
+            break;
+        }
+        fuse_session_process_buf(se, &buf);
+        clock_gettime(CLOCK_MONOTONIC, &last);
+    }
+    free(buf.mem);
+    return ret == -ENODEV ? 0 : ret; /* ENODEV: unmounted */
+}
+
 static const struct fuse_lowlevel_ops ops = {
     .lookup = op_lookup,
     .getattr = op_getattr,
@@ -118,7 +161,8 @@ int main(int argc, char *argv[]) {
         fuse_session_destroy(se);
         return 1;
     }
-    int ret = fuse_session_loop(se);
+    const char *spin = getenv("FLOORFS_SPIN_NS");
+    int ret = spin ? spinning_loop(se, atol(spin)) : fuse_session_loop(se);
     fuse_session_unmount(se);
     fuse_session_destroy(se);
     return ret ? 1 : 0;
