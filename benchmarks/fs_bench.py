@@ -83,7 +83,7 @@ from systems import (
     warm_memory,
 )
 
-from zfs_ram.vocabulary import CONTROL_DIR, MM_STAT_FIELDS, PAGE_SIZE
+from zfs_ram.vocabulary import CONTROL_DIR, PAGE_SIZE, parse_mm_stat
 
 # Real data: the first bytes of these trees' regular files, taken in turns from each so the
 # mix holds both text (share) and binaries (lib): lz4 compresses it about 2-3x, like real files.
@@ -448,8 +448,7 @@ def zram_mem_used(data: bytes) -> dict[str, int] | None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        values = (sysdir / "mm_stat").read_text().split()  # older kernels print fewer columns
-        return {n: int(v) for n, v in zip(MM_STAT_FIELDS, values, strict=False)}
+        return parse_mm_stat((sysdir / "mm_stat").read_text(), exact=False)
     finally:
         with contextlib.suppress(OSError):
             (sysdir / "reset").write_text("1\n")

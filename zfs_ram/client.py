@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from zfs_ram.vocabulary import CONTROL_DIR, MM_STAT_FIELDS, ControlFile
+from zfs_ram.vocabulary import CONTROL_DIR, ControlFile, parse_mm_stat
 
 __all__ = ["ControlClient", "ControlError", "DaemonGone", "NoAnswer"]
 
@@ -114,10 +114,10 @@ class ControlClient:
 
     def mm_stat(self) -> dict[str, int]:
         """zram's mm_stat columns by name."""
-        fields = self.read(ControlFile.MM_STAT).split()
-        if len(fields) != len(MM_STAT_FIELDS) or not all(f.isdigit() for f in fields):
-            raise ControlError(f"{CONTROL_DIR}/mm_stat of {self.mountpoint} is malformed")
-        return dict(zip(MM_STAT_FIELDS, map(int, fields), strict=True))
+        try:
+            return parse_mm_stat(self.read(ControlFile.MM_STAT))
+        except ValueError:
+            raise ControlError(f"{CONTROL_DIR}/mm_stat of {self.mountpoint} is malformed") from None
 
     def stats(self) -> dict[str, Any]:
         """The whole stats.json object."""

@@ -60,6 +60,19 @@ _PERCENT = re.compile(r"\s*(\d+)%\s*")
 SIZE_SYNTAX = "expected bytes with k/m/g/t suffix or N%"
 
 
+def parse_mm_stat(line: str, *, exact: bool = True) -> dict[str, int]:
+    """mm_stat's columns by name. ``exact``: all of MM_STAT_FIELDS must be there, as zfs_ram
+    writes them; otherwise a kernel's line may have fewer (older kernels) and at least three.
+    Raises ValueError on anything else."""
+    fields = line.split()
+    if not all(field.isdigit() for field in fields):
+        raise ValueError(f"mm_stat has a column that is not a count: {line!r}")
+    fits = len(fields) == len(MM_STAT_FIELDS) if exact else len(fields) >= 3
+    if not fits:
+        raise ValueError(f"mm_stat has {len(fields)} columns: {line!r}")
+    return dict(zip(MM_STAT_FIELDS, map(int, fields), strict=False))
+
+
 def round_up_pages(n: int) -> int:
     """Limits count whole pages, as tmpfs's DIV_ROUND_UP(size, PAGE_SIZE) and zram's PAGE_ALIGN:
     "1k" must not mean "no limit"."""

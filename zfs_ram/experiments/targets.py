@@ -24,7 +24,7 @@ from typing import Any
 
 from zfs_ram.client import COMPACT_TIMEOUT, ControlClient
 from zfs_ram.mounts import locate
-from zfs_ram.vocabulary import MM_STAT_FIELDS, ControlFile
+from zfs_ram.vocabulary import MM_STAT_FIELDS, ControlFile, parse_mm_stat
 
 MIB = 1 << 20
 
@@ -60,10 +60,7 @@ class MmStat:
     @classmethod
     def parse(cls, line: str) -> MmStat:
         """Parse one mm_stat line; older kernels print fewer columns (missing ones are 0)."""
-        values = [int(v) for v in line.split()]
-        if len(values) < 3:
-            raise ValueError(f"mm_stat needs at least 3 columns, got {line!r}")
-        return cls.from_dict(dict(zip(MM_STAT_FIELDS, values, strict=False)))
+        return cls.from_dict(parse_mm_stat(line, exact=False))
 
     @classmethod
     def from_dict(cls, columns: dict[str, int]) -> MmStat:
