@@ -266,10 +266,18 @@ class Pool(ABC):
             freeable_pages=self.can_compact(),
             metadata_bytes=self.metadata_bytes(),
             zspages=self._zspage_count(),
-            free_frames=len(self.arena.free_frames),
-            warm_frames=len(self.arena.warm_frames),
-            mapped_bytes=self.arena.mapped_bytes,
+            **self._frame_counts(),
         )
+
+    def _frame_counts(self) -> dict[str, int]:
+        """The arena's free and warm frames and mapped bytes, for statistics(); the compiled
+        engine keeps its frames itself and answers from its own counters."""
+        arena = self.arena
+        return {
+            "free_frames": len(arena.free_frames),
+            "warm_frames": len(arena.warm_frames),
+            "mapped_bytes": arena.mapped_bytes,
+        }
 
     def reset_max_pages(self) -> None:
         """Restart the high-water mark from the current use (zram: echo 0 > mem_used_max)."""

@@ -23,7 +23,7 @@ from zfs_ram.vocabulary import PAGE_SIZE
 from . import frames
 from .base import MAX_HANDLE, Pool
 from .errors import PoolCorruptionError
-from .stats import ClassStats, PoolStats
+from .stats import ClassStats
 from .zsmalloc import NR_GROUPS, ZsmallocPool, class_table
 
 if TYPE_CHECKING:
@@ -85,25 +85,12 @@ class NativeZsmallocPool(Engine, Pool):
     # Pool's abstract methods are the engine's (store, read, free, ...); what follows turns
     # its raw answers into the records and checks the rest of zfs_ram knows.
 
-    def statistics(self) -> PoolStats:
-        return PoolStats(
-            kind=self.kind,
-            pages_used=self.pages_used,
-            max_pages_used=self.max_pages_used,
-            mem_limit_pages=self.mem_limit_pages,
-            objects=self.objects,
-            bytes_stored=self.bytes_stored,
-            pages_compacted=self.pages_compacted,
-            objects_moved=self.objects_moved,
-            bytes_moved=self.bytes_moved,
-            huge_objects=self.huge_objects,
-            freeable_pages=self.can_compact(),
-            metadata_bytes=self.metadata_bytes(),
-            zspages=self.zspage_count,
-            free_frames=self.free_frame_count,
-            warm_frames=self.warm_frame_count,
-            mapped_bytes=self.mapped_bytes,
-        )
+    def _frame_counts(self) -> dict[str, int]:
+        return {
+            "free_frames": self.free_frame_count,
+            "warm_frames": self.warm_frame_count,
+            "mapped_bytes": self.mapped_bytes,
+        }
 
     def class_statistics(self) -> list[ClassStats]:
         rows = [
