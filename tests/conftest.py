@@ -122,3 +122,20 @@ def run_mount8(mount_command: str, mountpoint: Path, tmp_path: Path) -> dict[str
         key, _, value = word.partition("=")
         facts.setdefault(key, value)
     return facts
+
+
+def counter_since(served: Callable[[], int]) -> Callable[[], int]:
+    """A function that gives how far ``served()`` (a count the daemon keeps, read from
+    stats.json) moved since its previous call, less what reading stats.json moves it itself."""
+    served()  # the first look may still see a FLUSH or lookup of its own
+    first = served()
+    own = served() - first
+    last = served()
+
+    def since() -> int:
+        nonlocal last
+        now = served()
+        count, last = now - last - own, now
+        return count
+
+    return since

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from conftest import counter_since
+
 from zfs_ram.vocabulary import PAGE_SIZE
 
 MIB = 1 << 20
@@ -24,22 +26,7 @@ CACHED_FILE_BYTES = 128 * MIB
 def read_meter(mount: Any) -> Callable[[], int]:
     """A function that gives the READ requests served since its previous call, less the ones
     reading stats.json takes itself (a control file is read with direct I/O, in pieces)."""
-
-    def served() -> int:
-        return int(mount.stats()["requests"].get("READ", {"count": 0})["count"])
-
-    served()
-    first = served()
-    own = served() - first
-    last = served()
-
-    def since() -> int:
-        nonlocal last
-        now = served()
-        count, last = now - last - own, now
-        return count
-
-    return since
+    return counter_since(lambda: int(mount.stats()["requests"].get("READ", {"count": 0})["count"]))
 
 
 def test_attributes_follow_every_write_and_truncate(zfs_ram_mount: Any) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import counter_since
 
 from zfs_ram.vocabulary import PAGE_SIZE
 
@@ -36,22 +37,7 @@ def sh(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
 def request_meter(mount: Any) -> Callable[[], int]:
     """A function that gives the requests the daemon served since its previous call, leaving
     out the ones it takes to read them (stats.json's lookup, open, read and release)."""
-
-    def served() -> int:
-        return int(mount.stats()["fs"]["requests"])
-
-    served()  # the first look may still see a FLUSH or lookup of its own
-    first = served()
-    own = served() - first
-    last = served()
-
-    def since() -> int:
-        nonlocal last
-        now = served()
-        count, last = now - last - own, now
-        return count
-
-    return since
+    return counter_since(lambda: int(mount.stats()["fs"]["requests"]))
 
 
 def opcode_meter(mount: Any, *opcodes: str) -> Callable[[], dict[str, int]]:
