@@ -111,6 +111,24 @@ def test_single_page_overwrites_keep_contents_and_accounting(kind: str) -> None:
     assert (store.stored_pages, store.compr_bytes, pool.objects) == (0, 0, 0)
 
 
+def _filled_to_mem_limit(rng: random.Random) -> tuple[PageStore, FileData, bytearray]:
+    """A zsmalloc pool of 16 frames filled with one file of mixed pages (text, every fifth
+    random) until a write is refused at mem_limit; the file's bytes as a model."""
+    store = PageStore(create_pool("zsmalloc", mem_limit_pages=16))
+    data = FileData()
+    model = bytearray()
+    while True:
+        number = len(model) // PAGE_SIZE
+        content = page_of_kind("mixed", rng, number)
+        assert content is not None
+        try:
+            store.write(data, number * PAGE_SIZE, content)
+        except NoSpaceError as error:
+            assert error.physical
+            return store, data, model
+        model += content
+
+
 def test_a_truncate_at_mem_limit_keeps_the_file() -> None:
     """The issue's reproduction: a pool filled with text pages, every fifth one random (stored
     raw), then a truncate into the middle of a random page. Rewriting the cut page needs room
@@ -121,20 +139,7 @@ def test_a_truncate_at_mem_limit_keeps_the_file() -> None:
     left_stale = 0
     for trial in range(12):
         rng = random.Random(trial)
-        pool = create_pool("zsmalloc", mem_limit_pages=16)
-        store = PageStore(pool)
-        data = FileData()
-        model = bytearray()
-        while True:
-            number = len(model) // PAGE_SIZE
-            content = page_of_kind("mixed", rng, number)
-            assert content is not None
-            try:
-                store.write(data, number * PAGE_SIZE, content)
-            except NoSpaceError as error:
-                assert error.physical
-                break
-            model += content
+        store, data, model = _filled_to_mem_limit(rng)
         number = rng.choice(range(4, len(model) // PAGE_SIZE, 5))
         size = number * PAGE_SIZE + rng.randrange(1, PAGE_SIZE)
         store.truncate(data, size)  # shrinking is never refused
@@ -150,7 +155,7 @@ def test_a_truncate_at_mem_limit_keeps_the_file() -> None:
             assert data.size == size and store.read(data, 0, grown) == bytes(model)
         else:
             assert store.read(data, 0, grown) == bytes(model) + bytes(PAGE_SIZE)
-        pool.check()
+        store.pool.check()
     assert left_stale > 0  # some cut pages found no room even after the pages past them went
 
 
@@ -255,18 +260,7 @@ def test_a_stale_tail_does_not_survive_into_a_pending_page() -> None:
     through a write that does not grow the file: growing it later must show zeros."""
     for trial in range(40):
         rng = random.Random(trial)
-        pool = create_pool("zsmalloc", mem_limit_pages=16)
-        store = PageStore(pool)
-        data = FileData()
-        model = bytearray()
-        while True:
-            number = len(model) // PAGE_SIZE
-            content = page_of_kind("mixed", rng, number)
-            try:
-                store.write(data, number * PAGE_SIZE, content)
-            except NoSpaceError:
-                break
-            model += content
+        store, data, model = _filled_to_mem_limit(rng)
         number = rng.choice(range(4, len(model) // PAGE_SIZE, 5))
         size = number * PAGE_SIZE + rng.randrange(20, PAGE_SIZE)
         store.truncate(data, size)
