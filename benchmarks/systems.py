@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from zfs_ram.client import ControlClient
-from zfs_ram.mounts import locate
+from zfs_ram.daemon.lifecycle import set_read_ahead
+from zfs_ram.daemon.options import DEFAULT_READ_AHEAD_KB
+from zfs_ram.mounts import find_mount, locate
 from zfs_ram.vocabulary import PAGE_SIZE
 
 KIB = 1024
@@ -256,6 +258,11 @@ class NullFs(FuseSystem):
                 raise RuntimeError("nullfs did not mount")
             time.sleep(0.05)
         os.stat(self.path)  # the first request: FUSE_INIT is answered
+        # The same kernel read-ahead as zfs_ram sets for itself (read_ahead_kb=), so that the
+        # ceiling gets sequential reads in the same 1 MiB requests.
+        info = find_mount(str(self.path))
+        if info is not None:
+            set_read_ahead(info, DEFAULT_READ_AHEAD_KB)
 
     def unmount(self) -> None:
         super().unmount()

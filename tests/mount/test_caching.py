@@ -14,8 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import counter_since
 
+from zfs_ram.daemon.lifecycle import BDI_DIR
+from zfs_ram.daemon.options import DEFAULT_READ_AHEAD_KB
+from zfs_ram.mounts import find_mount
 from zfs_ram.vocabulary import PAGE_SIZE
 
 MIB = 1 << 20
@@ -126,3 +130,31 @@ def test_a_deleted_files_cached_pages_are_dropped(zfs_ram_mount: Any) -> None:
             f"a {CACHED_FILE_BYTES // MIB} MiB file"
         )
         time.sleep(0.05)
+
+
+def bdi_read_ahead_kb(mount: Any) -> int:
+    """The kernel's read-ahead of the mount, from its backing device in sysfs."""
+    info = find_mount(str(mount.path))
+    assert info is not None
+    return int(Path(f"{BDI_DIR}/{info.major}:{info.minor}/read_ahead_kb").read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a mount's read-ahead")
+def test_sequential_reads_come_in_requests_of_a_mebibyte(zfs_ram_mount: Any) -> None:
+    """read_ahead_kb (1024 by default): a sequential 1 MiB read(2) of uncached pages is one
+    READ request, not the eight of the kernel's 128 KiB read-ahead; 0 leaves the kernel's."""
+    mount = zfs_ram_mount("size=64m")
+    assert bdi_read_ahead_kb(mount) == DEFAULT_READ_AHEAD_KB
+    path = Path(mount.path) / "f"
+    data = os.urandom(8 * MIB)
+    path.write_bytes(data)
+    reads = read_meter(mount)
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # drop its clean pages
+        reads()
+        assert b"".join(iter(lambda: f.read(MIB), b"")) == data
+    assert 8 <= reads() <= 10  # one per MiB, and maybe a short first one
+
+    assert bdi_read_ahead_kb(zfs_ram_mount("size=64m,read_ahead_kb=256")) == 256
+    kernels = bdi_read_ahead_kb(zfs_ram_mount("size=64m,read_ahead_kb=0"))
+    assert kernels == 128  # VM_READAHEAD_PAGES

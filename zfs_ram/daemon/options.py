@@ -71,6 +71,10 @@ ALWAYS_FUSE_OPTIONS = frozenset({"default_permissions", f"subtype={SUBTYPE}"})
 DEFAULT_SIZE_PERCENT = 50  # tmpfs: "The default is half of your physical RAM without swap"
 POOLS = ("zsmalloc", "zbud")
 COMPACT_MODES = ("auto", "off")
+# Sequential reads come as READ requests of read_ahead_kb: the kernel's 128 KiB default makes
+# a 1 MiB read(2) eight requests, 1024 (FUSE's largest request, max_pages 256) makes it one.
+DEFAULT_READ_AHEAD_KB = 1024
+MAX_READ_AHEAD_KB = 65536
 MODE_MASK = 0o7777  # tmpfs keeps permission and set-id/sticky bits of mode=, nothing else
 # FUSE has no remount with new filesystem options: the daemon read them once, at mount time.
 REMOUNT_REASON = (
@@ -101,6 +105,8 @@ class MountOptions:
     fuse_options: frozenset[str]
     # Daemon-side settings that are neither filesystem nor libfuse options.
     log_path: str | None = None
+    # The kernel's read-ahead for the mount (its bdi's read_ahead_kb), set after mounting.
+    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
     # Generic options that were accepted and dropped, kept for the debug log.
     ignored: tuple[str, ...] = field(default=())
 
@@ -169,6 +175,7 @@ def parse_options(
     fuse: set[str] = set()
     ignored: list[str] = []
     log_path: str | None = None
+    read_ahead_kb = DEFAULT_READ_AHEAD_KB
     size_given = inodes_given = False
 
     for opt in (o for o in text.split(",") if o):
@@ -219,6 +226,10 @@ def parse_options(
             settings["compact_min_pages"] = _parse_int(opt, value, minimum=1)
         elif key == "compact_batch":
             settings["compact_batch"] = _parse_int(opt, value, minimum=1)
+        elif key == "read_ahead_kb":
+            read_ahead_kb = _parse_int(opt, value, minimum=0)
+            if read_ahead_kb > MAX_READ_AHEAD_KB:
+                raise OptionError(opt, f"expected KiB up to {MAX_READ_AHEAD_KB}")
         elif key == "fsname":
             if not value:
                 raise OptionError(opt, "expected a non-empty name")
@@ -248,7 +259,11 @@ def parse_options(
     fuse |= ALWAYS_FUSE_OPTIONS
     fuse.add(f"fsname={config.fsname}")
     return MountOptions(
-        config=config, fuse_options=frozenset(fuse), log_path=log_path, ignored=tuple(ignored)
+        config=config,
+        fuse_options=frozenset(fuse),
+        log_path=log_path,
+        read_ahead_kb=read_ahead_kb,
+        ignored=tuple(ignored),
     )
 
 
@@ -289,6 +304,7 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("compact=" + "|".join(COMPACT_MODES), _DEFAULTS.compact, "background compaction"),
     ("compact_min_pages=N", str(_DEFAULTS.compact_min_pages), "reclaimable pages that wake it"),
     ("compact_batch=N", str(_DEFAULTS.compact_batch), "objects moved per compaction step"),
+    ("read_ahead_kb=N", str(DEFAULT_READ_AHEAD_KB), "kernel read-ahead (as root); 0: kernel's"),
     ("fsname=NAME", DEFAULT_FSNAME, "first field of /proc/mounts and df"),
     ("log=PATH", "none", "the daemon's log file"),
     ("xattr|noxattr", "noxattr", "extended attributes (cost: a request per write(2))"),
