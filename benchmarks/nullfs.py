@@ -17,7 +17,7 @@ far past the end grows the file's list to it, 8 bytes per page).
 
 To be a fair ceiling it asks the kernel for exactly what zfs_ram asks for
 (zfs_ram/fs/operations.py and zfs_ram/daemon/options.py): no writeback cache,
-default_permissions, keep_cache on open, 300 s entry and attribute timeouts, readdirplus
+default_permissions unless root mounts it, keep_cache on open, 300 s entry and attribute timeouts, readdirplus
 entries with attributes, and pyfuse3's main loop on trio in one thread.
 
 Run: ``python benchmarks/nullfs.py MOUNTPOINT [--xattrs] [--lz4]`` serves in the foreground
@@ -44,8 +44,11 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 # zfs_ram's CACHE_TIMEOUT: the kernel may cache names and attributes this long.
 CACHE_TIMEOUT = 300.0
-# zfs_ram's ALWAYS_FUSE_OPTIONS; fsname/subtype only name the mount in /proc/mounts.
-FUSE_OPTIONS = ("default_permissions", "fsname=nullfs", "subtype=nullfs")
+# zfs_ram's ALWAYS_FUSE_OPTIONS, and default_permissions as zfs_ram decides it (a mount without
+# allow_other: only when not root's); fsname/subtype only name the mount in /proc/mounts.
+FUSE_OPTIONS = ("fsname=nullfs", "subtype=nullfs") + (
+    ("default_permissions",) if os.geteuid() != 0 else ()
+)
 BLOCK_SIZE = PAGE_SIZE  # st_blksize, as zfs_ram reports (one page)
 
 

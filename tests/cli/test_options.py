@@ -7,6 +7,7 @@ import pytest
 from zfs_ram.daemon.options import (
     ALWAYS_FUSE_OPTIONS,
     FUSE_FLAGS,
+    KERNEL_PERMISSIONS,
     OPTION_TABLE,
     OptionError,
     mem_total_bytes,
@@ -28,8 +29,9 @@ def config(text: str) -> FsConfig:
     ).config
 
 
-def fuse(text: str) -> frozenset[str]:
-    return parse_options(text, mem_total=RAM).fuse_options
+def fuse(text: str, *, euid: int = 1000) -> frozenset[str]:
+    """What libfuse gets, for a mount made by `euid` (by default not root's)."""
+    return parse_options(text, mem_total=RAM, euid=euid).fuse_options
 
 
 def error(text: str) -> str:
@@ -197,9 +199,18 @@ def test_log_is_a_daemon_setting_not_a_fuse_option() -> None:
 
 
 def test_always_added_fuse_options() -> None:
-    assert fuse("") == ALWAYS_FUSE_OPTIONS | {"fsname=zfs_ram"}
+    assert fuse("") == ALWAYS_FUSE_OPTIONS | {"fsname=zfs_ram", KERNEL_PERMISSIONS}
     assert "subtype=zfs_ram" in fuse("")
-    assert "default_permissions" in fuse("")
+
+
+def test_the_kernel_checks_permissions_unless_only_root_can_enter() -> None:
+    """default_permissions on every mount some other user can enter: a user's own, or any
+    with allow_other or allow_root; off on root's own, which only root can enter."""
+    assert "default_permissions" in fuse("", euid=1000)
+    assert "default_permissions" in fuse("allow_root", euid=1000)
+    assert "default_permissions" not in fuse("", euid=0)
+    assert "default_permissions" in fuse("allow_other", euid=0)
+    assert "default_permissions" in fuse("allow_root", euid=0)
 
 
 def test_fsname_and_allow_other_go_to_libfuse() -> None:
@@ -212,7 +223,7 @@ def test_fsname_and_allow_other_go_to_libfuse() -> None:
 
 def test_fs_options_never_reach_libfuse() -> None:
     opts = fuse("size=1g,nr_inodes=10,mode=700,uid=0,gid=0,mem_limit=1m,pool=zbud,compact=off")
-    assert opts == ALWAYS_FUSE_OPTIONS | {"fsname=zfs_ram"}
+    assert opts == ALWAYS_FUSE_OPTIONS | {"fsname=zfs_ram", KERNEL_PERMISSIONS}
 
 
 def test_mount_fuse3_style_string_is_accepted() -> None:

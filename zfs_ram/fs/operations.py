@@ -13,7 +13,9 @@ traceback and answered EIO, and the filesystem keeps serving (pyfuse3 would othe
 main() and leave a dead mount); pool corruption also switches the mount to read-only.
 forget() never raises.
 
-Permission checks are the kernel's (default_permissions is always on).
+Permission checks are the kernel's: it checks modes and owners (default_permissions) on every
+mount but root's own (daemon/options.py), which only root can enter, and where the one check
+left to a filesystem is access(2)'s: `access` answers it as the kernel would for root.
 
 Concurrency: trio runs one handler at a time between awaits. Handlers do not await while a
 change is half made; the only awaits are compaction before ENOSPC and control-file commands.
@@ -49,6 +51,7 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 # All changes go through this mount, so the kernel may cache names and attributes for long.
+EXECUTE_BITS = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 CACHE_TIMEOUT = 300.0
 # How long a write at mem_limit waits for the kernel to forget deleted files: 50 x 10 ms.
 FORGET_WAIT_STEPS = 50
@@ -559,7 +562,9 @@ class ZfsRamOperations(pyfuse3.Operations):
 
     @total
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        # The kernel checks permissions itself (default_permissions); this is only existence.
-        if not self.control.owns(inode):
-            self.namespace.inode(inode)
-        return True
+        """Only sent without default_permissions, i.e. by root (see the module): root may
+        read and write anything, search any directory, and execute a file with an x bit."""
+        if self.control.owns(inode):
+            return not mode & os.X_OK or inode == CONTROL_DIR_INO
+        node = self.namespace.inode(inode)
+        return not mode & os.X_OK or stat.S_ISDIR(node.mode) or bool(node.mode & EXECUTE_BITS)
