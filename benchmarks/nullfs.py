@@ -17,8 +17,8 @@ far past the end grows the file's list to it, 8 bytes per page).
 
 To be a fair ceiling it asks the kernel for exactly what zfs_ram asks for
 (zfs_ram/fs/operations.py and zfs_ram/daemon/options.py): no writeback cache,
-default_permissions unless root mounts it, keep_cache on open, 300 s entry and attribute timeouts, readdirplus
-entries with attributes, and pyfuse3's main loop on trio in one thread.
+default_permissions unless root mounts it, keep_cache on open, 300 s entry and attribute
+timeouts, readdirplus entries with attributes, and pyfuse3's main loop on trio in one thread.
 
 Run: ``python benchmarks/nullfs.py MOUNTPOINT [--xattrs] [--lz4]`` serves in the foreground
 until unmounted (fusermount3 -u MOUNTPOINT) or SIGINT/SIGTERM.
