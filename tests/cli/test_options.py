@@ -326,10 +326,19 @@ def test_atime_policy_reaches_the_filesystem(text: str, noatime: bool) -> None:
         ("subtype=other", "bad mount option 'subtype=other': the subtype is always zfs_ram"),
         ("fsname=", "bad mount option 'fsname=': expected a non-empty name"),
         ("allow_other,allow_root", "bad mount option 'allow_root': cannot be combined"),
+        ("read_ahead_kb", "bad mount option 'read_ahead_kb': needs a value"),
+        ("read_ahead_kb=1m", "bad mount option 'read_ahead_kb=1m': expected an integer >= 0"),
+        ("read_ahead_kb=65537", "bad mount option 'read_ahead_kb=65537': expected KiB up to"),
     ],
 )
 def test_errors_name_the_option_and_the_reason(bad: str, expected: str) -> None:
     assert error(bad).startswith(expected)
+
+
+def test_daemon_settings_parse() -> None:
+    assert parse_options("read_ahead_kb=0", mem_total=RAM).read_ahead_kb == 0
+    assert parse_options("", mem_total=RAM).read_ahead_kb == 1024
+    assert "read_ahead_kb=0" not in fuse("read_ahead_kb=0")  # the daemon's, not libfuse's
 
 
 def test_empty_items_are_skipped() -> None:

@@ -296,7 +296,7 @@ _ATIME_FLAGS = frozenset({"atime", "noatime", "relatime", "norelatime", "stricta
 _VALUED = frozenset(
     (
         "size nr_inodes mode uid gid mem_limit pool compact compact_min_pages compact_batch "
-        "fsname subtype log"
+        "read_ahead_kb fsname subtype log"
     ).split()
 )
 
