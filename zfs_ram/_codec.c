@@ -29,21 +29,31 @@
  * The page store's table loops (place, handles_of, spread) live here too: the per-page part
  * of its batches, over its array('Q') chunks, the accounting left to zfs_ram/pagestore.py.
  *
- * Algorithms are numbered (ALGORITHM_LZ4, ...) and switched on in compress_page and
- * decompress_page only, so that lz4hc or zstd is one case there and one name in codec.py.
+ * Algorithms are numbered (ALGORITHM_LZ4, ALGORITHM_LZ4HC, ALGORITHM_ZSTD) and switched on in
+ * compress_page and decompress_page only; each is one case there and one name in codec.py. The
+ * level is the algorithm's own: lz4's acceleration, lz4hc's and zstd's compression level.
+ * zstd keeps one compression and one decompression context per thread (_Thread_local, made on
+ * first use and kept for the thread's life): a batch runs on the caller's thread or the codec's
+ * helper thread, never on two at once with the same context.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <lz4.h>
+#include <lz4hc.h>
 #include <stdint.h>
+#include <zstd.h>
 #include <string.h>
 
 #define PAGE_SIZE 4096
 #define WORDS_PER_PAGE (PAGE_SIZE / 8)
 
-enum algorithm { ALGORITHM_LZ4 = 0, ALGORITHM_COUNT };
+enum algorithm { ALGORITHM_LZ4 = 0, ALGORITHM_LZ4HC = 1, ALGORITHM_ZSTD = 2, ALGORITHM_COUNT };
+
+/* The most any compressor may write for one page: lz4's and zstd's worst cases. */
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define COMPRESS_BOUND MAX2(LZ4_COMPRESSBOUND(PAGE_SIZE), ZSTD_COMPRESSBOUND(PAGE_SIZE))
 
 static PyObject *CorruptError; /* zfs_ram._codec.CorruptError, a ValueError */
 
@@ -70,16 +80,28 @@ static int same_filled(const unsigned char *page, uint64_t *word)
     return 1;
 }
 
-/* Compress one page into dst (capacity LZ4_COMPRESSBOUND(PAGE_SIZE) at least): the output's
- * length, or 0 if the compressor failed. Capacity is never the limit that makes lz4 stop:
- * with a limited output lz4 gives up early on pages whose output would still fit, and the
- * raw/huge choice must be made on the same length python-lz4 gives. */
+static _Thread_local ZSTD_CCtx *zstd_cctx; /* this thread's, made on first use */
+static _Thread_local ZSTD_DCtx *zstd_dctx;
+
+/* Compress one page into dst (capacity COMPRESS_BOUND at least): the output's length, or 0
+ * if the compressor failed. Capacity is never the limit that makes a compressor stop: with a
+ * limited output lz4 gives up early on pages whose output would still fit, and the raw/huge
+ * choice must be made on the same length the pure-Python engine gives. zstd writes a whole
+ * frame (content size, no checksum), as the kernel's zstd backend for zram does. */
 static int compress_page(int algorithm, int level, const unsigned char *page, unsigned char *dst)
 {
     switch (algorithm) {
     case ALGORITHM_LZ4:
-        return LZ4_compress_fast((const char *)page, (char *)dst, PAGE_SIZE,
-                                 LZ4_COMPRESSBOUND(PAGE_SIZE), level);
+        return LZ4_compress_fast((const char *)page, (char *)dst, PAGE_SIZE, COMPRESS_BOUND,
+                                 level);
+    case ALGORITHM_LZ4HC:
+        return LZ4_compress_HC((const char *)page, (char *)dst, PAGE_SIZE, COMPRESS_BOUND, level);
+    case ALGORITHM_ZSTD: {
+        if (zstd_cctx == NULL && (zstd_cctx = ZSTD_createCCtx()) == NULL)
+            return 0;
+        size_t size = ZSTD_compressCCtx(zstd_cctx, dst, COMPRESS_BOUND, page, PAGE_SIZE, level);
+        return ZSTD_isError(size) ? 0 : (int)size;
+    }
     default:
         return 0;
     }
@@ -91,10 +113,17 @@ static int decompress_page(int algorithm, const unsigned char *src, size_t size,
 {
     switch (algorithm) {
     case ALGORITHM_LZ4:
+    case ALGORITHM_LZ4HC: /* the same block format */
         return LZ4_decompress_safe((const char *)src, (char *)page, (int)size, PAGE_SIZE) ==
                        PAGE_SIZE
                    ? 0
                    : -1;
+    case ALGORITHM_ZSTD: {
+        if (zstd_dctx == NULL && (zstd_dctx = ZSTD_createDCtx()) == NULL)
+            return -1;
+        size_t got = ZSTD_decompressDCtx(zstd_dctx, page, PAGE_SIZE, src, size);
+        return !ZSTD_isError(got) && got == PAGE_SIZE ? 0 : -1;
+    }
     default:
         return -1;
     }
@@ -126,7 +155,7 @@ static int check_items(const Py_buffer *buffer, Py_ssize_t count, Py_ssize_t ite
 /* Room for a batch's output: the objects take at most PAGE_SIZE each (a page that does not
  * compress below huge_size <= PAGE_SIZE is kept raw), plus room for the compressor to write
  * its worst case past the last one before the raw choice overwrites it. */
-#define ENCODE_SLACK (LZ4_COMPRESSBOUND(PAGE_SIZE) - PAGE_SIZE)
+#define ENCODE_SLACK (COMPRESS_BOUND - PAGE_SIZE)
 
 static PyObject *codec_encode(PyObject *module, PyObject *args)
 {
@@ -227,7 +256,7 @@ static PyObject *codec_encode_page(PyObject *module, PyObject *args)
         PyErr_Format(PyExc_ValueError, "%zd bytes are not one page", page.len);
         goto done;
     }
-    unsigned char packed[LZ4_COMPRESSBOUND(PAGE_SIZE)];
+    unsigned char packed[COMPRESS_BOUND];
     uint64_t word = 0;
     int same, size = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -604,7 +633,10 @@ PyMODINIT_FUNC PyInit__codec(void)
     if (PyModule_AddObjectRef(module, "CorruptError", CorruptError) < 0 ||
         PyModule_AddIntConstant(module, "PAGE_SIZE", PAGE_SIZE) < 0 ||
         PyModule_AddIntConstant(module, "ALGORITHM_LZ4", ALGORITHM_LZ4) < 0 ||
-        PyModule_AddIntConstant(module, "LZ4_VERSION", LZ4_versionNumber()) < 0)
+        PyModule_AddIntConstant(module, "ALGORITHM_LZ4HC", ALGORITHM_LZ4HC) < 0 ||
+        PyModule_AddIntConstant(module, "ALGORITHM_ZSTD", ALGORITHM_ZSTD) < 0 ||
+        PyModule_AddIntConstant(module, "LZ4_VERSION", LZ4_versionNumber()) < 0 ||
+        PyModule_AddIntConstant(module, "ZSTD_VERSION", (long)ZSTD_versionNumber()) < 0)
         goto fail;
     return module;
 fail:

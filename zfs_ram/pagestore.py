@@ -57,7 +57,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, decode, fill_page, same_filled_word
+from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, fill_page, same_filled_word
 from zfs_ram.pool import Pool, PoolFullError
 from zfs_ram.vocabulary import PAGE_SIZE
 
@@ -195,6 +195,18 @@ class StoreStats:
     pending_pages: int
 
 
+@dataclass(frozen=True)
+class AlgorithmStats:
+    """The pages one compressor holds: compressed by it and kept (raw pages are no one's)."""
+
+    pages: int
+    compr_data_size: int
+
+
+class StoreBusyError(Exception):
+    """The store holds data, so its compressor may not change (zram: EBUSY once initialised)."""
+
+
 def _nothing() -> None:
     """The default on_free: nobody to tell."""
 
@@ -317,6 +329,24 @@ class PageStore:
             pending_pages=len(self._pending),
         )
 
+    def algorithm_statistics(self) -> dict[str, AlgorithmStats]:
+        """Per compressor, the pages it encoded and their bytes. O(1): the pool's object count
+        less the raw (huge) pages is what the store's one algorithm compressed."""
+        pages = self.pool.objects - self.huge_pages
+        compressed = self.compr_bytes - self.huge_pages * PAGE_SIZE
+        return {self.codec.algorithm.name: AlgorithmStats(pages, compressed)}
+
+    def change_codec(self, codec: Codec) -> None:
+        """Encode with `codec` from now on. Refused (StoreBusyError, nothing changed) once any
+        page is held: the pages stored name no algorithm, the store's is theirs."""
+        if codec.engine != self.codec.engine:
+            raise ValueError(f"{codec!r} does not run on the store's engine")
+        if self.stored_pages:
+            raise StoreBusyError(
+                f"comp_algorithm cannot change while data is stored ({self.stored_pages} pages)"
+            )
+        self.codec = codec
+
     @property
     def same_pages(self) -> int:
         """zram's same_pages: the same-filled pages held, pending ones included (they will
@@ -356,7 +386,7 @@ class PageStore:
             return bytes(data.pending)  # type: ignore[arg-type]  # set with pending_page
         value = data.entry(page)
         if value & 1:
-            return decode(self.pool.read(value >> 1))
+            return self.codec.decode_object(self.pool.read(value >> 1))
         if value == SAME_ENTRY:
             words = data.same_words
             return fill_page(words.get(page, 0) if words else 0)

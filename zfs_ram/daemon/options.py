@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from zfs_ram.codec import ALGORITHMS
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.vocabulary import (
     DEFAULT_FSNAME,
@@ -132,6 +133,15 @@ def _parse_int(option: str, value: str, *, minimum: int) -> int:
     return int(value)
 
 
+def _parse_algorithm(option: str, value: str) -> str:
+    """A compressor's name, as zram's comp_algorithm takes it."""
+    if value not in ALGORITHMS:
+        raise OptionError(
+            option, f"unknown compression algorithm (choose from {', '.join(ALGORITHMS)})"
+        )
+    return value
+
+
 def _parse_id(option: str, value: str, lookup: Callable[[str], int], what: str) -> int:
     """A uid/gid given as a number or a name."""
     if value.isdigit():
@@ -219,6 +229,8 @@ def parse_options(
             settings["compact_min_pages"] = _parse_int(opt, value, minimum=1)
         elif key == "compact_batch":
             settings["compact_batch"] = _parse_int(opt, value, minimum=1)
+        elif key == "comp_algorithm":
+            settings["comp_algorithm"] = _parse_algorithm(opt, value)
         elif key == "fsname":
             if not value:
                 raise OptionError(opt, "expected a non-empty name")
@@ -269,7 +281,7 @@ _ATIME_FLAGS = frozenset({"atime", "noatime", "relatime", "norelatime", "stricta
 _VALUED = frozenset(
     (
         "size nr_inodes mode uid gid mem_limit pool compact compact_min_pages compact_batch "
-        "fsname subtype log"
+        "fsname subtype log comp_algorithm"
     ).split()
 )
 
@@ -289,6 +301,7 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("compact=" + "|".join(COMPACT_MODES), _DEFAULTS.compact, "background compaction"),
     ("compact_min_pages=N", str(_DEFAULTS.compact_min_pages), "reclaimable pages that wake it"),
     ("compact_batch=N", str(_DEFAULTS.compact_batch), "objects moved per compaction step"),
+    ("comp_algorithm=" + "|".join(ALGORITHMS), _DEFAULTS.comp_algorithm, "compressor (zram's)"),
     ("fsname=NAME", DEFAULT_FSNAME, "first field of /proc/mounts and df"),
     ("log=PATH", "none", "the daemon's log file"),
     ("xattr|noxattr", "noxattr", "extended attributes (cost: a request per write(2))"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zfs_ram.codec import Codec
 from zfs_ram.daemon.compactor import Compactor
 from zfs_ram.daemon.heap import release_c_heap
 from zfs_ram.fs.config import FsConfig
@@ -70,7 +71,10 @@ def build(config: FsConfig) -> Filesystem:
         release_heap=release_c_heap,
     )
     store = PageStore(
-        pool, size_limit_pages=config.size_bytes // PAGE_SIZE, on_free=compactor.notify_freed
+        pool,
+        size_limit_pages=config.size_bytes // PAGE_SIZE,
+        on_free=compactor.notify_freed,
+        codec=Codec(config.comp_algorithm),
     )
     namespace = Namespace(
         store,

@@ -34,6 +34,7 @@ class FsConfig:
     # remembers, and it then stops asking for security.capability before every write(2), one
     # round trip in two for small writes (issue 13; README "Extended attributes").
     xattrs: bool = False
+    comp_algorithm: str = "lz4"  # zram's comp_algorithm: lz4, lz4hc or zstd (codec.ALGORITHMS)
 
     @property
     def mem_limit_pages(self) -> int:

@@ -16,6 +16,8 @@ Files (names in zfs_ram.vocabulary.ControlFile):
                   0 = none)
     mem_used_max  write 0: reset the high-water mark to the current use
     pid           the daemon's process id
+    comp_algorithm  the compressors, the one in use in brackets (zram's format); write a name
+                  to change it while nothing is stored (EBUSY after, EINVAL if unknown)
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from typing import Any, Protocol
 import pyfuse3
 
 from zfs_ram import native
+from zfs_ram.codec import ALGORITHMS, Codec
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.errors import FsError
 from zfs_ram.fs.namespace import Namespace
 from zfs_ram.fs.requests import RequestMeter
-from zfs_ram.pagestore import PageStore
+from zfs_ram.pagestore import PageStore, StoreBusyError
 from zfs_ram.pool import ClassStats, Pool
 from zfs_ram.vocabulary import (
     CONTROL_DIR,
@@ -108,6 +111,7 @@ class MountStatistics:
                 "nr_inodes": config.nr_inodes,
                 "inodes_used": namespace.inodes_used,
                 "pool": config.pool,
+                "comp_algorithm": store.codec.algorithm.name,
                 "compact": config.compact,
                 "read_only_reason": namespace.read_only_reason,
                 "requests": self.meter.total,
@@ -117,10 +121,18 @@ class MountStatistics:
             "requests": self.meter.statistics(),
             "pool": self.pool.statistics(),
             "store": store.statistics(),
+            # Per compressor: the pages it encoded that are kept, and their bytes.
+            "algorithms": store.algorithm_statistics(),
             "compactor": self.compactor.statistics(),
             "pid": os.getpid(),
             "classes": self.pool.class_statistics(),
         }
+
+
+def algorithm_choices(current: str) -> bytes:
+    """zram's comp_algorithm format: every compressor, the one in use in brackets."""
+    names = (f"[{name}]" if name == current else name for name in ALGORITHMS)
+    return (" ".join(names) + "\n").encode()
 
 
 def mm_stat_line(mm: dict[str, int]) -> bytes:
@@ -211,6 +223,12 @@ class ControlDirectory:
             ),
             (ControlFile.MEM_USED_MAX, 0o200, None, self._apply_mem_used_max),
             (ControlFile.PID, 0o444, lambda: f"{os.getpid()}\n".encode(), None),
+            (
+                ControlFile.COMP_ALGORITHM,
+                0o644,
+                lambda: algorithm_choices(statistics.store.codec.algorithm.name),
+                self._apply_comp_algorithm,
+            ),
         ]
         self.files = [
             _File(name.encode(), FIRST_CONTROL_FILE_INO + i, mode, render, apply)
@@ -316,6 +334,18 @@ class ControlDirectory:
         except ValueError:
             raise FsError(errno.EINVAL) from None
         self.statistics.pool.mem_limit_pages = limit // PAGE_SIZE
+
+    async def _apply_comp_algorithm(self, value: bytes) -> None:
+        name = value.decode("ascii", "replace").strip()
+        store = self.statistics.store
+        if name not in ALGORITHMS:
+            raise FsError(errno.EINVAL)
+        if name == store.codec.algorithm.name:
+            return
+        try:
+            store.change_codec(Codec(name, engine=store.codec.engine))
+        except StoreBusyError:
+            raise FsError(errno.EBUSY) from None
 
     async def _apply_mem_used_max(self, value: bytes) -> None:
         if value.strip() != b"0":
