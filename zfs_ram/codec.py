@@ -441,20 +441,39 @@ class Codec:
         words: array[int],
         skip: int = 0,
         length: int | None = None,
+        secondary: Codec | None = None,
+        priorities: bytes | None = None,
     ) -> bytes:
         """`length` bytes (by default all) of the pages a batch describes, from byte `skip` of
-        the first. Raises CorruptPageError if an object does not decode to one page."""
+        the first. A page whose byte in `priorities` (one per page) is not 0 was encoded by
+        `secondary` (zram's recomp_algorithm). Raises CorruptPageError if an object does not
+        decode to one page."""
         if length is None:
             length = len(sizes) * PAGE_SIZE - skip
+        if priorities is not None and secondary is None:
+            raise ValueError("priorities without a secondary codec")
         if self.compiled is not None:
             try:
-                result: bytes = self.compiled.decode(
-                    self.algorithm.number, blob, sizes, words, skip, length
-                )
+                if priorities is None:
+                    result: bytes = self.compiled.decode(
+                        self.algorithm.number, blob, sizes, words, skip, length
+                    )
+                else:
+                    assert secondary is not None
+                    result = self.compiled.decode(
+                        self.algorithm.number,
+                        blob,
+                        sizes,
+                        words,
+                        skip,
+                        length,
+                        secondary.algorithm.number,
+                        priorities,
+                    )
             except self.compiled.CorruptError as error:
                 raise CorruptPageError(str(error)) from None
             return result
-        return self._decode_python(blob, sizes, words, skip, length)
+        return self._decode_python(blob, sizes, words, skip, length, secondary, priorities)
 
     def decode_into(
         self,
@@ -474,9 +493,18 @@ class Codec:
         memoryview(out).cast("B")[:] = self._decode_python(blob, sizes, words, skip, len(out))
 
     def _decode_python(
-        self, blob: bytes | memoryview, sizes: array[int], words: array[int], skip: int, length: int
+        self,
+        blob: bytes | memoryview,
+        sizes: array[int],
+        words: array[int],
+        skip: int,
+        length: int,
+        secondary: Codec | None = None,
+        priorities: bytes | None = None,
     ) -> bytes:
         count = len(sizes)
+        if priorities is not None and len(priorities) != count:
+            raise ValueError(f"priorities holds {len(priorities)} items, not {count}")
         if len(words) != count:
             raise ValueError(f"words holds {len(words)} items, not {count}")
         if not 0 <= skip < PAGE_SIZE or not 0 <= length <= count * PAGE_SIZE - skip:
@@ -489,6 +517,7 @@ class Codec:
             )
         view = memoryview(blob).cast("B")
         decompress = self.algorithm.decompress
+        second = secondary.algorithm.decompress if secondary is not None else decompress
         pages: list[bytes | memoryview] = []
         position = 0
         for i in range(-(-(skip + length) // PAGE_SIZE)):
@@ -501,7 +530,10 @@ class Codec:
                 pages.append(stored)
             else:
                 try:
-                    page = decompress(bytes(stored))
+                    if priorities is not None and priorities[i]:
+                        page = second(bytes(stored))
+                    else:
+                        page = decompress(bytes(stored))
                 except lz4.block.LZ4BlockError:  # zstd's errors come back as b""
                     page = b""
                 if len(page) != PAGE_SIZE:

@@ -1,13 +1,7 @@
 """Files as page tables over the pool: write, read, truncate and free, with zram's accounting.
 
-A file's pages live in a two-level table: page number -> 64-bit entry, kept in array('Q')
-chunks of CHUNK_PAGES entries, so that a file costs 8 bytes per page it has and nothing for the
-holes of a sparse file (a write at 2 TiB makes one chunk, not a 4 GiB array).
-
-Entry encoding (one word per page, no Python object per page):
-    0                 a hole: reads as zeros, costs nothing, does not count as used
-    handle << 1 | 1   a pool object (lz4 or raw page, see codec)
-    SAME_ENTRY        a same-filled page; its word is in FileData.same_words unless it is 0
+A file's pages live in its page table (zfs_ram.pagetable: FileData, one 64-bit entry per page
+in array('Q') chunks, with the layout of an entry: handle, access stamp, priority, flags).
 
 Accounting follows zram's mm_stat: orig_data_size counts every page held (same-filled and
 huge included), compr_data_size the bytes of pool objects (a raw page counts PAGE_SIZE).
@@ -53,18 +47,52 @@ read, and the first call that grows the file zeroes them before it changes anyth
 
 from __future__ import annotations
 
+import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, fill_page, same_filled_word
+from zfs_ram.pagetable import (
+    CHUNK_MASK,
+    CHUNK_PAGES,
+    CHUNK_SHIFT,
+    HUGE_BIT,
+    PRIORITY_FIELD,
+    PRIORITY_SHIFT,
+    SAME_ENTRY,
+    STAMP_FIELD,
+    STAMP_MAX,
+    STAMP_SHIFT,
+    TRIED_BIT,
+    FileData,
+    handle_of,
+    handles_of,
+    mark_idle,
+    object_entry,
+    place,
+    priority_of,
+    spread,
+    stamp_of,
+    touch,
+)
 from zfs_ram.pool import Pool, PoolFullError
 from zfs_ram.vocabulary import PAGE_SIZE
 
-CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
-CHUNK_PAGES = 1 << CHUNK_SHIFT
-CHUNK_MASK = CHUNK_PAGES - 1
-SAME_ENTRY = 2  # even and non-zero: cannot be a hole (0) or an object (odd)
+__all__ = [
+    "CHUNK_MASK",
+    "CHUNK_PAGES",
+    "CHUNK_SHIFT",
+    "MAX_FILE_SIZE",
+    "SAME_ENTRY",
+    "FileData",
+    "NoSpaceError",
+    "PageStore",
+    "handles_of",
+    "place",
+    "spread",
+]
+
 # Pending pages the whole store holds at most (256 KiB uncompressed): one per file being
 # appended to, and many more files than that are seldom written at once.
 PENDING_LIMIT_PAGES = 64
@@ -80,104 +108,6 @@ class NoSpaceError(Exception):
         super().__init__(f"no space ({kind} reached) after {written} bytes")
         self.written = written
         self.physical = physical
-
-
-class FileData:
-    """The contents of one regular file: its logical size and its page table."""
-
-    __slots__ = (
-        "size",
-        "chunks",
-        "same_words",
-        "stored_pages",
-        "footprint",
-        "stale_tail",
-        "detached",
-        "pending",
-        "pending_page",
-    )
-
-    def __init__(self) -> None:
-        self.size = 0
-        self.chunks: dict[int, array[int]] = {}
-        self.same_words: dict[int, int] | None = None  # page -> word, only for words != 0
-        self.stored_pages = 0  # pages that are not holes
-        self.footprint = 0  # bytes of pool objects, for st_blocks
-        # The page holding the end of file may keep non-zero bytes past it (a shrinking
-        # truncate found no room to store it zeroed): growing the file must zero them first.
-        self.stale_tail = False
-        # Unlinked and not open, but not yet forgotten by the kernel: see PageStore.detach.
-        self.detached = False
-        # The unfinished last page, kept uncompressed (see "Partial pages"), and its number
-        # (-1: none). Its bytes past the end of file are zeros; its table entry is a hole.
-        self.pending: bytearray | None = None
-        self.pending_page = -1
-
-    def entry(self, page: int) -> int:
-        chunk = self.chunks.get(page >> CHUNK_SHIFT)
-        if chunk is None:
-            return 0
-        index = page & CHUNK_MASK
-        return chunk[index] if index < len(chunk) else 0
-
-    def set_entry(self, page: int, value: int) -> None:
-        key = page >> CHUNK_SHIFT
-        index = page & CHUNK_MASK
-        chunk = self.chunks.get(key)
-        if chunk is None:
-            if value == 0:
-                return
-            chunk = self.chunks[key] = array("Q")
-        if index >= len(chunk):
-            if value == 0:
-                return
-            # Grow to the page written, not to a whole chunk: a small file stays small.
-            chunk.frombytes(bytes(8 * (index + 1 - len(chunk))))
-        chunk[index] = value
-
-    def entry_array(self, first: int, stop: int) -> array[int]:
-        """The entries of pages first..stop-1, holes included (as 0), in one array('Q')."""
-        if first >= stop:
-            return array("Q")
-        key = first >> CHUNK_SHIFT
-        if key == (stop - 1) >> CHUNK_SHIFT:  # within one chunk: the common case
-            chunk = self.chunks.get(key)
-            base = key << CHUNK_SHIFT
-            out = chunk[first - base : stop - base] if chunk is not None else array("Q")
-            if len(out) < stop - first:
-                out.frombytes(bytes(8 * (stop - first - len(out))))
-            return out
-        out = array("Q")
-        page = first
-        while page < stop:
-            key = page >> CHUNK_SHIFT
-            base = key << CHUNK_SHIFT
-            upto = min(stop, base + CHUNK_PAGES)
-            chunk = self.chunks.get(key)
-            part = chunk[page - base : upto - base] if chunk is not None else array("Q")
-            out += part
-            if len(part) < upto - page:
-                out.frombytes(bytes(8 * (upto - page - len(part))))
-            page = upto
-        return out
-
-    def chunk_for(self, key: int, upto: int) -> array[int]:
-        """Chunk `key`, made or grown to hold at least `upto` entries (holes)."""
-        chunk = self.chunks.get(key)
-        if chunk is None:
-            chunk = self.chunks[key] = array("Q")
-        if len(chunk) < upto:
-            # Grow to the page written, not to a whole chunk: a small file stays small.
-            chunk.frombytes(bytes(8 * (upto - len(chunk))))
-        return chunk
-
-    def pages(self) -> Iterator[tuple[int, int]]:
-        """(page, entry) for every page that is not a hole, in no particular order."""
-        for key, chunk in self.chunks.items():
-            base = key << CHUNK_SHIFT
-            for index, value in enumerate(chunk):
-                if value:
-                    yield base + index, value
 
 
 @dataclass(frozen=True)
@@ -211,68 +141,6 @@ def _nothing() -> None:
     """The default on_free: nobody to tell."""
 
 
-# -- the table loops: the pure-Python twins of zfs_ram._codec's place, handles_of, spread ----
-
-
-def place(
-    chunk: array[int],
-    start: int,
-    sizes: array[int],
-    first: int,
-    count: int,
-    handles: array[int],
-    hfirst: int,
-    olds: array[int],
-    ofirst: int,
-) -> tuple[int, int, int, int]:
-    """Entries chunk[start:start+count] become the pages sizes[first:first+count] describe: an
-    object (the next handle of handles[hfirst:]) or SAME_ENTRY (size 0). The replaced objects'
-    handles go to olds[ofirst:]. Returns (holes filled, same-filled pages replaced, objects
-    replaced, handles used); changes nothing (ValueError) if there are too few handles."""
-    for name, items, at in (
-        ("chunk", chunk, start),
-        ("sizes", sizes, first),
-        ("olds", olds, ofirst),
-    ):
-        if at < 0 or count < 0 or at + count > len(items):
-            raise ValueError(f"{name}: items {at}..{at}+{count} are not within it")
-    if sum(1 for i in range(first, first + count) if sizes[i]) > len(handles) - hfirst:
-        raise ValueError("place: fewer handles than objects")
-    new_pages = old_same = old_objects = used = 0
-    for i in range(count):
-        if sizes[first + i]:
-            entry = handles[hfirst + used] << 1 | 1
-            used += 1
-        else:
-            entry = SAME_ENTRY
-        old = chunk[start + i]
-        chunk[start + i] = entry
-        if old & 1:
-            olds[ofirst + old_objects] = old >> 1
-            old_objects += 1
-        elif old:
-            old_same += 1
-        else:
-            new_pages += 1
-    return new_pages, old_same, old_objects, used
-
-
-def handles_of(entries: array[int], out: array[int]) -> int:
-    """The handles of the object entries, in order, into out[:n]; returns n."""
-    found = [entry >> 1 for entry in entries if entry & 1]
-    out[: len(found)] = array("Q", found)
-    return len(found)
-
-
-def spread(entries: array[int], object_sizes: array[int], out: array[int]) -> None:
-    """out[i] = the next object's size where entries[i] is an object, else 0."""
-    if len(out) != len(entries) or sum(1 for e in entries if e & 1) != len(object_sizes):
-        raise ValueError("spread: the object entries and the object sizes do not match")
-    objects = iter(object_sizes)
-    for i, entry in enumerate(entries):
-        out[i] = next(objects) if entry & 1 else 0
-
-
 def _zeros(typecode: str, count: int) -> array[int]:
     return array(typecode, bytes(array(typecode).itemsize * count))
 
@@ -281,7 +149,9 @@ class PageStore:
     """All files' pages over one pool; enforces the logical limit (tmpfs size=, in pages).
 
     `codec` encodes and decodes the pages (default: lz4 on the engine chosen at import); the
-    page-table loops run on the same engine."""
+    page-table loops run on the same engine. `recomp_codec` (zram's recomp_algorithm) is the
+    one recompress_chunk() tries on idle or huge pages; `clock` gives the seconds that access
+    stamps count (time.monotonic; tests pass their own)."""
 
     def __init__(
         self,
@@ -290,6 +160,8 @@ class PageStore:
         on_free: Callable[[], None] = _nothing,
         codec: Codec = DEFAULT_CODEC,
         pending_limit_pages: int = PENDING_LIMIT_PAGES,
+        recomp_codec: Codec | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
         self.size_limit_pages = size_limit_pages  # tmpfs's size=; 0 = unlimited
@@ -299,6 +171,17 @@ class PageStore:
         self._place = place if compiled is None else compiled.place
         self._handles_of = handles_of if compiled is None else compiled.handles_of
         self._spread = spread if compiled is None else compiled.spread
+        self._touch = touch if compiled is None else compiled.touch
+        self._mark_idle = mark_idle if compiled is None else compiled.mark_idle
+        if recomp_codec is not None and recomp_codec.engine != codec.engine:
+            raise ValueError(f"{recomp_codec!r} does not run on {codec!r}'s engine")
+        self.recomp_codec = recomp_codec
+        self.clock = clock
+        self._epoch = clock()
+        # The pages recomp_codec encoded (priority 1) and their bytes: the second algorithm's
+        # share of compr_data_size. While 0, no read or free looks at priorities.
+        self.recompressed_pages = 0
+        self.recompressed_bytes = 0
         self._huge_size = pool.huge_class_size
         self.stored_pages = 0
         self.compr_bytes = 0
@@ -332,15 +215,22 @@ class PageStore:
     def algorithm_statistics(self) -> dict[str, AlgorithmStats]:
         """Per compressor, the pages it encoded and their bytes. O(1): the pool's object count
         less the raw (huge) pages is what the store's one algorithm compressed."""
-        pages = self.pool.objects - self.huge_pages
-        compressed = self.compr_bytes - self.huge_pages * PAGE_SIZE
-        return {self.codec.algorithm.name: AlgorithmStats(pages, compressed)}
+        pages = self.pool.objects - self.huge_pages - self.recompressed_pages
+        compressed = self.compr_bytes - self.huge_pages * PAGE_SIZE - self.recompressed_bytes
+        result = {self.codec.algorithm.name: AlgorithmStats(pages, compressed)}
+        if self.recomp_codec is not None:
+            result[self.recomp_codec.algorithm.name] = AlgorithmStats(
+                self.recompressed_pages, self.recompressed_bytes
+            )
+        return result
 
     def change_codec(self, codec: Codec) -> None:
         """Encode with `codec` from now on. Refused (StoreBusyError, nothing changed) once any
         page is held: the pages stored name no algorithm, the store's is theirs."""
         if codec.engine != self.codec.engine:
             raise ValueError(f"{codec!r} does not run on the store's engine")
+        if self.recomp_codec is not None and self.recomp_codec.algorithm == codec.algorithm:
+            raise ValueError(f"{codec.algorithm.name} is the recomp_algorithm already")
         if self.stored_pages:
             raise StoreBusyError(
                 f"comp_algorithm cannot change while data is stored ({self.stored_pages} pages)"
@@ -386,7 +276,14 @@ class PageStore:
             return bytes(data.pending)  # type: ignore[arg-type]  # set with pending_page
         value = data.entry(page)
         if value & 1:
-            return self.codec.decode_object(self.pool.read(value >> 1))
+            stored = self.pool.read(handle_of(value))
+            stamp = self._stamp()
+            if stamp_of(value) != stamp:  # accessed: not idle any more
+                data.set_entry(page, value & ~STAMP_FIELD | stamp << STAMP_SHIFT)
+            if value & PRIORITY_FIELD:
+                assert self.recomp_codec is not None, "a recompressed page needs its codec"
+                return self.recomp_codec.decode_object(stored)
+            return self.codec.decode_object(stored)
         if value == SAME_ENTRY:
             words = data.same_words
             return fill_page(words.get(page, 0) if words else 0)
@@ -419,7 +316,104 @@ class PageStore:
             for i, entry in enumerate(entries):
                 if entry == SAME_ENTRY:
                     words[i] = same_words.get(first + i, 0)
-        return self.codec.decode(blob, sizes, words, skip, length)
+        priorities = None
+        if self.recompressed_pages:  # some page may be the second algorithm's
+            priorities = bytes(priority_of(e) if e & 1 else 0 for e in entries)
+        result = self.codec.decode(
+            blob, sizes, words, skip, length, secondary=self.recomp_codec, priorities=priorities
+        )
+        self._touch_pages(data, first, stop)
+        return result
+
+    # -- access stamps, idle pages, recompression --------------------------------------------
+
+    def _stamp(self) -> int:
+        """Now, as an access stamp: whole seconds since the store began, plus 1 (0 is idle)."""
+        return min(int(self.clock() - self._epoch) + 1, STAMP_MAX)
+
+    def _touch_pages(self, data: FileData, first: int, stop: int) -> None:
+        """Pages first..stop-1 were read: their objects are not idle (zram clears ZRAM_IDLE)."""
+        stamp = self._stamp()
+        page = first
+        while page < stop:
+            key = page >> CHUNK_SHIFT
+            base = key << CHUNK_SHIFT
+            upto = min(stop, base + CHUNK_PAGES)
+            chunk = data.chunks.get(key)
+            if chunk is not None and page - base < len(chunk):
+                end = min(upto - base, len(chunk))
+                self._touch(chunk, page - base, end - (page - base), stamp)
+            page = upto
+
+    def idle_cutoff(self, seconds: float | None) -> int:
+        """The newest access stamp that `echo SECONDS > idle` marks idle (None: all)."""
+        if seconds is None:
+            return STAMP_MAX
+        return max(int(self.clock() - self._epoch - seconds) + 1, 0)
+
+    def mark_idle(self, data: FileData, cutoff: int) -> int:
+        """The file's objects accessed at or before `cutoff` become idle; how many did."""
+        return sum(self._mark_idle(chunk, cutoff) for chunk in data.chunks.values())
+
+    def recompress_chunk(self, data: FileData, key: int, idle: bool, huge: bool) -> int:
+        """zram's recompress for chunk `key` of a file: each page encoded by comp_algorithm
+        (and not tried before) that is idle (if `idle`) and raw (if `huge`) is encoded by
+        recomp_codec, and the result kept if it is smaller and not raw; the pages it did not
+        shrink are marked tried. Returns the pages recompressed. The pool may refuse part of
+        the new objects (mem_limit): those pages stay as they were, untried."""
+        codec = self.recomp_codec
+        if codec is None:
+            raise ValueError("no recomp_algorithm: nothing to recompress with")
+        chunk = data.chunks.get(key)
+        if chunk is None:
+            return 0
+        skip = PRIORITY_FIELD | TRIED_BIT
+        picks = [
+            i
+            for i, entry in enumerate(chunk)
+            if entry & 1
+            and not entry & skip
+            and (not idle or not entry & STAMP_FIELD)
+            and (not huge or entry & HUGE_BIT)
+        ]
+        if not picks:
+            return 0
+        handles = array("Q", [handle_of(chunk[i]) for i in picks])
+        blob, old_sizes = self.pool.read_joined(handles)
+        pages = self.codec.decode(blob, old_sizes, _zeros("Q", len(picks)))
+        new_blob, new_sizes, _ = codec.encode(pages, self._huge_size)
+        kept: list[int] = []  # indexes into picks
+        pieces: list[bytes] = []
+        position = 0
+        for j, size in enumerate(new_sizes):
+            if 0 < size < old_sizes[j] and size != PAGE_SIZE:
+                kept.append(j)
+                pieces.append(new_blob[position : position + size])
+            position += size
+        kept_sizes = array("H", [new_sizes[j] for j in kept])
+        new_handles = self.pool.store_many(b"".join(pieces), kept_sizes) if kept else array("Q")
+        landed = len(new_handles)
+        untried = set(kept)  # landed now, or refused by the pool: not marked tried
+        for j, i in enumerate(picks):  # what did not shrink is not tried again
+            if j not in untried:
+                chunk[i] |= TRIED_BIT
+        if not landed:
+            return 0
+        secondary = 1 << PRIORITY_SHIFT
+        for handle, j in zip(new_handles, kept, strict=False):
+            i = picks[j]
+            assert handle >> 32 == 0, "a handle past the entry's 32 bits"
+            chunk[i] = handle << 1 | 1 | (chunk[i] & STAMP_FIELD) | secondary
+        freed = self.pool.free_many(array("Q", [handles[j] for j in kept[:landed]]))
+        self._freed += len(freed)
+        added = sum(kept_sizes[:landed])
+        self.compr_bytes += added - sum(freed)
+        data.footprint += added - sum(freed)
+        self.huge_pages -= freed.count(PAGE_SIZE)
+        self.recompressed_pages += landed
+        self.recompressed_bytes += added
+        self.on_free()
+        return landed
 
     # -- storing pages ----------------------------------------------------------------------
 
@@ -448,7 +442,8 @@ class PageStore:
                 handle = self.pool.store(encoded)  # type: ignore[arg-type]  # not an int
             except PoolFullError:
                 raise NoSpaceError(0, physical=True) from None
-            new = handle << 1 | 1
+            huge = len(encoded) == PAGE_SIZE  # type: ignore[arg-type]  # not an int
+            new = object_entry(handle, self._stamp(), huge)
         if old:
             self._drop(data, page, old)
         data.set_entry(page, new)
@@ -473,8 +468,11 @@ class PageStore:
     def _drop(self, data: FileData, page: int, value: int) -> None:
         """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
         if value & 1:
-            size = self.pool.free(value >> 1)
+            size = self.pool.free(handle_of(value))
             self._freed += 1
+            if value & PRIORITY_FIELD:
+                self.recompressed_pages -= 1
+                self.recompressed_bytes -= size
             self.compr_bytes -= size
             data.footprint -= size
             if size == PAGE_SIZE:
@@ -563,13 +561,16 @@ class PageStore:
         olds = _zeros("Q", count)
         new_pages = old_same = old_objects = used = 0
         done = 0
+        stamp = self._stamp()
+        # The entries replaced, for the second algorithm's counters (only while it has pages).
+        replaced = data.entry_array(page, page + count) if self.recompressed_pages else None
         while done < count:
             key = (page + done) >> CHUNK_SHIFT
             start = (page + done) & CHUNK_MASK
             part = min(count - done, CHUNK_PAGES - start)
             chunk = data.chunk_for(key, start + part)
             n, s, o, u = self._place(
-                chunk, start, sizes, first + done, part, handles, used, olds, old_objects
+                chunk, start, sizes, first + done, part, handles, used, olds, old_objects, stamp
             )
             new_pages += n
             old_same += s
@@ -599,17 +600,27 @@ class PageStore:
         self.huge_pages_since += huge
         if old_objects:
             del olds[old_objects:]
-            self._free_objects(data, olds)
+            self._free_objects(data, olds, replaced)
         return old_objects
 
-    def _free_objects(self, data: FileData, handles: array[int]) -> None:
-        """Free pool objects the file held (their entries changed by the caller)."""
+    def _free_objects(
+        self, data: FileData, handles: array[int], entries: array[int] | None
+    ) -> None:
+        """Free pool objects the file held (their entries changed by the caller). `entries`
+        holds the old entries, the objects' in the same order among others, while the second
+        algorithm has pages: those it encoded leave its counters."""
         freed = self.pool.free_many(handles)
         self._freed += len(freed)
         size = sum(freed)
         self.compr_bytes -= size
         data.footprint -= size
         self.huge_pages -= freed.count(PAGE_SIZE)
+        if entries is not None and self.recompressed_pages:
+            objects = [entry for entry in entries if entry & 1]
+            for entry, freed_size in zip(objects, freed, strict=True):
+                if entry & PRIORITY_FIELD:
+                    self.recompressed_pages -= 1
+                    self.recompressed_bytes -= freed_size
 
     # -- files ------------------------------------------------------------------------------
 
@@ -864,7 +875,7 @@ class PageStore:
             else:
                 del chunk[start:]
             if handles:
-                self._free_objects(data, handles)
+                self._free_objects(data, handles, cut)
         if data.same_words:
             for number in [n for n in data.same_words if n >= first_page]:
                 del data.same_words[number]

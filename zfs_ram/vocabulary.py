@@ -49,6 +49,9 @@ class ControlFile:
     MEM_USED_MAX = "mem_used_max"
     PID = "pid"
     COMP_ALGORITHM = "comp_algorithm"
+    RECOMP_ALGORITHM = "recomp_algorithm"
+    IDLE = "idle"
+    RECOMPRESS = "recompress"
 
 
 # The largest size a 64-bit kernel could be asked for at all: anything above is a typo.

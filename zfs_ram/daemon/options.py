@@ -142,6 +142,17 @@ def _parse_algorithm(option: str, value: str) -> str:
     return value
 
 
+def _check_recompression(settings: dict[str, object]) -> None:
+    """recomp_algorithm must differ from comp_algorithm; idle_recompress needs it."""
+    recomp = settings.get("recomp_algorithm", "")
+    if recomp and recomp == settings.get("comp_algorithm", FsConfig.comp_algorithm):
+        raise OptionError(f"recomp_algorithm={recomp}", "is the comp_algorithm already")
+    if settings.get("idle_recompress") and not recomp:
+        raise OptionError(
+            f"idle_recompress={settings['idle_recompress']}", "needs recomp_algorithm="
+        )
+
+
 def _parse_id(option: str, value: str, lookup: Callable[[str], int], what: str) -> int:
     """A uid/gid given as a number or a name."""
     if value.isdigit():
@@ -231,6 +242,10 @@ def parse_options(
             settings["compact_batch"] = _parse_int(opt, value, minimum=1)
         elif key == "comp_algorithm":
             settings["comp_algorithm"] = _parse_algorithm(opt, value)
+        elif key == "recomp_algorithm":
+            settings["recomp_algorithm"] = _parse_algorithm(opt, value)
+        elif key == "idle_recompress":
+            settings["idle_recompress"] = _parse_int(opt, value, minimum=0)
         elif key == "fsname":
             if not value:
                 raise OptionError(opt, "expected a non-empty name")
@@ -248,6 +263,7 @@ def parse_options(
         else:
             raise OptionError(opt, "unknown option")
 
+    _check_recompression(settings)
     if {"allow_other", "allow_root"} <= fuse:
         raise OptionError("allow_root", "cannot be combined with allow_other")
     if not size_given:
@@ -281,7 +297,7 @@ _ATIME_FLAGS = frozenset({"atime", "noatime", "relatime", "norelatime", "stricta
 _VALUED = frozenset(
     (
         "size nr_inodes mode uid gid mem_limit pool compact compact_min_pages compact_batch "
-        "fsname subtype log comp_algorithm"
+        "fsname subtype log comp_algorithm recomp_algorithm idle_recompress"
     ).split()
 )
 
@@ -302,6 +318,8 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("compact_min_pages=N", str(_DEFAULTS.compact_min_pages), "reclaimable pages that wake it"),
     ("compact_batch=N", str(_DEFAULTS.compact_batch), "objects moved per compaction step"),
     ("comp_algorithm=" + "|".join(ALGORITHMS), _DEFAULTS.comp_algorithm, "compressor (zram's)"),
+    ("recomp_algorithm=" + "|".join(ALGORITHMS), "none", "recompresses idle/huge pages"),
+    ("idle_recompress=SECONDS", "0 (off)", "recompress pages idle this long on its own"),
     ("fsname=NAME", DEFAULT_FSNAME, "first field of /proc/mounts and df"),
     ("log=PATH", "none", "the daemon's log file"),
     ("xattr|noxattr", "noxattr", "extended attributes (cost: a request per write(2))"),

@@ -18,6 +18,10 @@ Files (names in zfs_ram.vocabulary.ControlFile):
     pid           the daemon's process id
     comp_algorithm  the compressors, the one in use in brackets (zram's format); write a name
                   to change it while nothing is stored (EBUSY after, EINVAL if unknown)
+    recomp_algorithm  zram's format (`#1: lz4 lz4hc [zstd]`), the mount option's choice
+    idle          write `all` or SECONDS: mark pages idle (every one, or not accessed that long)
+    recompress    write `type=idle|huge|huge_idle`: recompress them with recomp_algorithm
+                  (EINVAL without one)
 """
 
 from __future__ import annotations
@@ -64,6 +68,42 @@ class Compaction(Protocol):
     def statistics(self) -> Any: ...
 
 
+class Recompression(Protocol):
+    """What the control files need of the recompressor (zfs_ram.daemon.recompressor)."""
+
+    async def mark_idle(self, older_than: float | None) -> int: ...
+
+    async def recompress(self, idle: bool, huge: bool) -> int: ...
+
+    def statistics(self) -> Any: ...
+
+
+#: recompress's types, as zram names them -> (only idle pages, only huge pages).
+RECOMPRESS_TYPES = {"idle": (True, False), "huge": (False, True), "huge_idle": (True, True)}
+
+
+def parse_idle(text: str) -> float | None:
+    """`echo all > idle` -> None (every page), `echo 3600 > idle` -> 3600.0; ValueError else."""
+    value = text.strip()
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"idle: expected 'all' or seconds, not {value!r}")
+    return float(value)
+
+
+def parse_recompress(text: str) -> tuple[bool, bool]:
+    """`type=idle` -> (only idle pages, only huge pages); nothing: every page. zram's other
+    keys (max_pages, threshold, algo, priority) are not supported: ValueError."""
+    idle = huge = False
+    for token in text.split():
+        key, _, value = token.partition("=")
+        if key != "type" or value not in RECOMPRESS_TYPES:
+            raise ValueError(f"recompress: expected type={'|'.join(RECOMPRESS_TYPES)}")
+        idle, huge = RECOMPRESS_TYPES[value]
+    return idle, huge
+
+
 class MountStatistics:
     """What the control files report, gathered from the parts of one mount."""
 
@@ -75,7 +115,9 @@ class MountStatistics:
         compactor: Compaction,
         namespace: Namespace,
         meter: RequestMeter,
+        recompressor: Recompression,
     ) -> None:
+        self.recompressor = recompressor
         self.config = config
         self.pool = pool
         self.store = store
@@ -124,6 +166,7 @@ class MountStatistics:
             # Per compressor: the pages it encoded that are kept, and their bytes.
             "algorithms": store.algorithm_statistics(),
             "compactor": self.compactor.statistics(),
+            "recompress": self.recompressor.statistics(),
             "pid": os.getpid(),
             "classes": self.pool.class_statistics(),
         }
@@ -133,6 +176,14 @@ def algorithm_choices(current: str) -> bytes:
     """zram's comp_algorithm format: every compressor, the one in use in brackets."""
     names = (f"[{name}]" if name == current else name for name in ALGORITHMS)
     return (" ".join(names) + "\n").encode()
+
+
+def recomp_algorithm_choices(store: PageStore) -> bytes:
+    """zram's recomp_algorithm format: the priority, then the names; empty without one."""
+    codec = store.recomp_codec
+    if codec is None:
+        return b""
+    return b"#1: " + algorithm_choices(codec.algorithm.name)
 
 
 def mm_stat_line(mm: dict[str, int]) -> bytes:
@@ -229,6 +280,14 @@ class ControlDirectory:
                 lambda: algorithm_choices(statistics.store.codec.algorithm.name),
                 self._apply_comp_algorithm,
             ),
+            (
+                ControlFile.RECOMP_ALGORITHM,
+                0o444,
+                lambda: recomp_algorithm_choices(statistics.store),
+                None,
+            ),
+            (ControlFile.IDLE, 0o200, None, self._apply_idle),
+            (ControlFile.RECOMPRESS, 0o200, None, self._apply_recompress),
         ]
         self.files = [
             _File(name.encode(), FIRST_CONTROL_FILE_INO + i, mode, render, apply)
@@ -346,6 +405,22 @@ class ControlDirectory:
             store.change_codec(Codec(name, engine=store.codec.engine))
         except StoreBusyError:
             raise FsError(errno.EBUSY) from None
+
+    async def _apply_idle(self, value: bytes) -> None:
+        try:
+            older_than = parse_idle(value.decode("ascii", "replace"))
+        except ValueError:
+            raise FsError(errno.EINVAL) from None
+        await self.statistics.recompressor.mark_idle(older_than)
+
+    async def _apply_recompress(self, value: bytes) -> None:
+        try:
+            idle, huge = parse_recompress(value.decode("ascii", "replace"))
+        except ValueError:
+            raise FsError(errno.EINVAL) from None
+        if self.statistics.store.recomp_codec is None:  # zram: -EINVAL, nothing changed
+            raise FsError(errno.EINVAL)
+        await self.statistics.recompressor.recompress(idle, huge)
 
     async def _apply_mem_used_max(self, value: bytes) -> None:
         if value.strip() != b"0":
