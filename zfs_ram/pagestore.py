@@ -53,18 +53,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, fill_page, same_filled_word
+from zfs_ram.pagestore_tiers import StoreTiers
 from zfs_ram.pagetable import (
     CHUNK_MASK,
     CHUNK_PAGES,
     CHUNK_SHIFT,
-    HUGE_BIT,
     PRIORITY_FIELD,
-    PRIORITY_SHIFT,
     SAME_ENTRY,
     STAMP_FIELD,
-    STAMP_MAX,
     STAMP_SHIFT,
-    TRIED_BIT,
     FileData,
     handle_of,
     handles_of,
@@ -125,14 +122,6 @@ class StoreStats:
     pending_pages: int
 
 
-@dataclass(frozen=True)
-class AlgorithmStats:
-    """The pages one compressor holds: compressed by it and kept (raw pages are no one's)."""
-
-    pages: int
-    compr_data_size: int
-
-
 class StoreBusyError(Exception):
     """The store holds data, so its compressor may not change (zram: EBUSY once initialised)."""
 
@@ -145,7 +134,7 @@ def _zeros(typecode: str, count: int) -> array[int]:
     return array(typecode, bytes(array(typecode).itemsize * count))
 
 
-class PageStore:
+class PageStore(StoreTiers):
     """All files' pages over one pool; enforces the logical limit (tmpfs size=, in pages).
 
     `codec` encodes and decodes the pages (default: lz4 on the engine chosen at import); the
@@ -211,18 +200,6 @@ class PageStore:
             size_limit_pages=self.size_limit_pages,
             pending_pages=len(self._pending),
         )
-
-    def algorithm_statistics(self) -> dict[str, AlgorithmStats]:
-        """Per compressor, the pages it encoded and their bytes. O(1): the pool's object count
-        less the raw (huge) pages is what the store's one algorithm compressed."""
-        pages = self.pool.objects - self.huge_pages - self.recompressed_pages
-        compressed = self.compr_bytes - self.huge_pages * PAGE_SIZE - self.recompressed_bytes
-        result = {self.codec.algorithm.name: AlgorithmStats(pages, compressed)}
-        if self.recomp_codec is not None:
-            result[self.recomp_codec.algorithm.name] = AlgorithmStats(
-                self.recompressed_pages, self.recompressed_bytes
-            )
-        return result
 
     def change_codec(self, codec: Codec) -> None:
         """Encode with `codec` from now on. Refused (StoreBusyError, nothing changed) once any
@@ -324,96 +301,6 @@ class PageStore:
         )
         self._touch_pages(data, first, stop)
         return result
-
-    # -- access stamps, idle pages, recompression --------------------------------------------
-
-    def _stamp(self) -> int:
-        """Now, as an access stamp: whole seconds since the store began, plus 1 (0 is idle)."""
-        return min(int(self.clock() - self._epoch) + 1, STAMP_MAX)
-
-    def _touch_pages(self, data: FileData, first: int, stop: int) -> None:
-        """Pages first..stop-1 were read: their objects are not idle (zram clears ZRAM_IDLE)."""
-        stamp = self._stamp()
-        page = first
-        while page < stop:
-            key = page >> CHUNK_SHIFT
-            base = key << CHUNK_SHIFT
-            upto = min(stop, base + CHUNK_PAGES)
-            chunk = data.chunks.get(key)
-            if chunk is not None and page - base < len(chunk):
-                end = min(upto - base, len(chunk))
-                self._touch(chunk, page - base, end - (page - base), stamp)
-            page = upto
-
-    def idle_cutoff(self, seconds: float | None) -> int:
-        """The newest access stamp that `echo SECONDS > idle` marks idle (None: all)."""
-        if seconds is None:
-            return STAMP_MAX
-        return max(int(self.clock() - self._epoch - seconds) + 1, 0)
-
-    def mark_idle(self, data: FileData, cutoff: int) -> int:
-        """The file's objects accessed at or before `cutoff` become idle; how many did."""
-        return sum(self._mark_idle(chunk, cutoff) for chunk in data.chunks.values())
-
-    def recompress_chunk(self, data: FileData, key: int, idle: bool, huge: bool) -> int:
-        """zram's recompress for chunk `key` of a file: each page encoded by comp_algorithm
-        (and not tried before) that is idle (if `idle`) and raw (if `huge`) is encoded by
-        recomp_codec, and the result kept if it is smaller and not raw; the pages it did not
-        shrink are marked tried. Returns the pages recompressed. The pool may refuse part of
-        the new objects (mem_limit): those pages stay as they were, untried."""
-        codec = self.recomp_codec
-        if codec is None:
-            raise ValueError("no recomp_algorithm: nothing to recompress with")
-        chunk = data.chunks.get(key)
-        if chunk is None:
-            return 0
-        skip = PRIORITY_FIELD | TRIED_BIT
-        picks = [
-            i
-            for i, entry in enumerate(chunk)
-            if entry & 1
-            and not entry & skip
-            and (not idle or not entry & STAMP_FIELD)
-            and (not huge or entry & HUGE_BIT)
-        ]
-        if not picks:
-            return 0
-        handles = array("Q", [handle_of(chunk[i]) for i in picks])
-        blob, old_sizes = self.pool.read_joined(handles)
-        pages = self.codec.decode(blob, old_sizes, _zeros("Q", len(picks)))
-        new_blob, new_sizes, _ = codec.encode(pages, self._huge_size)
-        kept: list[int] = []  # indexes into picks
-        pieces: list[bytes] = []
-        position = 0
-        for j, size in enumerate(new_sizes):
-            if 0 < size < old_sizes[j] and size != PAGE_SIZE:
-                kept.append(j)
-                pieces.append(new_blob[position : position + size])
-            position += size
-        kept_sizes = array("H", [new_sizes[j] for j in kept])
-        new_handles = self.pool.store_many(b"".join(pieces), kept_sizes) if kept else array("Q")
-        landed = len(new_handles)
-        untried = set(kept)  # landed now, or refused by the pool: not marked tried
-        for j, i in enumerate(picks):  # what did not shrink is not tried again
-            if j not in untried:
-                chunk[i] |= TRIED_BIT
-        if not landed:
-            return 0
-        secondary = 1 << PRIORITY_SHIFT
-        for handle, j in zip(new_handles, kept, strict=False):
-            i = picks[j]
-            assert handle >> 32 == 0, "a handle past the entry's 32 bits"
-            chunk[i] = handle << 1 | 1 | (chunk[i] & STAMP_FIELD) | secondary
-        freed = self.pool.free_many(array("Q", [handles[j] for j in kept[:landed]]))
-        self._freed += len(freed)
-        added = sum(kept_sizes[:landed])
-        self.compr_bytes += added - sum(freed)
-        data.footprint += added - sum(freed)
-        self.huge_pages -= freed.count(PAGE_SIZE)
-        self.recompressed_pages += landed
-        self.recompressed_bytes += added
-        self.on_free()
-        return landed
 
     # -- storing pages ----------------------------------------------------------------------
 
