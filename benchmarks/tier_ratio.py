@@ -34,6 +34,11 @@ ARMS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "comp_algorithm=lz4,recomp_algorithm=zstd",
         [("idle", "all"), ("recompress", "type=idle")],
     ),
+    "lz4+huge->zstd": ("comp_algorithm=lz4,recomp_algorithm=zstd", [("recompress", "type=huge")]),
+    "lz4+idle->lz4hc": (
+        "comp_algorithm=lz4,recomp_algorithm=lz4hc",
+        [("idle", "all"), ("recompress", "type=idle")],
+    ),
 }
 
 
