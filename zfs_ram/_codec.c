@@ -458,6 +458,7 @@ done:
 #define STAMP_SHIFT 33
 #define STAMP_MAX ((UINT64_C(1) << 27) - 1)
 #define STAMP_FIELD (STAMP_MAX << STAMP_SHIFT)
+#define PRIORITY_SHIFT 61
 #define HUGE_BIT (UINT64_C(1) << 63)
 
 static inline uint64_t handle_of(uint64_t entry)
@@ -689,6 +690,34 @@ done:
     return result;
 }
 
+/* priorities_of(entries, out) -> n: out[i] = entry i's priority (0 for holes and same-filled
+ * pages), the per-page bytes decode() takes; returns how many are not 0. */
+static PyObject *codec_priorities_of(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer entries = {0}, out = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*w*:priorities_of", &entries, &out))
+        return NULL;
+    if (check_range(&entries, 8, 0, entries.len / 8, "entries") < 0 ||
+        check_items(&out, entries.len / 8, 1, "out") < 0)
+        goto done;
+    const unsigned char *in = entries.buf;
+    unsigned char *priority_out = out.buf;
+    Py_ssize_t found = 0;
+    for (Py_ssize_t i = 0; i < entries.len / 8; i++) {
+        uint64_t entry = load_u64(in, i);
+        unsigned char priority = entry & 1 ? (unsigned char)(entry >> PRIORITY_SHIFT & 3) : 0;
+        priority_out[i] = priority;
+        found += priority != 0;
+    }
+    result = PyLong_FromSsize_t(found);
+done:
+    PyBuffer_Release(&entries);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 /* -- the module -------------------------------------------------------------------------- */
 
 static PyMethodDef codec_methods[] = {
@@ -710,6 +739,8 @@ static PyMethodDef codec_methods[] = {
      "(new_pages, old_same, old_objects, handles_used): a batch's entries into a chunk."},
     {"touch", codec_touch, METH_VARARGS,
      "touch(chunk, start, count, stamp): the object entries of a range were accessed."},
+    {"priorities_of", codec_priorities_of, METH_VARARGS,
+     "priorities_of(entries, out) -> n: each entry's priority byte into out; n not 0."},
     {"mark_idle", codec_mark_idle, METH_VARARGS,
      "mark_idle(chunk, cutoff) -> n: object entries accessed at or before cutoff become idle."},
     {"handles_of", codec_handles_of, METH_VARARGS,

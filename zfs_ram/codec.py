@@ -442,7 +442,7 @@ class Codec:
         skip: int = 0,
         length: int | None = None,
         secondary: Codec | None = None,
-        priorities: bytes | None = None,
+        priorities: bytes | bytearray | None = None,
     ) -> bytes:
         """`length` bytes (by default all) of the pages a batch describes, from byte `skip` of
         the first. A page whose byte in `priorities` (one per page) is not 0 was encoded by
@@ -500,7 +500,7 @@ class Codec:
         skip: int,
         length: int,
         secondary: Codec | None = None,
-        priorities: bytes | None = None,
+        priorities: bytes | bytearray | None = None,
     ) -> bytes:
         count = len(sizes)
         if priorities is not None and len(priorities) != count:

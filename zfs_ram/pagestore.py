@@ -68,7 +68,7 @@ from zfs_ram.pagetable import (
     mark_idle,
     object_entry,
     place,
-    priority_of,
+    priorities_of,
     spread,
     stamp_of,
     touch,
@@ -161,6 +161,7 @@ class PageStore(StoreTiers):
         self._handles_of = handles_of if compiled is None else compiled.handles_of
         self._spread = spread if compiled is None else compiled.spread
         self._touch = touch if compiled is None else compiled.touch
+        self._priorities_of = priorities_of if compiled is None else compiled.priorities_of
         self._mark_idle = mark_idle if compiled is None else compiled.mark_idle
         if recomp_codec is not None and recomp_codec.engine != codec.engine:
             raise ValueError(f"{recomp_codec!r} does not run on {codec!r}'s engine")
@@ -295,7 +296,9 @@ class PageStore(StoreTiers):
                     words[i] = same_words.get(first + i, 0)
         priorities = None
         if self.recompressed_pages:  # some page may be the second algorithm's
-            priorities = bytes(priority_of(e) if e & 1 else 0 for e in entries)
+            priorities = bytearray(count)
+            if not self._priorities_of(entries, priorities):
+                priorities = None
         result = self.codec.decode(
             blob, sizes, words, skip, length, secondary=self.recomp_codec, priorities=priorities
         )

@@ -20,7 +20,7 @@ Entry layout (one word per page, no Python object per page):
         bit 63        HUGE: a raw page of PAGE_SIZE bytes (zram's ZRAM_HUGE)
 Same-filled entries and holes carry no flags, so `entry == SAME_ENTRY` stays a whole test.
 
-The loops (place, handles_of, spread, touch, mark_idle) are the pure-Python twins of
+The loops (place, handles_of, spread, touch, priorities_of, mark_idle) are the pure-Python twins of
 zfs_ram._codec's, which the page store runs when its codec runs compiled.
 """
 
@@ -244,6 +244,18 @@ def touch(chunk: array[int], start: int, count: int, stamp: int) -> None:
         entry = chunk[i]
         if entry & 1:
             chunk[i] = entry & ~STAMP_FIELD | field
+
+
+def priorities_of(entries: array[int], out: bytearray) -> int:
+    """out[i] = entry i's priority (0 for holes and same-filled pages); how many are not 0."""
+    if len(out) != len(entries):
+        raise ValueError(f"out holds {len(out)} bytes, not {len(entries)}")
+    found = 0
+    for i, entry in enumerate(entries):
+        priority = priority_of(entry) if entry & 1 else 0
+        out[i] = priority
+        found += priority != 0
+    return found
 
 
 def mark_idle(chunk: array[int], cutoff: int) -> int:

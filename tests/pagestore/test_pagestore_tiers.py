@@ -6,16 +6,30 @@ a page decoded with the wrong algorithm is corrupt (lz4hc's blocks would decode 
 
 from __future__ import annotations
 
+import importlib
 import random
 from array import array
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 from page_kinds import page_of_kind
 
-from zfs_ram import native
+from zfs_ram import native, pagetable
 from zfs_ram.codec import Codec
 from zfs_ram.pagestore import FileData, PageStore
-from zfs_ram.pagetable import TRIED_BIT, handle_of, priority_of, stamp_of
+from zfs_ram.pagetable import (
+    HANDLE_MASK,
+    PRIORITY_SHIFT,
+    SAME_ENTRY,
+    STAMP_FIELD,
+    STAMP_MAX,
+    TRIED_BIT,
+    handle_of,
+    object_entry,
+    priority_of,
+    stamp_of,
+)
 from zfs_ram.pool import create_pool
 from zfs_ram.vocabulary import PAGE_SIZE
 
@@ -164,3 +178,64 @@ def test_a_recomp_algorithm_on_another_engine_is_refused() -> None:
             codec=Codec(engine=native.PYTHON),
             recomp_codec=Codec("zstd", engine=native.NATIVE),
         )
+
+
+# -- the table loops of both engines --------------------------------------------------------
+
+ENTRY = st.one_of(
+    st.just(0),
+    st.just(SAME_ENTRY),
+    st.builds(
+        lambda handle, stamp, tried, priority, huge: (
+            object_entry(handle, stamp, huge) | tried * TRIED_BIT | priority << PRIORITY_SHIFT
+        ),
+        st.integers(1, HANDLE_MASK),
+        st.integers(0, STAMP_MAX),
+        st.booleans(),
+        st.integers(0, 1),
+        st.booleans(),
+    ),
+)
+TABLES = [pagetable, importlib.import_module("zfs_ram._codec")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    entries=st.lists(ENTRY, max_size=40),
+    stamp=st.integers(0, STAMP_MAX),
+    cutoff=st.integers(0, STAMP_MAX),
+    data=st.data(),
+)
+def test_touch_mark_idle_and_priorities_alike_on_both_engines(
+    entries: list[int], stamp: int, cutoff: int, data: st.DataObject
+) -> None:
+    start = data.draw(st.integers(0, len(entries)))
+    count = data.draw(st.integers(0, len(entries) - start))
+    results = []
+    for table in TABLES:
+        chunk = array("Q", entries)
+        table.touch(chunk, start, count, stamp)
+        touched = list(chunk)
+        marked = table.mark_idle(chunk, cutoff)
+        out = bytearray(len(chunk))
+        found = table.priorities_of(chunk, out)
+        results.append((touched, marked, list(chunk), found, bytes(out)))
+    assert results[0] == results[1]
+    touched, marked, idle, found, priorities = results[0]
+    for i, (before, after) in enumerate(zip(entries, touched, strict=True)):
+        if before & 1 and start <= i < start + count:
+            assert stamp_of(after) == stamp and handle_of(after) == handle_of(before)
+            assert after & ~STAMP_FIELD == before & ~STAMP_FIELD  # nothing else changed
+        else:
+            assert after == before
+    assert marked == sum(1 for e in touched if e & 1 and 0 < stamp_of(e) <= cutoff)
+    assert [bool(e & 1) and stamp_of(e) == 0 for e in idle] == [
+        bool(e & 1) and (stamp_of(e) == 0 or stamp_of(e) <= cutoff) for e in touched
+    ]
+    assert list(priorities) == [priority_of(e) if e & 1 else 0 for e in idle]
+    assert found == sum(1 for p in priorities if p)
+    for table in TABLES:
+        with pytest.raises(ValueError):
+            table.touch(array("Q", entries), 0, len(entries) + 1, stamp)
+        with pytest.raises(ValueError):
+            table.priorities_of(array("Q", entries), bytearray(len(entries) + 1))
