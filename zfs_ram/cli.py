@@ -208,6 +208,7 @@ def _is_daemon(pid: int) -> bool:
 # (header, section of stats.json, field, is a byte count).
 STAT_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
     ("POOL", "fs", "pool", False),
+    ("ALGORITHM", "fs", "comp_algorithm", False),  # zramctl's: the compressor
     ("SIZE", "fs", "size_bytes", True),  # zramctl's DISKSIZE: the logical limit, size=
     ("DATA", "mm_stat", "orig_data_size", True),
     ("COMPR", "mm_stat", "compr_data_size", True),
@@ -241,6 +242,36 @@ def stat_row(stats: dict[str, Any], *, raw_bytes: bool) -> dict[str, str]:
     return row
 
 
+def algorithm_rows(
+    mountpoint: str, stats: dict[str, Any], *, raw_bytes: bool
+) -> list[dict[str, str]]:
+    """stats.json's per-compressor section as rows: the pages each one encoded and keeps,
+    their bytes and their ratio."""
+    rows = []
+    for name, entry in stats.get("algorithms", {}).items():
+        pages, compr = int(entry["pages"]), int(entry["compr_data_size"])
+        rows.append(
+            {
+                "MOUNTPOINT": mountpoint,
+                "ALGORITHM": name,
+                "PAGES": str(pages),
+                "COMPR": str(compr) if raw_bytes else human_size(compr),
+                "COMP-RATIO": f"{pages * PAGE_SIZE / compr:.2f}" if compr else "-",
+            }
+        )
+    return rows
+
+
+# What --algorithms prints for a daemon too old to report them.
+_NO_ALGORITHMS = {
+    "MOUNTPOINT": "-",
+    "ALGORITHM": "-",
+    "PAGES": "-",
+    "COMPR": "-",
+    "COMP-RATIO": "-",
+}
+
+
 def cmd_stat(args: argparse.Namespace) -> int:
     """One mount's table or JSON object; without a MOUNTPOINT, every zfs_ram mount (zramctl)."""
     if args.mountpoint is not None:
@@ -248,6 +279,8 @@ def cmd_stat(args: argparse.Namespace) -> int:
         stats = _stats(path)
         if args.requests:
             _print_requests([(path, stats)], as_json=args.json)
+        elif args.algorithms and not args.json:
+            _print_table(algorithm_rows(path, stats, raw_bytes=args.bytes) or [_NO_ALGORITHMS])
         elif args.json:
             print(json.dumps(_ordered(stats), indent=2))
         else:
@@ -265,6 +298,9 @@ def cmd_stat(args: argparse.Namespace) -> int:
             status = EXIT_FAILURE
     if args.requests and found:
         _print_requests(found, as_json=args.json)
+    elif args.algorithms and found and not args.json:
+        rows = [r for m, s in found for r in algorithm_rows(m, s, raw_bytes=args.bytes)]
+        _print_table(rows or [_NO_ALGORITHMS])
     elif args.json:
         print(json.dumps([_ordered({"mountpoint": m, **s}) for m, s in found], indent=2))
     elif found:
@@ -316,7 +352,9 @@ def _print_table(rows: list[dict[str, str]]) -> None:
     for row in [header, *rows]:
         print(
             " ".join(
-                v.ljust(widths[k]) if k in ("MOUNTPOINT", "POOL", "OPCODE") else v.rjust(widths[k])
+                v.ljust(widths[k])
+                if k in ("MOUNTPOINT", "POOL", "ALGORITHM", "OPCODE")
+                else v.rjust(widths[k])
                 for k, v in row.items()
             ).rstrip()
         )
@@ -408,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the FUSE requests served, by opcode, with the time spent on them (like nfsstat);"
         " with --json, stats.json's requests section",
+    )
+    p.add_argument(
+        "--algorithms",
+        action="store_true",
+        help="per compressor: the pages it encoded that are stored, their bytes and ratio"
+        " (stats.json's algorithms section)",
     )
     p.set_defaults(func=cmd_stat)
 

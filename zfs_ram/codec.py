@@ -3,9 +3,12 @@
 Three encodings, chosen per page as zram chooses them:
 - same-filled: every 8-byte word of the page is equal (zero pages above all); nothing is stored,
   the word is kept in the page table (zram's same_pages);
-- compressed: lz4 block format without the stored size (the size is always PAGE_SIZE);
-- raw: lz4 did not get the page below the pool's huge watermark, so the page is kept as it is,
-  one frame of its own, and reading it costs no decompression (zram's huge pages).
+- compressed: by the Codec's algorithm (zram's comp_algorithm: lz4, lz4hc or zstd; see
+  ALGORITHMS): an lz4 block without the stored size (the size is always PAGE_SIZE), or a zstd
+  frame;
+- raw: the compressor did not get the page below the pool's huge watermark, so the page is
+  kept as it is, one frame of its own, and reading it costs no decompression (zram's huge
+  pages).
 A stored object of exactly PAGE_SIZE bytes is raw; anything shorter is compressed.
 
 A batch, as Codec.encode gives it and Codec.decode takes it, is shaped for the pool's batch
@@ -18,7 +21,12 @@ Two engines run the batches: zfs_ram._codec (C, the GIL released for the whole b
 pure-Python code here, the reference the C one must match byte for byte and the fallback where
 it was not built. The engine is chosen once, at import (zfs_ram.native: ZFS_RAM_ENGINE=python
 forces this one); a Codec can be made for either, which is how the tests compare them. The
-algorithm is the Codec's too (ALGORITHMS; lz4 only for now): call sites never name it.
+algorithm is the Codec's too (ALGORITHMS): call sites never name it.
+
+zstd is the one algorithm whose bytes may differ between the engines: the compiled one links
+the system's libzstd, the pure-Python one uses the zstd that the zstandard package bundles, and
+zstd's output changes between its releases. Each decodes the other's frames; the tests compare
+bytes only where the two versions are the same (ZSTD_VERSIONS_MATCH).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any, TypeVar, cast
 
 import lz4.block
 import lz4.frame
+import zstandard
 
 from zfs_ram import native
 
@@ -173,9 +182,73 @@ def _lz4_decompress(stored: bytes) -> bytes:
     return page
 
 
-#: name -> algorithm. lz4hc and zstd (zram offers both) join here and in _codec.c's switch.
-ALGORITHMS = {"lz4": Algorithm("lz4", 0, 1, _lz4_compress, _lz4_decompress)}
+# The levels zram's backends use unless algorithm_params says otherwise: lz4hc's
+# LZ4HC_DEFAULT_CLEVEL and zstd's default level (zstd_default_clevel()).
+LZ4HC_LEVEL = 9
+ZSTD_LEVEL = 3
+
+
+def _lz4hc_compress(page: Any) -> bytes:
+    """LZ4_compress_HC of one page (python-lz4 calls it for one block as _codec.c does)."""
+    packed: bytes = lz4.block.compress(
+        page, mode="high_compression", compression=LZ4HC_LEVEL, store_size=False
+    )
+    return packed
+
+
+# zstandard's (de)compressors may not be shared between threads: one of each per thread.
+_zstd_local = threading.local()
+
+
+def _zstd_compress(page: Any) -> bytes:
+    """One zstd frame (content size, no checksum), as the kernel's zstd backend writes."""
+    compressor = getattr(_zstd_local, "compressor", None)
+    if compressor is None:
+        compressor = _zstd_local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    packed: bytes = compressor.compress(page)
+    return packed
+
+
+def _zstd_decompress(stored: bytes) -> bytes:
+    """The page a frame holds; b"" if it is not a valid frame (the caller says corrupt)."""
+    decompressor = getattr(_zstd_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _zstd_local.decompressor = zstandard.ZstdDecompressor()
+    try:
+        page: bytes = decompressor.decompress(stored, max_output_size=PAGE_SIZE)
+    except zstandard.ZstdError:
+        return b""
+    return page
+
+
+#: name -> algorithm, zram's comp_algorithm names; the numbers are _codec.c's enum algorithm.
+ALGORITHMS = {
+    "lz4": Algorithm("lz4", 0, 1, _lz4_compress, _lz4_decompress),
+    "lz4hc": Algorithm("lz4hc", 1, LZ4HC_LEVEL, _lz4hc_compress, _lz4_decompress),
+    "zstd": Algorithm("zstd", 2, ZSTD_LEVEL, _zstd_compress, _zstd_decompress),
+}
 DEFAULT_ALGORITHM = "lz4"
+
+#: Whether both engines run the same zstd release, so that their zstd bytes must be equal.
+ZSTD_VERSIONS_MATCH = (
+    COMPILED is not None
+    and (
+        zstandard.ZSTD_VERSION[0] * 10000
+        + zstandard.ZSTD_VERSION[1] * 100
+        + zstandard.ZSTD_VERSION[2]
+    )
+    == COMPILED.ZSTD_VERSION
+)
+
+
+class UnknownAlgorithmError(ValueError):
+    """A compressor zfs_ram does not have; str() is one line naming the choices."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"unknown compression algorithm {name!r} (choose from {', '.join(ALGORITHMS)})"
+        )
+        self.name = name
 
 
 # -- the second thread ----------------------------------------------------------------------
@@ -263,7 +336,7 @@ class Codec:
 
     def __init__(self, algorithm: str = DEFAULT_ALGORITHM, engine: str | None = None) -> None:
         if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown compression algorithm {algorithm!r}")
+            raise UnknownAlgorithmError(algorithm)
         self.algorithm = ALGORITHMS[algorithm]
         if engine is None:
             self.compiled = COMPILED
@@ -348,6 +421,19 @@ class Codec:
 
     # -- decode ---------------------------------------------------------------------------
 
+    def decode_object(self, stored: bytes) -> bytes:
+        """The page one stored object stands for (a raw page is its own object): the one-page
+        read's path. Raises CorruptPageError if it does not decode to exactly one page."""
+        if len(stored) == PAGE_SIZE:
+            return stored
+        try:
+            page = self.algorithm.decompress(stored)
+        except lz4.block.LZ4BlockError:
+            page = b""
+        if len(page) != PAGE_SIZE:
+            raise CorruptPageError("the object does not decompress to one page")
+        return page
+
     def decode(
         self,
         blob: bytes | memoryview,
@@ -355,20 +441,39 @@ class Codec:
         words: array[int],
         skip: int = 0,
         length: int | None = None,
+        secondary: Codec | None = None,
+        priorities: bytes | bytearray | None = None,
     ) -> bytes:
         """`length` bytes (by default all) of the pages a batch describes, from byte `skip` of
-        the first. Raises CorruptPageError if an object does not decode to one page."""
+        the first. A page whose byte in `priorities` (one per page) is not 0 was encoded by
+        `secondary` (zram's recomp_algorithm). Raises CorruptPageError if an object does not
+        decode to one page."""
         if length is None:
             length = len(sizes) * PAGE_SIZE - skip
+        if priorities is not None and secondary is None:
+            raise ValueError("priorities without a secondary codec")
         if self.compiled is not None:
             try:
-                result: bytes = self.compiled.decode(
-                    self.algorithm.number, blob, sizes, words, skip, length
-                )
+                if priorities is None:
+                    result: bytes = self.compiled.decode(
+                        self.algorithm.number, blob, sizes, words, skip, length
+                    )
+                else:
+                    assert secondary is not None
+                    result = self.compiled.decode(
+                        self.algorithm.number,
+                        blob,
+                        sizes,
+                        words,
+                        skip,
+                        length,
+                        secondary.algorithm.number,
+                        priorities,
+                    )
             except self.compiled.CorruptError as error:
                 raise CorruptPageError(str(error)) from None
             return result
-        return self._decode_python(blob, sizes, words, skip, length)
+        return self._decode_python(blob, sizes, words, skip, length, secondary, priorities)
 
     def decode_into(
         self,
@@ -388,9 +493,18 @@ class Codec:
         memoryview(out).cast("B")[:] = self._decode_python(blob, sizes, words, skip, len(out))
 
     def _decode_python(
-        self, blob: bytes | memoryview, sizes: array[int], words: array[int], skip: int, length: int
+        self,
+        blob: bytes | memoryview,
+        sizes: array[int],
+        words: array[int],
+        skip: int,
+        length: int,
+        secondary: Codec | None = None,
+        priorities: bytes | bytearray | None = None,
     ) -> bytes:
         count = len(sizes)
+        if priorities is not None and len(priorities) != count:
+            raise ValueError(f"priorities holds {len(priorities)} items, not {count}")
         if len(words) != count:
             raise ValueError(f"words holds {len(words)} items, not {count}")
         if not 0 <= skip < PAGE_SIZE or not 0 <= length <= count * PAGE_SIZE - skip:
@@ -403,6 +517,7 @@ class Codec:
             )
         view = memoryview(blob).cast("B")
         decompress = self.algorithm.decompress
+        second = secondary.algorithm.decompress if secondary is not None else decompress
         pages: list[bytes | memoryview] = []
         position = 0
         for i in range(-(-(skip + length) // PAGE_SIZE)):
@@ -415,8 +530,11 @@ class Codec:
                 pages.append(stored)
             else:
                 try:
-                    page = decompress(bytes(stored))
-                except lz4.block.LZ4BlockError:
+                    if priorities is not None and priorities[i]:
+                        page = second(bytes(stored))
+                    else:
+                        page = decompress(bytes(stored))
+                except lz4.block.LZ4BlockError:  # zstd's errors come back as b""
                     page = b""
                 if len(page) != PAGE_SIZE:
                     raise CorruptPageError(

@@ -1,13 +1,7 @@
 """Files as page tables over the pool: write, read, truncate and free, with zram's accounting.
 
-A file's pages live in a two-level table: page number -> 64-bit entry, kept in array('Q')
-chunks of CHUNK_PAGES entries, so that a file costs 8 bytes per page it has and nothing for the
-holes of a sparse file (a write at 2 TiB makes one chunk, not a 4 GiB array).
-
-Entry encoding (one word per page, no Python object per page):
-    0                 a hole: reads as zeros, costs nothing, does not count as used
-    handle << 1 | 1   a pool object (lz4 or raw page, see codec)
-    SAME_ENTRY        a same-filled page; its word is in FileData.same_words unless it is 0
+A file's pages live in its page table (zfs_ram.pagetable: FileData, one 64-bit entry per page
+in array('Q') chunks, with the layout of an entry: handle, access stamp, priority, flags).
 
 Accounting follows zram's mm_stat: orig_data_size counts every page held (same-filled and
 huge included), compr_data_size the bytes of pool objects (a raw page counts PAGE_SIZE).
@@ -53,18 +47,49 @@ read, and the first call that grows the file zeroes them before it changes anyth
 
 from __future__ import annotations
 
+import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, decode, fill_page, same_filled_word
+from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, fill_page, same_filled_word
+from zfs_ram.pagestore_tiers import StoreTiers
+from zfs_ram.pagetable import (
+    CHUNK_MASK,
+    CHUNK_PAGES,
+    CHUNK_SHIFT,
+    PRIORITY_FIELD,
+    SAME_ENTRY,
+    STAMP_FIELD,
+    STAMP_SHIFT,
+    FileData,
+    handle_of,
+    handles_of,
+    mark_idle,
+    object_entry,
+    place,
+    priorities_of,
+    spread,
+    stamp_of,
+    touch,
+)
 from zfs_ram.pool import Pool, PoolFullError
 from zfs_ram.vocabulary import PAGE_SIZE
 
-CHUNK_SHIFT = 9  # 512 pages = 2 MiB of file per chunk: 4 KiB of table when full
-CHUNK_PAGES = 1 << CHUNK_SHIFT
-CHUNK_MASK = CHUNK_PAGES - 1
-SAME_ENTRY = 2  # even and non-zero: cannot be a hole (0) or an object (odd)
+__all__ = [
+    "CHUNK_MASK",
+    "CHUNK_PAGES",
+    "CHUNK_SHIFT",
+    "MAX_FILE_SIZE",
+    "SAME_ENTRY",
+    "FileData",
+    "NoSpaceError",
+    "PageStore",
+    "handles_of",
+    "place",
+    "spread",
+]
+
 # Pending pages the whole store holds at most (256 KiB uncompressed): one per file being
 # appended to, and many more files than that are seldom written at once.
 PENDING_LIMIT_PAGES = 64
@@ -82,104 +107,6 @@ class NoSpaceError(Exception):
         self.physical = physical
 
 
-class FileData:
-    """The contents of one regular file: its logical size and its page table."""
-
-    __slots__ = (
-        "size",
-        "chunks",
-        "same_words",
-        "stored_pages",
-        "footprint",
-        "stale_tail",
-        "detached",
-        "pending",
-        "pending_page",
-    )
-
-    def __init__(self) -> None:
-        self.size = 0
-        self.chunks: dict[int, array[int]] = {}
-        self.same_words: dict[int, int] | None = None  # page -> word, only for words != 0
-        self.stored_pages = 0  # pages that are not holes
-        self.footprint = 0  # bytes of pool objects, for st_blocks
-        # The page holding the end of file may keep non-zero bytes past it (a shrinking
-        # truncate found no room to store it zeroed): growing the file must zero them first.
-        self.stale_tail = False
-        # Unlinked and not open, but not yet forgotten by the kernel: see PageStore.detach.
-        self.detached = False
-        # The unfinished last page, kept uncompressed (see "Partial pages"), and its number
-        # (-1: none). Its bytes past the end of file are zeros; its table entry is a hole.
-        self.pending: bytearray | None = None
-        self.pending_page = -1
-
-    def entry(self, page: int) -> int:
-        chunk = self.chunks.get(page >> CHUNK_SHIFT)
-        if chunk is None:
-            return 0
-        index = page & CHUNK_MASK
-        return chunk[index] if index < len(chunk) else 0
-
-    def set_entry(self, page: int, value: int) -> None:
-        key = page >> CHUNK_SHIFT
-        index = page & CHUNK_MASK
-        chunk = self.chunks.get(key)
-        if chunk is None:
-            if value == 0:
-                return
-            chunk = self.chunks[key] = array("Q")
-        if index >= len(chunk):
-            if value == 0:
-                return
-            # Grow to the page written, not to a whole chunk: a small file stays small.
-            chunk.frombytes(bytes(8 * (index + 1 - len(chunk))))
-        chunk[index] = value
-
-    def entry_array(self, first: int, stop: int) -> array[int]:
-        """The entries of pages first..stop-1, holes included (as 0), in one array('Q')."""
-        if first >= stop:
-            return array("Q")
-        key = first >> CHUNK_SHIFT
-        if key == (stop - 1) >> CHUNK_SHIFT:  # within one chunk: the common case
-            chunk = self.chunks.get(key)
-            base = key << CHUNK_SHIFT
-            out = chunk[first - base : stop - base] if chunk is not None else array("Q")
-            if len(out) < stop - first:
-                out.frombytes(bytes(8 * (stop - first - len(out))))
-            return out
-        out = array("Q")
-        page = first
-        while page < stop:
-            key = page >> CHUNK_SHIFT
-            base = key << CHUNK_SHIFT
-            upto = min(stop, base + CHUNK_PAGES)
-            chunk = self.chunks.get(key)
-            part = chunk[page - base : upto - base] if chunk is not None else array("Q")
-            out += part
-            if len(part) < upto - page:
-                out.frombytes(bytes(8 * (upto - page - len(part))))
-            page = upto
-        return out
-
-    def chunk_for(self, key: int, upto: int) -> array[int]:
-        """Chunk `key`, made or grown to hold at least `upto` entries (holes)."""
-        chunk = self.chunks.get(key)
-        if chunk is None:
-            chunk = self.chunks[key] = array("Q")
-        if len(chunk) < upto:
-            # Grow to the page written, not to a whole chunk: a small file stays small.
-            chunk.frombytes(bytes(8 * (upto - len(chunk))))
-        return chunk
-
-    def pages(self) -> Iterator[tuple[int, int]]:
-        """(page, entry) for every page that is not a hole, in no particular order."""
-        for key, chunk in self.chunks.items():
-            base = key << CHUNK_SHIFT
-            for index, value in enumerate(chunk):
-                if value:
-                    yield base + index, value
-
-
 @dataclass(frozen=True)
 class StoreStats:
     """zram's mm_stat counters that belong to the data, not to the allocator."""
@@ -195,81 +122,25 @@ class StoreStats:
     pending_pages: int
 
 
+class StoreBusyError(Exception):
+    """The store holds data, so its compressor may not change (zram: EBUSY once initialised)."""
+
+
 def _nothing() -> None:
     """The default on_free: nobody to tell."""
-
-
-# -- the table loops: the pure-Python twins of zfs_ram._codec's place, handles_of, spread ----
-
-
-def place(
-    chunk: array[int],
-    start: int,
-    sizes: array[int],
-    first: int,
-    count: int,
-    handles: array[int],
-    hfirst: int,
-    olds: array[int],
-    ofirst: int,
-) -> tuple[int, int, int, int]:
-    """Entries chunk[start:start+count] become the pages sizes[first:first+count] describe: an
-    object (the next handle of handles[hfirst:]) or SAME_ENTRY (size 0). The replaced objects'
-    handles go to olds[ofirst:]. Returns (holes filled, same-filled pages replaced, objects
-    replaced, handles used); changes nothing (ValueError) if there are too few handles."""
-    for name, items, at in (
-        ("chunk", chunk, start),
-        ("sizes", sizes, first),
-        ("olds", olds, ofirst),
-    ):
-        if at < 0 or count < 0 or at + count > len(items):
-            raise ValueError(f"{name}: items {at}..{at}+{count} are not within it")
-    if sum(1 for i in range(first, first + count) if sizes[i]) > len(handles) - hfirst:
-        raise ValueError("place: fewer handles than objects")
-    new_pages = old_same = old_objects = used = 0
-    for i in range(count):
-        if sizes[first + i]:
-            entry = handles[hfirst + used] << 1 | 1
-            used += 1
-        else:
-            entry = SAME_ENTRY
-        old = chunk[start + i]
-        chunk[start + i] = entry
-        if old & 1:
-            olds[ofirst + old_objects] = old >> 1
-            old_objects += 1
-        elif old:
-            old_same += 1
-        else:
-            new_pages += 1
-    return new_pages, old_same, old_objects, used
-
-
-def handles_of(entries: array[int], out: array[int]) -> int:
-    """The handles of the object entries, in order, into out[:n]; returns n."""
-    found = [entry >> 1 for entry in entries if entry & 1]
-    out[: len(found)] = array("Q", found)
-    return len(found)
-
-
-def spread(entries: array[int], object_sizes: array[int], out: array[int]) -> None:
-    """out[i] = the next object's size where entries[i] is an object, else 0."""
-    if len(out) != len(entries) or sum(1 for e in entries if e & 1) != len(object_sizes):
-        raise ValueError("spread: the object entries and the object sizes do not match")
-    objects = iter(object_sizes)
-    for i, entry in enumerate(entries):
-        out[i] = next(objects) if entry & 1 else 0
 
 
 def _zeros(typecode: str, count: int) -> array[int]:
     return array(typecode, bytes(array(typecode).itemsize * count))
 
 
-class PageStore:
+class PageStore(StoreTiers):
     """All files' pages over one pool; enforces the logical limit (tmpfs size=, in pages).
 
     `codec` encodes and decodes the pages (default: lz4 on the engine chosen at import); the
-    page-table loops run on the same engine."""
+    page-table loops run on the same engine. `recomp_codec` (zram's recomp_algorithm) is the
+    one recompress_chunk() tries on idle or huge pages; `clock` gives the seconds that access
+    stamps count (time.monotonic; tests pass their own)."""
 
     def __init__(
         self,
@@ -278,6 +149,8 @@ class PageStore:
         on_free: Callable[[], None] = _nothing,
         codec: Codec = DEFAULT_CODEC,
         pending_limit_pages: int = PENDING_LIMIT_PAGES,
+        recomp_codec: Codec | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
         self.size_limit_pages = size_limit_pages  # tmpfs's size=; 0 = unlimited
@@ -287,6 +160,18 @@ class PageStore:
         self._place = place if compiled is None else compiled.place
         self._handles_of = handles_of if compiled is None else compiled.handles_of
         self._spread = spread if compiled is None else compiled.spread
+        self._touch = touch if compiled is None else compiled.touch
+        self._priorities_of = priorities_of if compiled is None else compiled.priorities_of
+        self._mark_idle = mark_idle if compiled is None else compiled.mark_idle
+        if recomp_codec is not None and recomp_codec.engine != codec.engine:
+            raise ValueError(f"{recomp_codec!r} does not run on {codec!r}'s engine")
+        self.recomp_codec = recomp_codec
+        self.clock = clock
+        self._epoch = clock()
+        # The pages recomp_codec encoded (priority 1) and their bytes: the second algorithm's
+        # share of compr_data_size. While 0, no read or free looks at priorities.
+        self.recompressed_pages = 0
+        self.recompressed_bytes = 0
         self._huge_size = pool.huge_class_size
         self.stored_pages = 0
         self.compr_bytes = 0
@@ -316,6 +201,19 @@ class PageStore:
             size_limit_pages=self.size_limit_pages,
             pending_pages=len(self._pending),
         )
+
+    def change_codec(self, codec: Codec) -> None:
+        """Encode with `codec` from now on. Refused (StoreBusyError, nothing changed) once any
+        page is held: the pages stored name no algorithm, the store's is theirs."""
+        if codec.engine != self.codec.engine:
+            raise ValueError(f"{codec!r} does not run on the store's engine")
+        if self.recomp_codec is not None and self.recomp_codec.algorithm == codec.algorithm:
+            raise ValueError(f"{codec.algorithm.name} is the recomp_algorithm already")
+        if self.stored_pages:
+            raise StoreBusyError(
+                f"comp_algorithm cannot change while data is stored ({self.stored_pages} pages)"
+            )
+        self.codec = codec
 
     @property
     def same_pages(self) -> int:
@@ -356,7 +254,14 @@ class PageStore:
             return bytes(data.pending)  # type: ignore[arg-type]  # set with pending_page
         value = data.entry(page)
         if value & 1:
-            return decode(self.pool.read(value >> 1))
+            stored = self.pool.read(handle_of(value))
+            stamp = self._stamp()
+            if stamp_of(value) != stamp:  # accessed: not idle any more
+                data.set_entry(page, value & ~STAMP_FIELD | stamp << STAMP_SHIFT)
+            if value & PRIORITY_FIELD:
+                assert self.recomp_codec is not None, "a recompressed page needs its codec"
+                return self.recomp_codec.decode_object(stored)
+            return self.codec.decode_object(stored)
         if value == SAME_ENTRY:
             words = data.same_words
             return fill_page(words.get(page, 0) if words else 0)
@@ -389,7 +294,16 @@ class PageStore:
             for i, entry in enumerate(entries):
                 if entry == SAME_ENTRY:
                     words[i] = same_words.get(first + i, 0)
-        return self.codec.decode(blob, sizes, words, skip, length)
+        priorities = None
+        if self.recompressed_pages:  # some page may be the second algorithm's
+            priorities = bytearray(count)
+            if not self._priorities_of(entries, priorities):
+                priorities = None
+        result = self.codec.decode(
+            blob, sizes, words, skip, length, secondary=self.recomp_codec, priorities=priorities
+        )
+        self._touch_pages(data, first, stop)
+        return result
 
     # -- storing pages ----------------------------------------------------------------------
 
@@ -418,7 +332,8 @@ class PageStore:
                 handle = self.pool.store(encoded)  # type: ignore[arg-type]  # not an int
             except PoolFullError:
                 raise NoSpaceError(0, physical=True) from None
-            new = handle << 1 | 1
+            huge = len(encoded) == PAGE_SIZE  # type: ignore[arg-type]  # not an int
+            new = object_entry(handle, self._stamp(), huge)
         if old:
             self._drop(data, page, old)
         data.set_entry(page, new)
@@ -443,8 +358,11 @@ class PageStore:
     def _drop(self, data: FileData, page: int, value: int) -> None:
         """Forget what entry `value` of `page` holds (the table entry is left to the caller)."""
         if value & 1:
-            size = self.pool.free(value >> 1)
+            size = self.pool.free(handle_of(value))
             self._freed += 1
+            if value & PRIORITY_FIELD:
+                self.recompressed_pages -= 1
+                self.recompressed_bytes -= size
             self.compr_bytes -= size
             data.footprint -= size
             if size == PAGE_SIZE:
@@ -533,13 +451,16 @@ class PageStore:
         olds = _zeros("Q", count)
         new_pages = old_same = old_objects = used = 0
         done = 0
+        stamp = self._stamp()
+        # The entries replaced, for the second algorithm's counters (only while it has pages).
+        replaced = data.entry_array(page, page + count) if self.recompressed_pages else None
         while done < count:
             key = (page + done) >> CHUNK_SHIFT
             start = (page + done) & CHUNK_MASK
             part = min(count - done, CHUNK_PAGES - start)
             chunk = data.chunk_for(key, start + part)
             n, s, o, u = self._place(
-                chunk, start, sizes, first + done, part, handles, used, olds, old_objects
+                chunk, start, sizes, first + done, part, handles, used, olds, old_objects, stamp
             )
             new_pages += n
             old_same += s
@@ -569,17 +490,27 @@ class PageStore:
         self.huge_pages_since += huge
         if old_objects:
             del olds[old_objects:]
-            self._free_objects(data, olds)
+            self._free_objects(data, olds, replaced)
         return old_objects
 
-    def _free_objects(self, data: FileData, handles: array[int]) -> None:
-        """Free pool objects the file held (their entries changed by the caller)."""
+    def _free_objects(
+        self, data: FileData, handles: array[int], entries: array[int] | None
+    ) -> None:
+        """Free pool objects the file held (their entries changed by the caller). `entries`
+        holds the old entries, the objects' in the same order among others, while the second
+        algorithm has pages: those it encoded leave its counters."""
         freed = self.pool.free_many(handles)
         self._freed += len(freed)
         size = sum(freed)
         self.compr_bytes -= size
         data.footprint -= size
         self.huge_pages -= freed.count(PAGE_SIZE)
+        if entries is not None and self.recompressed_pages:
+            objects = [entry for entry in entries if entry & 1]
+            for entry, freed_size in zip(objects, freed, strict=True):
+                if entry & PRIORITY_FIELD:
+                    self.recompressed_pages -= 1
+                    self.recompressed_bytes -= freed_size
 
     # -- files ------------------------------------------------------------------------------
 
@@ -834,7 +765,7 @@ class PageStore:
             else:
                 del chunk[start:]
             if handles:
-                self._free_objects(data, handles)
+                self._free_objects(data, handles, cut)
         if data.same_words:
             for number in [n for n in data.same_words if n >= first_page]:
                 del data.same_words[number]

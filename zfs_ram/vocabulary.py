@@ -48,6 +48,10 @@ class ControlFile:
     MEM_LIMIT = "mem_limit"
     MEM_USED_MAX = "mem_used_max"
     PID = "pid"
+    COMP_ALGORITHM = "comp_algorithm"
+    RECOMP_ALGORITHM = "recomp_algorithm"
+    IDLE = "idle"
+    RECOMPRESS = "recompress"
 
 
 # The largest size a 64-bit kernel could be asked for at all: anything above is a typo.

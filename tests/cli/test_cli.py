@@ -456,8 +456,8 @@ def test_stat_without_mountpoint_lists_every_zfs_ram_mount(tmp_path: Path) -> No
         # Other zfs_ram mounts on this machine are listed too, and a dead one is an error line.
         assert all(line.startswith("zfs-ram: ") for line in result.stderr.splitlines())
         rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
-        assert rows[str(a)][1:3] == ["zsmalloc", "8.0M"]
-        assert rows[str(b)][1:3] == ["zbud", "16M"]
+        assert rows[str(a)][1:4] == ["zsmalloc", "lz4", "8.0M"]
+        assert rows[str(b)][1:4] == ["zbud", "lz4", "16M"]
         listed = json.loads(zfs_ram_cli("stat", "--json").stdout)
         by_mountpoint = {entry["mountpoint"]: entry for entry in listed}
         assert by_mountpoint[str(b)]["fs"]["pool"] == "zbud"

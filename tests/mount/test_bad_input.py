@@ -253,7 +253,10 @@ def test_the_control_directory_cannot_be_removed_renamed_or_changed(mount: Any) 
         assert errno_of(attempt) in codes, f"attempt {i}"
     assert listing(mnt) == ["d", "f"]
     assert sorted(os.listdir(ctl)) == sorted(
-        ["mm_stat", "classes", "stats.json", "compact", "mem_limit", "mem_used_max", "pid"]
+        [
+            *("mm_stat", "classes", "stats.json", "compact", "mem_limit", "mem_used_max", "pid"),
+            *("comp_algorithm", "recomp_algorithm", "idle", "recompress"),
+        ]
     )
     assert (mnt / "f").read_text() == "f"
     mount.compact()  # the control files still work

@@ -171,14 +171,14 @@ def test_the_table_loops_of_both_engines(table: ModuleType) -> None:
     handles = array("Q", [0, 11, 12, 13])
     olds = array("Q", bytes(8 * 6))
     # Pages 1..5 of the chunk take sizes[1:5]: two objects (handles 11, 12) and two same.
-    assert table.place(chunk, 1, sizes, 1, 4, handles, 1, olds, 1) == (1, 1, 2, 2)
+    assert table.place(chunk, 1, sizes, 1, 4, handles, 1, olds, 1, 0) == (1, 1, 2, 2)
     assert list(chunk) == [0, 11 << 1 | 1, pagestore.SAME_ENTRY, 12 << 1 | 1, pagestore.SAME_ENTRY]
     assert list(olds[1:3]) == [7, 9]
     before = chunk.tobytes()
     with pytest.raises(ValueError):
-        table.place(chunk, 0, sizes, 0, 4, handles, 3, olds, 0)  # 3 objects, 1 handle left
+        table.place(chunk, 0, sizes, 0, 4, handles, 3, olds, 0, 0)  # 3 objects, 1 handle left
     with pytest.raises(ValueError):
-        table.place(chunk, 2, sizes, 0, 4, handles, 0, olds, 0)  # past the chunk's end
+        table.place(chunk, 2, sizes, 0, 4, handles, 0, olds, 0, 0)  # past the chunk's end
     assert chunk.tobytes() == before
     out = array("Q", bytes(8 * len(chunk)))
     assert table.handles_of(chunk, out) == 2 and list(out[:2]) == [11, 12]

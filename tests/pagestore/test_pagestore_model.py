@@ -35,6 +35,7 @@ from page_kinds import KINDS, page_of_kind
 from zfs_ram import native
 from zfs_ram.codec import DEFAULT_CODEC, Codec
 from zfs_ram.pagestore import SAME_ENTRY, FileData, NoSpaceError, PageStore
+from zfs_ram.pagetable import TRIED_BIT, handle_of, priority_of, stamp_of
 from zfs_ram.pool import PAGE_SIZE, Pool, create_pool
 
 SOAK = os.environ.get("ZFS_RAM_SOAK") == "1"
@@ -96,9 +97,22 @@ class PageStoreMachine(RuleBasedStateMachine):
         self.pool.free = counting_free  # type: ignore[method-assign]  # an instance's own
         self.pool.free_many = counting_free_many  # type: ignore[method-assign]  # the same
         self.on_free_calls = 0
-        self.store = PageStore(self.pool, on_free=self._on_free)
+        # Access stamps count this clock's seconds, the same for both stores. The second
+        # algorithm is lz4hc: zstd's bytes may differ between the engines (see codec).
+        self.now = 0.0
+        self.store = PageStore(
+            self.pool,
+            on_free=self._on_free,
+            recomp_codec=Codec("lz4hc", engine=DEFAULT_CODEC.engine),
+            clock=self._clock,
+        )
         self.twin_pool: Pool = create_pool(self.kind)
-        self.twin = PageStore(self.twin_pool, codec=Codec(engine=TWIN_ENGINE))
+        self.twin = PageStore(
+            self.twin_pool,
+            codec=Codec(engine=TWIN_ENGINE),
+            recomp_codec=Codec("lz4hc", engine=TWIN_ENGINE),
+            clock=self._clock,
+        )
         self.twin_files = [FileData() for _ in range(FILES)]
         self.files = [FileData() for _ in range(FILES)]
         self.models = [bytearray() for _ in range(FILES)]
@@ -107,6 +121,9 @@ class PageStoreMachine(RuleBasedStateMachine):
 
     def _on_free(self) -> None:
         self.on_free_calls += 1
+
+    def _clock(self) -> float:
+        return self.now
 
     def _call(self, operation: Callable[[PageStore, list[FileData]], T]) -> T:
         """Run one public call of the store: on_free() once if it freed objects, else never;
@@ -276,6 +293,64 @@ class PageStoreMachine(RuleBasedStateMachine):
         self.pool.mem_limit_pages = max(self.pool.statistics().pages_used + extra, 1)
         self.twin_pool.mem_limit_pages = self.pool.mem_limit_pages
 
+    @rule(seconds=st.sampled_from([0.5, 1, 3, 10]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(
+        older_than=st.one_of(st.none(), st.sampled_from([0, 1, 2, 5])),
+        kind=st.sampled_from(["idle", "huge", "huge_idle"]),
+        touched=st.lists(st.tuples(st.integers(0, FILES - 1), st.integers(0, 12)), max_size=4),
+    )
+    def recompress(self, older_than: int | None, kind: str, touched: list[tuple[int, int]]) -> None:
+        """zram's `echo all|SECONDS > idle`, a few pages read (which makes them busy again),
+        then `echo type=KIND > recompress`: the idle (and/or huge) pages encoded by lz4 that
+        lz4hc shrinks are recompressed, the others marked tried; reads give the same bytes."""
+        store, twin = self.store, self.twin
+        cutoff = store.idle_cutoff(older_than)
+        assert twin.idle_cutoff(older_than) == cutoff
+        for data, twin_data in zip(self.files, self.twin_files, strict=True):
+            assert store.mark_idle(data, cutoff) == twin.mark_idle(twin_data, cutoff)
+        for i, page in touched:
+            offset = page * PAGE_SIZE
+            assert store.read(self.files[i], offset, 1) == self.models[i][offset : offset + 1]
+            assert twin.read(self.twin_files[i], offset, 1) == self.models[i][offset : offset + 1]
+            entry = self.files[i].entry(page)
+            assert not entry & 1 or stamp_of(entry) != 0, "a read left its page idle"
+        idle, huge = kind != "huge", kind != "idle"
+        before = [self._flags(data) for data in self.files]
+        total = 0
+        for i, data in enumerate(self.files):
+            for key in sorted(data.chunks):
+                done = self._call(
+                    lambda s, files, i=i, key=key: s.recompress_chunk(files[i], key, idle, huge)
+                )
+                total += done
+        if total:
+            event("pages recompressed")
+        for data, flags in zip(self.files, before, strict=True):
+            for page, (priority, tried, was_idle, was_huge) in flags.items():
+                entry = data.entry(page)
+                chosen = (was_idle or not idle) and (was_huge or not huge)
+                if priority or tried or not chosen:
+                    assert (priority_of(entry), bool(entry & TRIED_BIT)) == (priority, tried)
+                elif self.pool.mem_limit_pages == 0:  # else the pool may refuse some
+                    assert priority_of(entry) == 1 or entry & TRIED_BIT
+
+    @staticmethod
+    def _flags(data: FileData) -> dict[int, tuple[int, bool, bool, bool]]:
+        """page -> (priority, tried, idle, huge) of every object entry."""
+        return {
+            page: (
+                priority_of(entry),
+                bool(entry & TRIED_BIT),
+                stamp_of(entry) == 0,
+                bool(entry >> 63),
+            )
+            for page, entry in data.pages()
+            if entry & 1
+        }
+
     def _refused(self, error: NoSpaceError) -> None:
         self.refused += 1
         event("refused at mem_limit" if error.physical else "refused at size")
@@ -288,15 +363,18 @@ class PageStoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def files_match(self) -> None:
-        for data, model in zip(self.files, self.models, strict=True):
+        # The twin's files too: a read touches its pages, whose stamps must stay the same.
+        for data, twin, model in zip(self.files, self.twin_files, self.models, strict=True):
             assert data.size == len(model)
             assert self.store.read(data, 0, len(model) + PAGE_SIZE) == model
+            assert self.twin.read(twin, 0, len(model) + PAGE_SIZE) == model
 
     @invariant()
     def counters_match(self) -> None:
         pool, store = self.pool, self.store
         pool.check()
         stored = same = objects = compr = huge = detached = pending = 0
+        second_pages = second_bytes = 0
         for data, model, is_detached in zip(self.files, self.models, self.detached, strict=True):
             assert data.detached == is_detached
             end_page = -(-len(model) // PAGE_SIZE)
@@ -305,7 +383,11 @@ class PageStoreMachine(RuleBasedStateMachine):
                 assert page < end_page, "a page past the end of file was kept"
                 pages += 1
                 if entry & 1:
-                    size = pool.object_size(entry >> 1)
+                    size = pool.object_size(handle_of(entry))
+                    assert bool(entry >> 63) == (size == PAGE_SIZE), "HUGE is a raw page"
+                    if priority_of(entry):
+                        second_pages += 1
+                        second_bytes += size
                     objects += 1
                     footprint += size
                     huge += size == PAGE_SIZE
@@ -336,6 +418,11 @@ class PageStoreMachine(RuleBasedStateMachine):
         assert store.used_pages == stored - detached
         assert stats.size_limit_pages == store.size_limit_pages
         assert stats.pending_pages == pending <= store.pending_limit_pages
+        assert (store.recompressed_pages, store.recompressed_bytes) == (second_pages, second_bytes)
+        per_algorithm = store.algorithm_statistics()
+        assert sum(a.pages for a in per_algorithm.values()) == objects - huge
+        assert sum(a.compr_data_size for a in per_algorithm.values()) == compr - huge * PAGE_SIZE
+        assert per_algorithm["lz4hc"].pages == second_pages
 
     @invariant()
     def twins_match(self) -> None:
@@ -353,6 +440,7 @@ class PageStoreMachine(RuleBasedStateMachine):
                 data.footprint,
             )
             assert self._layout(twin, self.twin_pool) == self._layout(data, self.pool)
+            assert self._flags(twin) == self._flags(data)
             assert twin.same_words == data.same_words
             assert (twin.pending, twin.pending_page) == (data.pending, data.pending_page)
 
@@ -360,7 +448,7 @@ class PageStoreMachine(RuleBasedStateMachine):
     def _layout(data: FileData, pool: Pool) -> list[tuple[int, int]]:
         """(page, object size or -entry) for every page that is not a hole, in page order."""
         return sorted(
-            (page, pool.object_size(entry >> 1) if entry & 1 else -entry)
+            (page, pool.object_size(handle_of(entry)) if entry & 1 else -entry)
             for page, entry in data.pages()
         )
 

@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from zfs_ram.codec import ALGORITHMS
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.vocabulary import (
     DEFAULT_FSNAME,
@@ -146,6 +147,26 @@ def _parse_int(option: str, value: str, *, minimum: int) -> int:
     return int(value)
 
 
+def _parse_algorithm(option: str, value: str) -> str:
+    """A compressor's name, as zram's comp_algorithm takes it."""
+    if value not in ALGORITHMS:
+        raise OptionError(
+            option, f"unknown compression algorithm (choose from {', '.join(ALGORITHMS)})"
+        )
+    return value
+
+
+def _check_recompression(settings: dict[str, object]) -> None:
+    """recomp_algorithm must differ from comp_algorithm; idle_recompress needs it."""
+    recomp = settings.get("recomp_algorithm", "")
+    if recomp and recomp == settings.get("comp_algorithm", FsConfig.comp_algorithm):
+        raise OptionError(f"recomp_algorithm={recomp}", "is the comp_algorithm already")
+    if settings.get("idle_recompress") and not recomp:
+        raise OptionError(
+            f"idle_recompress={settings['idle_recompress']}", "needs recomp_algorithm="
+        )
+
+
 def _parse_id(option: str, value: str, lookup: Callable[[str], int], what: str) -> int:
     """A uid/gid given as a number or a name."""
     if value.isdigit():
@@ -239,6 +260,12 @@ def parse_options(
             read_ahead_kb = _parse_int(opt, value, minimum=0)
             if read_ahead_kb > MAX_READ_AHEAD_KB:
                 raise OptionError(opt, f"expected KiB up to {MAX_READ_AHEAD_KB}")
+        elif key == "comp_algorithm":
+            settings["comp_algorithm"] = _parse_algorithm(opt, value)
+        elif key == "recomp_algorithm":
+            settings["recomp_algorithm"] = _parse_algorithm(opt, value)
+        elif key == "idle_recompress":
+            settings["idle_recompress"] = _parse_int(opt, value, minimum=0)
         elif key == "fsname":
             if not value:
                 raise OptionError(opt, "expected a non-empty name")
@@ -256,6 +283,7 @@ def parse_options(
         else:
             raise OptionError(opt, "unknown option")
 
+    _check_recompression(settings)
     if {"allow_other", "allow_root"} <= fuse:
         raise OptionError("allow_root", "cannot be combined with allow_other")
     if not size_given:
@@ -296,7 +324,7 @@ _ATIME_FLAGS = frozenset({"atime", "noatime", "relatime", "norelatime", "stricta
 _VALUED = frozenset(
     (
         "size nr_inodes mode uid gid mem_limit pool compact compact_min_pages compact_batch "
-        "read_ahead_kb fsname subtype log"
+        "read_ahead_kb fsname subtype log comp_algorithm recomp_algorithm idle_recompress"
     ).split()
 )
 
@@ -317,6 +345,9 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("compact_min_pages=N", str(_DEFAULTS.compact_min_pages), "reclaimable pages that wake it"),
     ("compact_batch=N", str(_DEFAULTS.compact_batch), "objects moved per compaction step"),
     ("read_ahead_kb=N", str(DEFAULT_READ_AHEAD_KB), "kernel read-ahead (as root); 0: kernel's"),
+    ("comp_algorithm=" + "|".join(ALGORITHMS), _DEFAULTS.comp_algorithm, "compressor (zram's)"),
+    ("recomp_algorithm=" + "|".join(ALGORITHMS), "none", "recompresses idle/huge pages"),
+    ("idle_recompress=SECONDS", "0 (off)", "recompress pages idle this long on its own"),
     ("fsname=NAME", DEFAULT_FSNAME, "first field of /proc/mounts and df"),
     ("log=PATH", "none", "the daemon's log file"),
     ("xattr|noxattr", "noxattr", "extended attributes (cost: a request per write(2))"),

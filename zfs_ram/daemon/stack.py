@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
+from zfs_ram.codec import Codec
 from zfs_ram.daemon.compactor import Compactor
 from zfs_ram.daemon.heap import release_c_heap
+from zfs_ram.daemon.recompressor import Recompressor
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.control import (
     CONTROL_DIR_INO,
@@ -43,13 +47,17 @@ class Filesystem:
     pool: Pool
     store: PageStore
     compactor: Compactor
+    recompressor: Recompressor
     namespace: Namespace
     control: ControlDirectory
     operations: ZfsRamOperations
 
     async def run_background(self) -> None:
-        """The mount's background work: the compactor. Runs until cancelled."""
-        await self.compactor.run()
+        """The mount's background work: the compactor and (idle_recompress) the
+        recompressor. Runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.recompressor.run)
+            await self.compactor.run()
 
     def shutdown(self) -> None:
         """After unmount: drop every inode and free the pool."""
@@ -70,7 +78,11 @@ def build(config: FsConfig) -> Filesystem:
         release_heap=release_c_heap,
     )
     store = PageStore(
-        pool, size_limit_pages=config.size_bytes // PAGE_SIZE, on_free=compactor.notify_freed
+        pool,
+        size_limit_pages=config.size_bytes // PAGE_SIZE,
+        on_free=compactor.notify_freed,
+        codec=Codec(config.comp_algorithm),
+        recomp_codec=Codec(config.recomp_algorithm) if config.recomp_algorithm else None,
     )
     namespace = Namespace(
         store,
@@ -79,7 +91,12 @@ def build(config: FsConfig) -> Filesystem:
         first_ino=FIRST_REGULAR_INO,
         on_shrink=release_c_heap,
     )
-    statistics = MountStatistics(config, pool, store, compactor, namespace, meter)
+    recompressor = Recompressor(
+        store,
+        lambda: [inode.data for inode in namespace.inodes.values() if inode.data is not None],
+        idle_recompress_seconds=config.idle_recompress,
+    )
+    statistics = MountStatistics(config, pool, store, compactor, namespace, meter, recompressor)
     control = ControlDirectory(statistics, cache_timeout=CACHE_TIMEOUT)
     operations = ZfsRamOperations(
         namespace=namespace,
@@ -89,4 +106,4 @@ def build(config: FsConfig) -> Filesystem:
         meter=meter,
         xattrs=config.xattrs,
     )
-    return Filesystem(config, pool, store, compactor, namespace, control, operations)
+    return Filesystem(config, pool, store, compactor, recompressor, namespace, control, operations)

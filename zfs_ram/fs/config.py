@@ -34,6 +34,11 @@ class FsConfig:
     # remembers, and it then stops asking for security.capability before every write(2), one
     # round trip in two for small writes (issue 13; README "Extended attributes").
     xattrs: bool = False
+    comp_algorithm: str = "lz4"  # zram's comp_algorithm: lz4, lz4hc or zstd (codec.ALGORITHMS)
+    recomp_algorithm: str = ""  # zram's recomp_algorithm (one secondary, priority 1); "": none
+    # Pages not accessed for this many seconds are recompressed in the background; 0: only
+    # on `echo type=idle > .zfs_ram/recompress`.
+    idle_recompress: int = 0
 
     @property
     def mem_limit_pages(self) -> int:

@@ -16,6 +16,12 @@ Files (names in zfs_ram.vocabulary.ControlFile):
                   0 = none)
     mem_used_max  write 0: reset the high-water mark to the current use
     pid           the daemon's process id
+    comp_algorithm  the compressors, the one in use in brackets (zram's format); write a name
+                  to change it while nothing is stored (EBUSY after, EINVAL if unknown)
+    recomp_algorithm  zram's format (`#1: lz4 lz4hc [zstd]`), the mount option's choice
+    idle          write `all` or SECONDS: mark pages idle (every one, or not accessed that long)
+    recompress    write `type=idle|huge|huge_idle`: recompress them with recomp_algorithm
+                  (EINVAL without one)
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ from typing import Any, Protocol
 import pyfuse3
 
 from zfs_ram import native
+from zfs_ram.codec import ALGORITHMS, Codec
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.errors import FsError
 from zfs_ram.fs.namespace import Namespace
 from zfs_ram.fs.requests import RequestMeter
-from zfs_ram.pagestore import PageStore
+from zfs_ram.pagestore import PageStore, StoreBusyError
 from zfs_ram.pool import ClassStats, Pool
 from zfs_ram.vocabulary import (
     CONTROL_DIR,
@@ -61,6 +68,42 @@ class Compaction(Protocol):
     def statistics(self) -> Any: ...
 
 
+class Recompression(Protocol):
+    """What the control files need of the recompressor (zfs_ram.daemon.recompressor)."""
+
+    async def mark_idle(self, older_than: float | None) -> int: ...
+
+    async def recompress(self, idle: bool, huge: bool) -> int: ...
+
+    def statistics(self) -> Any: ...
+
+
+#: recompress's types, as zram names them -> (only idle pages, only huge pages).
+RECOMPRESS_TYPES = {"idle": (True, False), "huge": (False, True), "huge_idle": (True, True)}
+
+
+def parse_idle(text: str) -> float | None:
+    """`echo all > idle` -> None (every page), `echo 3600 > idle` -> 3600.0; ValueError else."""
+    value = text.strip()
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"idle: expected 'all' or seconds, not {value!r}")
+    return float(value)
+
+
+def parse_recompress(text: str) -> tuple[bool, bool]:
+    """`type=idle` -> (only idle pages, only huge pages); nothing: every page. zram's other
+    keys (max_pages, threshold, algo, priority) are not supported: ValueError."""
+    idle = huge = False
+    for token in text.split():
+        key, _, value = token.partition("=")
+        if key != "type" or value not in RECOMPRESS_TYPES:
+            raise ValueError(f"recompress: expected type={'|'.join(RECOMPRESS_TYPES)}")
+        idle, huge = RECOMPRESS_TYPES[value]
+    return idle, huge
+
+
 class MountStatistics:
     """What the control files report, gathered from the parts of one mount."""
 
@@ -72,7 +115,9 @@ class MountStatistics:
         compactor: Compaction,
         namespace: Namespace,
         meter: RequestMeter,
+        recompressor: Recompression,
     ) -> None:
+        self.recompressor = recompressor
         self.config = config
         self.pool = pool
         self.store = store
@@ -108,6 +153,7 @@ class MountStatistics:
                 "nr_inodes": config.nr_inodes,
                 "inodes_used": namespace.inodes_used,
                 "pool": config.pool,
+                "comp_algorithm": store.codec.algorithm.name,
                 "compact": config.compact,
                 "read_only_reason": namespace.read_only_reason,
                 "requests": self.meter.total,
@@ -117,10 +163,27 @@ class MountStatistics:
             "requests": self.meter.statistics(),
             "pool": self.pool.statistics(),
             "store": store.statistics(),
+            # Per compressor: the pages it encoded that are kept, and their bytes.
+            "algorithms": store.algorithm_statistics(),
             "compactor": self.compactor.statistics(),
+            "recompress": self.recompressor.statistics(),
             "pid": os.getpid(),
             "classes": self.pool.class_statistics(),
         }
+
+
+def algorithm_choices(current: str) -> bytes:
+    """zram's comp_algorithm format: every compressor, the one in use in brackets."""
+    names = (f"[{name}]" if name == current else name for name in ALGORITHMS)
+    return (" ".join(names) + "\n").encode()
+
+
+def recomp_algorithm_choices(store: PageStore) -> bytes:
+    """zram's recomp_algorithm format: the priority, then the names; empty without one."""
+    codec = store.recomp_codec
+    if codec is None:
+        return b""
+    return b"#1: " + algorithm_choices(codec.algorithm.name)
 
 
 def mm_stat_line(mm: dict[str, int]) -> bytes:
@@ -211,6 +274,20 @@ class ControlDirectory:
             ),
             (ControlFile.MEM_USED_MAX, 0o200, None, self._apply_mem_used_max),
             (ControlFile.PID, 0o444, lambda: f"{os.getpid()}\n".encode(), None),
+            (
+                ControlFile.COMP_ALGORITHM,
+                0o644,
+                lambda: algorithm_choices(statistics.store.codec.algorithm.name),
+                self._apply_comp_algorithm,
+            ),
+            (
+                ControlFile.RECOMP_ALGORITHM,
+                0o444,
+                lambda: recomp_algorithm_choices(statistics.store),
+                None,
+            ),
+            (ControlFile.IDLE, 0o200, None, self._apply_idle),
+            (ControlFile.RECOMPRESS, 0o200, None, self._apply_recompress),
         ]
         self.files = [
             _File(name.encode(), FIRST_CONTROL_FILE_INO + i, mode, render, apply)
@@ -316,6 +393,34 @@ class ControlDirectory:
         except ValueError:
             raise FsError(errno.EINVAL) from None
         self.statistics.pool.mem_limit_pages = limit // PAGE_SIZE
+
+    async def _apply_comp_algorithm(self, value: bytes) -> None:
+        name = value.decode("ascii", "replace").strip()
+        store = self.statistics.store
+        if name not in ALGORITHMS:
+            raise FsError(errno.EINVAL)
+        if name == store.codec.algorithm.name:
+            return
+        try:
+            store.change_codec(Codec(name, engine=store.codec.engine))
+        except StoreBusyError:
+            raise FsError(errno.EBUSY) from None
+
+    async def _apply_idle(self, value: bytes) -> None:
+        try:
+            older_than = parse_idle(value.decode("ascii", "replace"))
+        except ValueError:
+            raise FsError(errno.EINVAL) from None
+        await self.statistics.recompressor.mark_idle(older_than)
+
+    async def _apply_recompress(self, value: bytes) -> None:
+        try:
+            idle, huge = parse_recompress(value.decode("ascii", "replace"))
+        except ValueError:
+            raise FsError(errno.EINVAL) from None
+        if self.statistics.store.recomp_codec is None:  # zram: -EINVAL, nothing changed
+            raise FsError(errno.EINVAL)
+        await self.statistics.recompressor.recompress(idle, huge)
 
     async def _apply_mem_used_max(self, value: bytes) -> None:
         if value.strip() != b"0":
