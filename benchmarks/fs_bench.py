@@ -73,6 +73,7 @@ from systems import (
     System,
     Tmpfs,
     ZfsRam,
+    ZfsRamReference,
     ZramExt4,
     command_output,
     cpu_seconds,
@@ -130,9 +131,10 @@ WORKLOADS = (
 )
 SEQ_FILE = "seq.bin"
 PREWARM_FACTOR = 2  # warm 2x the data: page cache plus pool frames (or the read buffer)
-SYSTEMS = ("tmpfs", "zfs_ram", "nullfs", "zram", "lz4null")
+SYSTEMS = ("tmpfs", "zfs_ram", "nullfs", "zram", "lz4null", "zfs_ram_ref")
 DEFAULT_SYSTEMS = SYSTEMS[:4]  # lz4null (the pure-Python codec bound) only when asked for
-CPU_SYSTEMS = ("zfs_ram", "nullfs", "lz4null")  # the daemons whose CPU time is reported
+# The daemons whose CPU time is reported.
+CPU_SYSTEMS = ("zfs_ram", "nullfs", "lz4null", "zfs_ram_ref")
 DEFAULT_REPS = 3  # the median of 3 outvotes one disturbed repetition; a full rep takes minutes
 
 
@@ -589,6 +591,14 @@ def render(report: Report, systems: list[str]) -> str:
                     f"  {m:<20}{to_zram[m]:>6.2f} ({low:.2f}-{high:.2f})  target "
                     f"{target:.2f}: {verdict}"
                 )
+    against_ref = ratios(report, "zfs_ram", "zfs_ram_ref")
+    if against_ref:
+        spread = ratio_ranges(report, "zfs_ram", "zfs_ram_ref")
+        lines += ["", "against the reference build (--reference-tool): median (range)"]
+        for m in metrics:
+            if m in against_ref:
+                low, high = spread[m]
+                lines.append(f"  {m:<20}{against_ref[m]:>6.2f} ({low:.2f}-{high:.2f})")
     bound = ratios(report, "lz4null", "nullfs")
     if bound:
         spread = ratio_ranges(report, "lz4null", "nullfs")
@@ -722,6 +732,9 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Report:
         "nullfs": lambda path: NullFs(path, fs_size, xattrs=args.nullfs_xattrs),
         "lz4null": lambda path: Lz4NullFs(path, fs_size, xattrs=args.nullfs_xattrs),
         "zram": lambda path: ZramExt4(path, fs_size),
+        "zfs_ram_ref": lambda path: ZfsRamReference(
+            path, fs_size, args.zfs_ram_options, tool=args.reference_tool
+        ),
     }
     for name in SYSTEMS:
         if name not in (args.systems or DEFAULT_SYSTEMS):
@@ -844,6 +857,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-zram", action="store_true", help="skip the kernel zram comparison")
     parser.add_argument(
+        "--reference-tool",
+        help="the zfs-ram of another checkout (e.g. /work/ref/.venv/bin/zfs-ram): mounted as "
+        "zfs_ram_ref beside this one, and zfs_ram/zfs_ram_ref reported",
+    )
+    parser.add_argument(
         "--no-prewarm",
         action="store_true",
         help="do not warm guest memory before the sequential workloads "
@@ -852,6 +870,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps is None:
         args.reps = 1 if args.quick else DEFAULT_REPS
+    if args.reference_tool and not args.systems:
+        args.systems = [*DEFAULT_SYSTEMS, "zfs_ram_ref"]
+    if "zfs_ram_ref" in (args.systems or ()) and not args.reference_tool:
+        parser.error("zfs_ram_ref needs --reference-tool")
     if os.geteuid() != 0:
         parser.error("must run as root (mount, drop_caches, zram)")
 

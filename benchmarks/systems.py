@@ -192,11 +192,13 @@ class FuseSystem(System):
 class ZfsRam(FuseSystem):
     name = "zfs_ram"
 
-    def __init__(self, path: Path, size_bytes: int, extra_options: str = "") -> None:
+    def __init__(
+        self, path: Path, size_bytes: int, extra_options: str = "", tool: str | None = None
+    ) -> None:
         super().__init__(path, size_bytes)
         self.extra_options = extra_options
         self._pid: int | None = None
-        self.tool = shutil.which("zfs-ram") or str(Path(sys.executable).parent / "zfs-ram")
+        self.tool = tool or shutil.which("zfs-ram") or str(Path(sys.executable).parent / "zfs-ram")
 
     def mount(self) -> None:
         options = f"size={self.size_bytes}" + (
@@ -233,6 +235,13 @@ class ZfsRam(FuseSystem):
         mem["compr_data_size"] = stats["mm_stat"]["compr_data_size"]
         mem["mem_used_total"] = stats["mm_stat"]["mem_used_total"]
         return mem
+
+
+class ZfsRamReference(ZfsRam):
+    """zfs_ram as another checkout builds it (its venv's zfs-ram), e.g. the code before a
+    change, mounted beside this one so that the two compare in one run."""
+
+    name = "zfs_ram_ref"
 
 
 class NullFs(FuseSystem):
