@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 from zfs_ram.codec import Codec
 from zfs_ram.pagetable import (
-    CHUNK_PAGES,
-    CHUNK_SHIFT,
     HUGE_BIT,
     PRIORITY_FIELD,
     PRIORITY_SHIFT,
@@ -79,16 +77,9 @@ class StoreTiers:
     def _touch_pages(self, data: FileData, first: int, stop: int) -> None:
         """Pages first..stop-1 were read: their objects are not idle (zram clears ZRAM_IDLE)."""
         stamp = self._stamp()
-        page = first
-        while page < stop:
-            key = page >> CHUNK_SHIFT
-            base = key << CHUNK_SHIFT
-            upto = min(stop, base + CHUNK_PAGES)
-            chunk = data.chunks.get(key)
-            if chunk is not None and page - base < len(chunk):
-                end = min(upto - base, len(chunk))
-                self._touch(chunk, page - base, end - (page - base), stamp)
-            page = upto
+        for chunk, start, end in data.spans(first, stop):
+            if chunk is not None and start < len(chunk):
+                self._touch(chunk, start, min(end, len(chunk)) - start, stamp)
 
     def idle_cutoff(self, seconds: float | None) -> int:
         """The newest access stamp that `echo SECONDS > idle` marks idle (None: all)."""

@@ -133,18 +133,23 @@ class FileData:
                 out.frombytes(bytes(8 * (stop - first - len(out))))
             return out
         out = array("Q")
+        for chunk, start, end in self.spans(first, stop):
+            part = chunk[start:end] if chunk is not None else array("Q")
+            out += part
+            if len(part) < end - start:
+                out.frombytes(bytes(8 * (end - start - len(part))))
+        return out
+
+    def spans(self, first: int, stop: int) -> Iterator[tuple[array[int] | None, int, int]]:
+        """Pages first..stop-1 cut at chunk borders: (the chunk or None, start, end), start and
+        end counted in the chunk, which may be shorter than end (its tail pages are holes)."""
         page = first
         while page < stop:
             key = page >> CHUNK_SHIFT
             base = key << CHUNK_SHIFT
             upto = min(stop, base + CHUNK_PAGES)
-            chunk = self.chunks.get(key)
-            part = chunk[page - base : upto - base] if chunk is not None else array("Q")
-            out += part
-            if len(part) < upto - page:
-                out.frombytes(bytes(8 * (upto - page - len(part))))
+            yield self.chunks.get(key), page - base, upto - base
             page = upto
-        return out
 
     def chunk_for(self, key: int, upto: int) -> array[int]:
         """Chunk `key`, made or grown to hold at least `upto` entries (holes)."""
