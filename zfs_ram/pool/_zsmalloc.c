@@ -62,6 +62,8 @@
 #define NOFRAME 0xFFFFFFFFu
 /* compact() takes slices of this many objects, as Pool.compact() does. */
 #define COMPACT_SLICE (1 << 16)
+/* zsmalloc.py's POUR_SLACK_PERCENT: a poured object's class is at most this much larger. */
+#define POUR_SLACK_PERCENT 100
 
 /* -- errors ---------------------------------------------------------------------------- */
 
@@ -466,6 +468,7 @@ typedef struct {
     arena_t arena;
     int64_t mem_limit_pages, pages_used, max_pages_used, objects, bytes_stored, huge_objects;
     int64_t pages_compacted, objects_moved, bytes_moved, compaction_debt, zspages;
+    int settled; /* zsmalloc.py's _settled: no pour or trim left since the last free or new zspage */
 } Engine;
 
 static inline uint64_t
@@ -599,6 +602,7 @@ new_zspage(Engine *e, zclass *c, int32_t *out, zerr *err)
     class_link(c, z, 0);
     c->zspages++;
     e->zspages++;
+    e->settled = 0; /* a fresh zspage is a sparse one, until it fills */
     *out = z;
     return 0;
 }
@@ -780,6 +784,7 @@ free_checked(Engine *e, uint64_t h)
     }
     release_handle(e, h);
     e->bytes_stored -= size;
+    e->settled = 0;
     return size;
 }
 
@@ -893,6 +898,15 @@ copy_pieces(const pieces *dst, const pieces *src)
 
 /* -- compaction (the kernel's __zs_compact / migrate_zspage) ---------------------------- */
 
+/* Count frames compaction freed in pages_compacted, net of those it made. */
+static void
+credit(Engine *e, int64_t freed)
+{
+    int64_t net = freed - e->compaction_debt;
+    e->pages_compacted += net > 0 ? net : 0;
+    e->compaction_debt = net < 0 ? -net : 0;
+}
+
 /* Move objects from src to dst in slot order until dst is full, src is empty or the budget is
  * spent; then regroup both (and free src if emptied). *moved says how many moved, also on an
  * error, after which the lists are regrouped all the same. */
@@ -955,13 +969,166 @@ migrate(Engine *e, zclass *c, int32_t src, int32_t dst, int64_t budget, int64_t 
     }
     e->bytes_moved += nbytes;
     fix_fullness_group(c, dst);
-    if (c->inuse[src] == 0) {
-        int64_t net = free_zspage(e, c, src) - e->compaction_debt;
-        e->pages_compacted += net > 0 ? net : 0;
-        e->compaction_debt = net < 0 ? -net : 0;
-    } else {
+    if (c->inuse[src] == 0)
+        credit(e, free_zspage(e, c, src));
+    else
         fix_fullness_group(c, src);
+    return rc;
+}
+
+/* -- pouring (zsmalloc.py's _pour, _pour_target, _trim: what userspace adds) -------------- */
+
+/* A free slot for an object of `size` bytes from class c: in the nearest larger class within
+ * the slack bound, its fullest partly used zspage first, the first free slot on that zspage's
+ * free list whose frames are made; *prev is the slot before it on the list (-1: the head).
+ * Returns the class or NULL. */
+static zclass *
+pour_target(Engine *e, const zclass *c, uint32_t size, int32_t *dz, int32_t *ds, int32_t *prev)
+{
+    uint64_t limit = (uint64_t)size * (100 + POUR_SLACK_PERCENT) / 100;
+    for (uint32_t cid = c->cid - 1; cid > HUGE_CID; cid--) {
+        zclass *d = &e->classes[cid];
+        if (d->size > limit)
+            break;
+        uint32_t part = d->mask & PARTIAL_MASK;
+        while (part) {
+            int g = top_bit(part);
+            part ^= (uint32_t)1 << g;
+            size_t steps = 0;
+            for (int32_t z = d->heads[g]; z >= 0 && steps <= d->nz; z = d->next[z], steps++) {
+                int32_t p = -1;
+                size_t left = d->objs;
+                for (int32_t sl = d->freeobj[z]; sl >= 0 && (uint32_t)sl < d->objs && left;
+                     left--) {
+                    if (!missing_frames(d, z, (uint32_t)sl)) {
+                        *dz = z;
+                        *ds = sl;
+                        *prev = p;
+                        return d;
+                    }
+                    p = sl;
+                    sl = (int32_t)(d->slots[(size_t)z * d->objs + (size_t)sl] >> 1) - 1;
+                }
+            }
+        }
     }
+    return NULL;
+}
+
+/* Give back every frame of c's partly used zspages that no live slot reaches into (groups
+ * from the emptiest, each list from its head, frames in chain order). */
+static void
+trim_class(Engine *e, zclass *c)
+{
+    size_t n = c->objs, p = c->pages, size = c->size;
+    int64_t freed = 0;
+    for (int g = 1; g < FULL_GROUP; g++) {
+        size_t steps = 0;
+        for (int32_t z = c->heads[g]; z >= 0 && steps <= c->nz; z = c->next[z], steps++) {
+            for (size_t k = 0; k < p; k++) {
+                uint32_t *fp = &c->frames[(size_t)z * p + k];
+                if (*fp == NOFRAME)
+                    continue;
+                size_t lo = (k << PAGE_SHIFT) / size;
+                size_t hi = (((k + 1) << PAGE_SHIFT) - 1) / size;
+                if (hi > n - 1)
+                    hi = n - 1;
+                const uint32_t *sl = c->slots + (size_t)z * n;
+                int live = 0;
+                for (size_t s = lo; s <= hi && !live; s++)
+                    live = sl[s] & LIVE;
+                if (!live) {
+                    arena_free(&e->arena, *fp);
+                    *fp = NOFRAME;
+                    freed++;
+                }
+            }
+        }
+    }
+    if (freed) {
+        c->frames_used -= freed;
+        e->pages_used -= freed;
+        credit(e, freed);
+    }
+}
+
+/* Pour class c's emptiest zspages, in slot order, into larger classes until no object finds
+ * a place or the budget is spent; then trim c's partly used zspages. *moved as migrate(). */
+static int
+pour(Engine *e, zclass *c, int64_t budget, int64_t *moved, zerr *err)
+{
+    size_t n = c->objs, s = 0;
+    int32_t src = -1;
+    int64_t nbytes = 0;
+    int rc = 0;
+    *moved = 0;
+    while (*moved < budget) {
+        uint32_t part = c->mask & PARTIAL_MASK;
+        if (!part)
+            break;
+        int32_t z = c->heads[__builtin_ctz(part)];
+        if (z != src) {
+            src = z;
+            s = 0;
+        }
+        size_t sbase = (size_t)src * n;
+        while (s < n && !(c->slots[sbase + s] & LIVE))
+            s++;
+        if (s >= n) {
+            rc = fail(err, ZE_CORRUPT, (uint64_t)src, c->size, "inuse counts a slot not used");
+            break;
+        }
+        uint32_t sw = c->slots[sbase + s];
+        uint64_t h = sw >> 1;
+        uint64_t w = live_word(e, h);
+        if (w == 0) {
+            rc = fail(err, ZE_CORRUPT, h, c->size, "slot names a free handle");
+            break;
+        }
+        uint32_t size = obj_size(w);
+        int32_t dz, ds, prev;
+        zclass *d = pour_target(e, c, size, &dz, &ds, &prev);
+        if (d == NULL)
+            break;
+        pieces from, to;
+        if (locate(e, w, size, &from, err) < 0) {
+            rc = -1;
+            break;
+        }
+        uint32_t *dslots = d->slots + (size_t)dz * d->objs;
+        uint32_t link = dslots[ds]; /* take slot ds off dz's free list */
+        if (prev < 0)
+            d->freeobj[dz] = (int16_t)((link >> 1) - 1);
+        else
+            dslots[prev] = link;
+        dslots[ds] = sw;
+        d->inuse[dz]++;
+        d->obj_used++;
+        fix_fullness_group(d, dz);
+        uint64_t nw = location_to_obj((uint64_t)dz, (uint32_t)ds, d->cid, size);
+        if (locate(e, nw, size, &to, err) < 0) { /* cannot fail: its frames are made */
+            rc = -1;
+            break;
+        }
+        copy_pieces(&to, &from);
+        e->hloc[h] = nw; /* the handle now names the new location: the move is complete */
+        c->slots[sbase + s] = (uint32_t)(c->freeobj[src] + 1) << 1;
+        c->freeobj[src] = (int16_t)s;
+        c->inuse[src]--;
+        c->obj_used--;
+        (*moved)++;
+        nbytes += size;
+        s++;
+        if (c->inuse[src] == 0) {
+            credit(e, free_zspage(e, c, src));
+            src = -1;
+        } else {
+            fix_fullness_group(c, src);
+        }
+    }
+    e->bytes_moved += nbytes;
+    if (c->zspages)
+        trim_class(e, c);
     return rc;
 }
 
@@ -999,6 +1166,11 @@ compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
             rc = migrate(e, c, src, dst, max_objects - moved, &k, err);
             moved += k;
         }
+        if (rc == 0 && moved < max_objects && !e->settled && c->zspages) {
+            int64_t k;
+            rc = pour(e, c, max_objects - moved, &k, err);
+            moved += k;
+        }
         if (rc < 0 || moved >= max_objects)
             break;
         i = i + 1 < e->ncompact ? i + 1 : 0;
@@ -1007,17 +1179,32 @@ compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
     }
     e->compact_cursor = i;
     e->objects_moved += moved;
+    if (rc == 0 && moved == 0)
+        e->settled = 1;
     *out = moved;
     return rc;
 }
 
+/* zsmalloc.py's can_compact(): per class the kernel's count, or until settled the residue
+ * estimate if more, summed in bytes. */
 static int64_t
 can_compact(const Engine *e)
 {
     int64_t total = 0;
-    for (uint32_t i = 0; i < e->ncompact; i++)
-        total += class_can_compact(&e->classes[e->compact_order[i]]);
-    return total;
+    for (uint32_t i = 0; i < e->ncompact; i++) {
+        const zclass *c = &e->classes[e->compact_order[i]];
+        int64_t n = c->objs;
+        int64_t kernel = class_can_compact(c) << PAGE_SHIFT;
+        if (!e->settled) {
+            /* frames_used - obj_used * pages / objs frames, in bytes (rounded down) */
+            int64_t num = (c->frames_used * n - c->obj_used * (int64_t)c->pages) << PAGE_SHIFT;
+            int64_t residue = num >= 0 ? num / n : -((-num + n - 1) / n);
+            if (residue > kernel)
+                kernel = residue;
+        }
+        total += kernel;
+    }
+    return total >> PAGE_SHIFT;
 }
 
 /* -- Python glue ------------------------------------------------------------------------ */
@@ -1312,6 +1499,7 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
     e->hlen = 1;
     e->hloc[0] = 0;
     e->mem_limit_pages = limit;
+    e->settled = 1;
     e->ready = 1;
     rc = 0;
 out:
@@ -1863,7 +2051,8 @@ Engine_export(Engine *e, PyObject *Py_UNUSED(ignored))
         put(d, "frames_created", PyLong_FromUnsignedLongLong(e->arena.frames_created)) < 0 ||
         put(d, "compact_cursor", PyLong_FromUnsignedLong(e->compact_cursor)) < 0 ||
         put(d, "compaction_debt", PyLong_FromLongLong(e->compaction_debt)) < 0 ||
-        put(d, "zspages", PyLong_FromLongLong(e->zspages)) < 0)
+        put(d, "zspages", PyLong_FromLongLong(e->zspages)) < 0 ||
+        put(d, "settled", PyBool_FromLong(e->settled)) < 0)
         goto fail;
     classes = PyList_New(e->nclasses);
     if (classes == NULL)
@@ -2158,7 +2347,8 @@ PyInit__zsmalloc(void)
         PyModule_AddIntConstant(m, "SEGMENT_SHIFT", SEGMENT_SHIFT) < 0 ||
         PyModule_AddIntConstant(m, "WARM_FRAMES", WARM_FRAMES) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HANDLE", (long)MAX_HANDLE) < 0 ||
-        PyModule_AddIntConstant(m, "NR_GROUPS", NR_GROUPS) < 0) {
+        PyModule_AddIntConstant(m, "NR_GROUPS", NR_GROUPS) < 0 ||
+        PyModule_AddIntConstant(m, "POUR_SLACK_PERCENT", POUR_SLACK_PERCENT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,6 +10,7 @@ SEGMENT_SHIFT: int
 WARM_FRAMES: int
 MAX_HANDLE: int
 NR_GROUPS: int
+POUR_SLACK_PERCENT: int
 
 class Engine:
     # Read-only counters (assigning one raises AttributeError), except mem_limit_pages.
