@@ -152,9 +152,10 @@ class EnginesMachine(RuleBasedStateMachine):
         assert sizes == [len(self.model.pop(h)) for h in victims]
         self.freed.extend(victims)
 
-    @rule(n=st.integers(0, 80))
-    def compact_step(self, n: int) -> None:
-        self.both(lambda p: p.compact_step(n))
+    @rule(n=st.integers(0, 80), pour=st.booleans())
+    def compact_step(self, n: int, pour: bool) -> None:
+        assert self.both(lambda p: p.can_compact(pour)) is not None
+        self.both(lambda p: p.compact_step(n, pour))
 
     @rule()
     def compact(self) -> None:

@@ -7,7 +7,9 @@ the task yields: each step is one synchronous call, and the pool is consistent b
 
 It wakes when the filesystem says space was freed (unlink, truncate, overwrite); if the pool
 could give back at least `min_pages` pages, it compacts until nothing whole is left to reclaim
-(compact_step finds nothing to move), as one zs_compact() pass would.
+(compact_step finds nothing to move), as one zs_compact() pass would, and then pours what
+the kernel's pass leaves (each class's last partly used zspages) into larger classes; a pass
+that starts while requests keep coming does only the kernel's part.
 """
 
 from __future__ import annotations
@@ -100,9 +102,16 @@ class Compactor:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            await self._settle()
-            if self.pool.can_compact() >= self.threshold():
-                await self._compact()
+            # A pass while requests keep coming does only the kernel's part: what pouring
+            # would move up into larger classes then, the next frees would mostly empty again,
+            # and each pour leaves its objects in slots larger than they are (measured in
+            # process, 150 MiB, 75 % deleted: 1.021 mem/compr with pouring in every pass, 1.018
+            # with pouring only once the requests pause).
+            pour = not await self._settle()
+            if self.pool.can_compact(pour) >= self.threshold():
+                await self._compact(pour)
+            if not pour:
+                self._wakeup.set()  # look again once the requests pause, to pour
             else:
                 self.pool.trim()  # no pass needed, but the frames kept warm go back
             if self.pool.objects == 0:
@@ -112,8 +121,9 @@ class Compactor:
                 # so a loop that empties and refills the pool pays it at most ~50 times a second.
                 self.release_heap()
 
-    async def _settle(self) -> None:
-        """Wait until requests pause for SETTLE_SECONDS, or until a busy pass is due.
+    async def _settle(self) -> bool:
+        """Wait until requests pause for SETTLE_SECONDS (False), or until a busy pass is due
+        (True).
 
         A burst of frees (an rm -rf, random overwrites) is better looked at once, after it:
         the look sums over every size class, and later frees empty the same zspages further.
@@ -122,8 +132,10 @@ class Compactor:
         while True:
             seen = self.activity()
             await trio.sleep(SETTLE_SECONDS)
-            if self.activity() == seen or self.pool.can_compact() >= self.threshold(busy=True):
-                return
+            if self.activity() == seen:
+                return False
+            if self.pool.can_compact(pour=False) >= self.threshold(busy=True):
+                return True
 
     def threshold(self, busy: bool = False) -> int:
         """Reclaimable pages that make a background pass worth it: min_pages, or 1% of the
@@ -145,7 +157,7 @@ class Compactor:
             await trio.sleep(REST_SECONDS)
         self._seen_activity = self.activity()
 
-    async def _compact(self) -> int:
+    async def _compact(self, pour: bool = True) -> int:
         async with self._lock:
             self._runs += 1
             pool = self.pool
@@ -156,7 +168,7 @@ class Compactor:
                 started = time.perf_counter()
                 slice_end = started + SLICE_SECONDS
                 while True:
-                    moved = pool.compact_step(self.batch)
+                    moved = pool.compact_step(self.batch, pour)
                     self._moved += moved
                     now = time.perf_counter()
                     if moved == 0 or now >= slice_end:

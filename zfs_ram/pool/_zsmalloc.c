@@ -1135,7 +1135,7 @@ pour(Engine *e, zclass *c, int64_t budget, int64_t *moved, zerr *err)
 /* One bounded slice of zs_compact(): classes from the largest down, each drained while
  * zs_can_compact() says a whole zspage could be freed; a cursor remembers where it stopped. */
 static int
-compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
+compact_step(Engine *e, int64_t max_objects, int pour_too, int64_t *out, zerr *err)
 {
     int64_t moved = 0;
     int rc = 0;
@@ -1166,7 +1166,7 @@ compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
             rc = migrate(e, c, src, dst, max_objects - moved, &k, err);
             moved += k;
         }
-        if (rc == 0 && moved < max_objects && !e->settled && c->zspages) {
+        if (rc == 0 && pour_too && moved < max_objects && !e->settled && c->zspages) {
             int64_t k;
             rc = pour(e, c, max_objects - moved, &k, err);
             moved += k;
@@ -1179,7 +1179,7 @@ compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
     }
     e->compact_cursor = i;
     e->objects_moved += moved;
-    if (rc == 0 && moved == 0)
+    if (rc == 0 && moved == 0 && pour_too)
         e->settled = 1;
     *out = moved;
     return rc;
@@ -1188,14 +1188,15 @@ compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
 /* zsmalloc.py's can_compact(): per class the kernel's count, or until settled the residue
  * estimate if more, summed in bytes. */
 static int64_t
-can_compact(const Engine *e)
+can_compact(const Engine *e, int pour_too)
 {
     int64_t total = 0;
+    int settled = e->settled || !pour_too;
     for (uint32_t i = 0; i < e->ncompact; i++) {
         const zclass *c = &e->classes[e->compact_order[i]];
         int64_t n = c->objs;
         int64_t kernel = class_can_compact(c) << PAGE_SHIFT;
-        if (!e->settled) {
+        if (!settled) {
             /* frames_used - obj_used * pages / objs frames, in bytes (rounded down) */
             int64_t num = (c->frames_used * n - c->obj_used * (int64_t)c->pages) << PAGE_SHIFT;
             int64_t residue = num >= 0 ? num / n : -((-num + n - 1) / n);
@@ -1834,20 +1835,28 @@ out:
 /* -- methods: compaction ------------------------------------------------------------- */
 
 static PyObject *
-Engine_can_compact(Engine *e, PyObject *Py_UNUSED(ignored))
+Engine_can_compact(Engine *e, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"pour", NULL};
+    int pour_too = 1;
     if (!e->ready) { /* a closed pool answers 0, so that statistics() still work */
         PyErr_SetString(PyExc_RuntimeError, "zsmalloc engine not initialised");
         return NULL;
     }
-    return PyLong_FromLongLong(can_compact(e));
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:can_compact", kwlist, &pour_too))
+        return NULL;
+    return PyLong_FromLongLong(can_compact(e, pour_too));
 }
 
 static PyObject *
-Engine_compact_step(Engine *e, PyObject *args)
+Engine_compact_step(Engine *e, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"max_objects", "pour", NULL};
     long long max_objects = 64;
-    if (enter(e) < 0 || !PyArg_ParseTuple(args, "|L:compact_step", &max_objects))
+    int pour_too = 1;
+    if (enter(e) < 0 ||
+        !PyArg_ParseTupleAndKeywords(args, kwds, "|Lp:compact_step", kwlist, &max_objects,
+                                     &pour_too))
         return NULL;
     int64_t moved;
     zerr err;
@@ -1855,7 +1864,7 @@ Engine_compact_step(Engine *e, PyObject *args)
     e->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     arena_defer(&e->arena);
-    rc = compact_step(e, max_objects, &moved, &err);
+    rc = compact_step(e, max_objects, pour_too, &moved, &err);
     arena_undefer(&e->arena);
     Py_END_ALLOW_THREADS
     e->busy = 0;
@@ -1875,7 +1884,7 @@ Engine_compact(Engine *e, PyObject *Py_UNUSED(ignored))
     e->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     arena_defer(&e->arena);
-    while ((rc = compact_step(e, COMPACT_SLICE, &moved, &err)) == 0 && moved)
+    while ((rc = compact_step(e, COMPACT_SLICE, 1, &moved, &err)) == 0 && moved)
         ;
     if (rc == 0)
         arena_trim(&e->arena);
@@ -2265,8 +2274,10 @@ static PyMethodDef Engine_methods[] = {
     {"store_many", (PyCFunction)Engine_store_many, METH_VARARGS,
      "store the objects laid back to back in blob; the handles of a prefix"},
     {"free_many", (PyCFunction)Engine_free_many, METH_O, "free() each handle; their sizes"},
-    {"can_compact", (PyCFunction)Engine_can_compact, METH_NOARGS, "frames compaction could free"},
-    {"compact_step", (PyCFunction)Engine_compact_step, METH_VARARGS,
+    {"can_compact", (PyCFunction)(void (*)(void))Engine_can_compact,
+     METH_VARARGS | METH_KEYWORDS, "frames compaction could free"},
+    {"compact_step", (PyCFunction)(void (*)(void))Engine_compact_step,
+     METH_VARARGS | METH_KEYWORDS,
      "move at most max_objects objects; how many moved"},
     {"compact", (PyCFunction)Engine_compact, METH_NOARGS, "compact to completion; frames freed"},
     {"trim", (PyCFunction)Engine_trim, METH_NOARGS, "give the warm frames back to the OS"},

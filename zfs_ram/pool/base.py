@@ -200,12 +200,15 @@ class Pool(ABC):
         """Free object `h` and return its size (callers that count bytes need no second
         lookup); the handle becomes invalid (and may be reissued later)."""
 
-    def can_compact(self) -> int:
-        """Frames compaction could free now."""
+    def can_compact(self, pour: bool = True) -> int:
+        """Frames compaction could free now (`pour`: counting what compact_step(pour=True)
+        adds to the kernel's pass; see zsmalloc.py)."""
         return 0
 
-    def compact_step(self, max_objects: int = 64) -> int:
-        """Move at most `max_objects` objects; return how many moved (0 = nothing left)."""
+    def compact_step(self, max_objects: int = 64, pour: bool = True) -> int:
+        """Move at most `max_objects` objects; return how many moved (0 = nothing left).
+        `pour=False` does only what the kernel's compaction does (the compactor's passes while
+        requests keep coming: what it would pour then is often freed by the next ones)."""
         return 0
 
     def compact(self) -> int:

@@ -567,14 +567,15 @@ class ZsmallocPool(Pool):
 
     # -- compaction ---------------------------------------------------------------------------
 
-    def can_compact(self) -> int:
+    def can_compact(self, pour: bool = True) -> int:
         """Frames compaction could free now: per class, the kernel's zs_can_compact() (whole
         zspages' worth of free slots, times pages_per_zspage), or, until a pass has settled
         the pool, the bytes of frames the class holds beyond a dense packing of its objects if
         that is more (what pouring and trimming might give back: an estimate, which the
         compactor's threshold reads). With lazily made frames both are upper bounds. After a
-        compact_step() that returned 0 it is 0: that step settled the pool."""
-        settled = self._settled
+        compact_step() that returned 0 it is 0: that step settled the pool. `pour=False`:
+        the kernel's count only, what compact_step(pour=False) works towards."""
+        settled = self._settled or not pour
         total = 0
         for c in self._compact_order:
             n = c.objs
@@ -587,7 +588,7 @@ class ZsmallocPool(Pool):
             total += kernel
         return total >> 12
 
-    def compact_step(self, max_objects: int = 64) -> int:
+    def compact_step(self, max_objects: int = 64, pour: bool = True) -> int:
         """One bounded slice of compaction: classes from the largest down, each first drained
         as zs_compact() does (while zs_can_compact() says a whole zspage could be freed), then
         its sparse remainder poured into larger classes (_pour), unless the pool is settled.
@@ -595,7 +596,8 @@ class ZsmallocPool(Pool):
         A cursor remembers the class the last slice stopped in, so that many small slices cost
         no more than one big one (the background compactor takes slices of a few objects). A
         slice that goes round every class and moves nothing settles the pool: the residue is
-        left alone until the next free."""
+        left alone until the next free or new zspage. With `pour=False` only the kernel's
+        pass runs, and nothing is settled."""
         if max_objects <= 0:
             return 0
         moved = 0
@@ -615,7 +617,7 @@ class ZsmallocPool(Pool):
                 if dst < 0:  # cannot happen while the invariants hold
                     raise PoolCorruptionError(f"class {c.size}: can_compact>0, one partial zspage")
                 moved += self._migrate(c, src, dst, max_objects - moved)
-            if moved < max_objects and not self._settled and c.zspages:
+            if pour and moved < max_objects and not self._settled and c.zspages:
                 moved += self._pour(c, max_objects - moved)
             if moved >= max_objects:
                 break
@@ -624,7 +626,7 @@ class ZsmallocPool(Pool):
                 break
         self._compact_cursor = i
         self.objects_moved += moved
-        if moved == 0:
+        if moved == 0 and pour:
             self._settled = True
         return moved
 
