@@ -11,7 +11,13 @@ import random
 import trio
 import trio.testing
 
-from zfs_ram.daemon.compactor import BUSY_SHARE_DIVISOR, REST_SECONDS, SETTLE_SECONDS, Compactor
+from zfs_ram.daemon.compactor import (
+    BUSY_SHARE_DIVISOR,
+    HEAP_RELEASE_BYTES,
+    REST_SECONDS,
+    SETTLE_SECONDS,
+    Compactor,
+)
 from zfs_ram.pool import Pool, ZsmallocPool, create_pool
 from zfs_ram.pool.native import NativeZsmallocPool
 from zfs_ram.pool.zsmalloc import obj_to_location
@@ -142,3 +148,30 @@ def test_an_emptied_pool_gets_the_c_heap_trimmed_once_things_are_quiet() -> None
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert trims == [0]
     pool.check()
+
+
+def test_a_pass_that_packs_the_tables_has_the_c_heap_trimmed() -> None:
+    """A delete of most objects, the survivors among the oldest: the settled pass packs the
+    handle table (40k entries to 1k) and the zspage arrays, and the C heap is trimmed after
+    it, while objects live."""
+    pool = create_pool("zsmalloc")
+    handles = [pool.store(bytes([i % 251]) * 300) for i in range(40000)]
+    trims: list[int] = []
+    compactor = Compactor(
+        pool, auto=True, min_pages=1, batch=64, release_heap=lambda: trims.append(pool.objects)
+    )
+    peak = pool.metadata_bytes()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(compactor.run)
+            for handle in handles[1000:]:
+                pool.free(handle)
+            compactor.notify_freed()
+            await trio.sleep(20 * SETTLE_SECONDS)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    pool.check()
+    assert trims == [1000]
+    assert peak - pool.metadata_bytes() >= HEAP_RELEASE_BYTES

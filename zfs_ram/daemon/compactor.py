@@ -33,6 +33,10 @@ SLICE_SECONDS = 50e-6
 REST_SECONDS = 1e-3
 # After a wake-up, the background task waits this long before it looks at the pool.
 SETTLE_SECONDS = 20e-3
+# A pass that shrank the pool's tables by at least this much (they are packed once a pass
+# settles the pool) has the C heap trimmed after it: the shrunk arrays leave holes that glibc
+# gives back only to malloc_trim. Smaller gains are not worth the trim's walk of the heap.
+HEAP_RELEASE_BYTES = 256 * 1024
 # The background compactor leaves up to 1/POOL_SHARE_DIVISOR of the pool reclaimable.
 POOL_SHARE_DIVISOR = 100
 # While requests keep coming (no quiet SETTLE_SECONDS), it waits for 1/BUSY_SHARE_DIVISOR:
@@ -66,7 +70,8 @@ class Compactor:
         self.pool = pool
         self.activity = activity  # a counter of foreground requests: has anyone come by?
         # Gives the C heap's free pages back to the OS (malloc_trim): called when a look finds
-        # the pool empty, since an empty pool has dropped its tables (Pool._release_handle).
+        # the pool empty, since an empty pool has dropped its tables (Pool._release_handle),
+        # and after a pass that packed the tables by HEAP_RELEASE_BYTES or more.
         self.release_heap = release_heap
         self.auto = auto
         self.min_pages = max(1, min_pages)
@@ -162,6 +167,7 @@ class Compactor:
             self._runs += 1
             pool = self.pool
             before = pool.pages_compacted  # a counter: statistics() would walk everything
+            tables = pool.metadata_bytes()
             moved = 1
             while moved:
                 # One slice: small steps until SLICE_SECONDS are used, then let requests in.
@@ -178,5 +184,7 @@ class Compactor:
                     await self._give_way()
             freed = pool.pages_compacted - before
             pool.trim()  # the frames kept warm for reuse go back to the OS too
+            if tables - pool.metadata_bytes() >= HEAP_RELEASE_BYTES:
+                self.release_heap()
             self._freed += freed
             return freed

@@ -64,6 +64,9 @@
 #define COMPACT_SLICE (1 << 16)
 /* zsmalloc.py's POUR_SLACK_PERCENT: a poured object's class is at most this much larger. */
 #define POUR_SLACK_PERCENT 100
+/* base.py's TABLE_SLACK_DIVISOR and TABLE_MIN_FREE_HANDLES: when the tables are packed. */
+#define TABLE_SLACK_DIVISOR 4
+#define TABLE_MIN_FREE_HANDLES 64
 
 /* -- errors ---------------------------------------------------------------------------- */
 
@@ -1132,6 +1135,117 @@ pour(Engine *e, zclass *c, int64_t budget, int64_t *moved, zerr *err)
     return rc;
 }
 
+/* -- packing the tables (base.py's pack_handle_table, zsmalloc_pour.py's pack_zspages) ---- */
+
+/* Shrink an array to n elements of `size` bytes; if realloc refuses, the larger one stays. */
+static void
+shrink(void **p, size_t n, size_t size)
+{
+    void *q = realloc(*p, (n ? n : 1) * size);
+    if (q != NULL)
+        *p = q;
+}
+
+/* Cut the handle table's free tail and chain its free handles lowest first. */
+static void
+pack_handles(Engine *e)
+{
+    size_t free_handles = e->hlen - 1 - (size_t)e->objects;
+    if (free_handles < TABLE_MIN_FREE_HANDLES || free_handles * TABLE_SLACK_DIVISOR < e->hlen)
+        return;
+    size_t top = e->hlen - 1;
+    while (top > 0 && !(e->hloc[top] & LIVE))
+        top--;
+    uint64_t head = 0;
+    for (size_t h = top; h-- > 1;) {
+        if (!(e->hloc[h] & LIVE)) {
+            e->hloc[h] = head << 1;
+            head = h;
+        }
+    }
+    e->hlen = top + 1;
+    e->hfree = head;
+    size_t cap = e->hlen < 16 ? 16 : e->hlen;
+    uint64_t *q = realloc(e->hloc, cap * sizeof(uint64_t));
+    if (q != NULL) {
+        e->hloc = q;
+        e->hcap = cap;
+    }
+}
+
+/* Move live zspage z of class c to the free number t (zsmalloc_pour.py's renumber). */
+static void
+renumber(Engine *e, zclass *c, int32_t z, int32_t t)
+{
+    size_t p = c->pages, n = c->objs;
+    memcpy(c->frames + (size_t)t * p, c->frames + (size_t)z * p, p * sizeof(uint32_t));
+    memcpy(c->slots + (size_t)t * n, c->slots + (size_t)z * n, n * sizeof(uint32_t));
+    c->inuse[t] = c->inuse[z];
+    c->freeobj[t] = c->freeobj[z];
+    uint8_t g = c->group[z];
+    c->group[t] = g;
+    int32_t before = c->prev[z], after = c->next[z];
+    c->prev[t] = before;
+    c->next[t] = after;
+    if (before >= 0)
+        c->next[before] = t;
+    else
+        c->heads[g] = t;
+    if (after >= 0)
+        c->prev[after] = t;
+    c->group[z] = UNUSED;
+    const uint64_t keep = ((uint64_t)1 << ZS_SHIFT) - 1;
+    const uint32_t *sl = c->slots + (size_t)t * n;
+    for (size_t s = 0; s < n; s++) {
+        if (sl[s] & LIVE) {
+            uint64_t h = sl[s] >> 1;
+            if (h < e->hlen)
+                e->hloc[h] = (e->hloc[h] & keep) | (uint64_t)t << ZS_SHIFT;
+        }
+    }
+}
+
+static int
+cmp_i32(const void *x, const void *y)
+{
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* Renumber c's live zspages into its lowest numbers and cut its arrays to them. */
+static void
+pack_zspages(Engine *e, zclass *c)
+{
+    if (c->nfree_zs == 0 || c->nfree_zs * TABLE_SLACK_DIVISOR < c->nz)
+        return;
+    qsort(c->free_zs, c->nfree_zs, sizeof(int32_t), cmp_i32);
+    size_t lo = 0;
+    int64_t top = (int64_t)c->nz - 1;
+    while (lo < c->nfree_zs && c->free_zs[lo] < top) {
+        if (c->group[top] == UNUSED) {
+            top--;
+            continue;
+        }
+        renumber(e, c, (int32_t)top, c->free_zs[lo]);
+        lo++;
+        top--;
+    }
+    while (top >= 0 && c->group[top] == UNUSED)
+        top--;
+    size_t nz = (size_t)(top + 1);
+    c->nz = nz;
+    c->nfree_zs = 0;
+    shrink((void **)&c->frames, nz * c->pages, sizeof(uint32_t));
+    shrink((void **)&c->slots, nz * c->objs, sizeof(uint32_t));
+    shrink((void **)&c->inuse, nz, sizeof(uint16_t));
+    shrink((void **)&c->freeobj, nz, sizeof(int16_t));
+    shrink((void **)&c->group, nz, sizeof(uint8_t));
+    shrink((void **)&c->prev, nz, sizeof(int32_t));
+    shrink((void **)&c->next, nz, sizeof(int32_t));
+    shrink((void **)&c->free_zs, nz, sizeof(int32_t));
+    c->zcap = nz; /* every array holds at least nz: a refused shrink left a larger one */
+}
+
 /* One bounded slice of zs_compact(): classes from the largest down, each drained while
  * zs_can_compact() says a whole zspage could be freed; a cursor remembers where it stopped. */
 static int
@@ -1179,8 +1293,13 @@ compact_step(Engine *e, int64_t max_objects, int pour_too, int64_t *out, zerr *e
     }
     e->compact_cursor = i;
     e->objects_moved += moved;
-    if (rc == 0 && moved == 0 && pour_too)
+    if (rc == 0 && moved == 0 && pour_too && !e->settled) {
         e->settled = 1;
+        /* Settled: the tables' free tails can go. */
+        for (uint32_t k = 0; k < e->ncompact; k++)
+            pack_zspages(e, &e->classes[e->compact_order[k]]);
+        pack_handles(e);
+    }
     *out = moved;
     return rc;
 }

@@ -598,6 +598,9 @@ class ZsmallocPool(Pool):
         slice that goes round every class and moves nothing settles the pool: the residue is
         left alone until the next free or new zspage. With `pour=False` only the kernel's
         pass runs, and nothing is settled."""
+        from .zsmalloc_pour import pack_zspages
+        from .zsmalloc_pour import pour as pour_class
+
         if max_objects <= 0:
             return 0
         moved = 0
@@ -618,7 +621,7 @@ class ZsmallocPool(Pool):
                     raise PoolCorruptionError(f"class {c.size}: can_compact>0, one partial zspage")
                 moved += self._migrate(c, src, dst, max_objects - moved)
             if pour and moved < max_objects and not self._settled and c.zspages:
-                moved += self._pour(c, max_objects - moved)
+                moved += pour_class(self, c, max_objects - moved)
             if moved >= max_objects:
                 break
             i = i + 1 if i + 1 < len(order) else 0
@@ -626,9 +629,15 @@ class ZsmallocPool(Pool):
                 break
         self._compact_cursor = i
         self.objects_moved += moved
-        if moved == 0 and pour:
+        if moved == 0 and pour and not self._settled:
             self._settled = True
+            # Settled: the tables' free tails can go (pack_zspages, pack_handle_table).
+            for c in order:
+                pack_zspages(self, c)
+            self.pack_handle_table()
         return moved
+
+    # Pouring and packing (what userspace adds to compaction) live in zsmalloc_pour.py.
 
     def _credit(self, freed: int) -> None:
         """Count frames compaction freed in pages_compacted, net of those it made."""
@@ -675,130 +684,6 @@ class ZsmallocPool(Pool):
         else:
             c.fix_fullness_group(src)
         return moved
-
-    # -- pouring: what userspace adds to compaction --------------------------------------------
-    #
-    # Once a class has no whole zspage's worth of free slots, the kernel stops: its last partly
-    # used zspages stay, up to pages_per_zspage frames each, in every class. Here the objects of
-    # a class's emptiest zspage are poured, in slot order, into free slots of larger classes
-    # whose frames are already made (so a move never costs a frame), nearest class first and at
-    # most POUR_SLACK_PERCENT larger than the object; the handle word names the new class and
-    # keeps the object's size, so its size may be below its class's. A zspage poured empty is
-    # freed; then every partly used zspage of the class gives back the frames no live slot
-    # reaches into (_trim). Objects only ever move up, so pouring ends.
-
-    def _pour(self, c: _Class, budget: int) -> int:
-        """Pour class c's emptiest zspages into larger classes until no object finds a place or
-        the budget is spent; then trim c's partly used zspages. Returns the objects moved."""
-        n = c.objs
-        hloc = self.hloc
-        moved = 0
-        nbytes = 0
-        src = -1
-        s = 0
-        while moved < budget:
-            part = c.mask & _PARTIAL
-            if not part:
-                break
-            z = c.heads[(part & -part).bit_length() - 1]
-            if z != src:
-                src, s = z, 0
-            slots = c.slots
-            while not slots[src * n + s] & LIVE:
-                s += 1
-            sw = slots[src * n + s]
-            h = sw >> 1
-            w = hloc[h]
-            size = obj_size(w)
-            target = self._pour_target(c, size)
-            if target is None:
-                break
-            d, dz, ds, prev = target
-            data = self._get(w)
-            dslots = d.slots
-            di = dz * d.objs
-            link = dslots[di + ds]  # take slot ds off dz's free list
-            if prev < 0:
-                d.freeobj[dz] = (link >> 1) - 1
-            else:
-                dslots[di + prev] = link
-            dslots[di + ds] = sw
-            d.inuse[dz] += 1
-            d.obj_used += 1
-            d.fix_fullness_group(dz)
-            nw = location_to_obj(dz, ds, d.cid, size)
-            self._put(nw, data, size)
-            hloc[h] = nw  # the handle now names the new location: the move is complete
-            slots[src * n + s] = (c.freeobj[src] + 1) << 1
-            c.freeobj[src] = s
-            c.inuse[src] -= 1
-            c.obj_used -= 1
-            moved += 1
-            nbytes += size
-            s += 1
-            if c.inuse[src] == 0:
-                self._credit(self._free_zspage(c, src))
-                src = -1
-            else:
-                c.fix_fullness_group(src)
-        self.bytes_moved += nbytes
-        if c.zspages:
-            self._trim(c)
-        return moved
-
-    def _pour_target(self, c: _Class, size: int) -> tuple[_Class, int, int, int] | None:
-        """Where an object of `size` bytes from class c may go: (class, zspage, slot, the slot
-        before it on the free list or -1), in the nearest larger class within the slack bound,
-        its fullest partly used zspage first, the first free slot whose frames are made."""
-        limit = size * (100 + POUR_SLACK_PERCENT) // 100
-        classes = self._classes
-        for cid in range(c.cid - 1, HUGE_CID, -1):
-            d = classes[cid]
-            if d.size > limit:
-                break
-            part = d.mask & _PARTIAL
-            while part:
-                g = part.bit_length() - 1
-                part ^= 1 << g
-                z = d.heads[g]
-                while z >= 0:
-                    prev = -1
-                    s = d.freeobj[z]
-                    while s >= 0:
-                        if not self._missing_frames(d, z, s):
-                            return d, z, s, prev
-                        prev = s
-                        s = (d.slots[z * d.objs + s] >> 1) - 1
-                    z = d.next[z]
-        return None
-
-    def _trim(self, c: _Class) -> None:
-        """Give back every frame of c's partly used zspages that no live slot reaches into
-        (groups from the emptiest, each list from its head, frames in chain order). A later
-        allocation into a slot there makes the frame again, as for a fresh zspage."""
-        n, p, size = c.objs, c.pages, c.size
-        slots, frames = c.slots, c.frames
-        free = self.arena.free
-        freed = 0
-        for g in range(1, FULL_GROUP):
-            z = c.heads[g]
-            while z >= 0:
-                for k in range(p):
-                    f = frames[z * p + k]
-                    if f == NOFRAME:
-                        continue
-                    lo = (k << 12) // size
-                    hi = min((((k + 1) << 12) - 1) // size, n - 1)
-                    base = z * n
-                    if not any(slots[base + s] & LIVE for s in range(lo, hi + 1)):
-                        frames[z * p + k] = NOFRAME
-                        free(f)
-                        freed += 1
-                z = c.next[z]
-        if freed:
-            c.frames_used -= freed
-            self.pages_used -= freed
-            self._credit(freed)
 
     # -- statistics ---------------------------------------------------------------------------
 
