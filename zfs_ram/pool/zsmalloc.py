@@ -13,6 +13,10 @@ What differs, because userspace allows it:
     so requests are not inflated and the huge watermark is 3633 instead of 3625.
   * Huge objects (>= huge_class_size) have no zspage at all: the handle names its frame.
   * Compaction is incremental (`compact_step(max_objects)`) so an async caller can yield.
+  * After the kernel's pass, compaction pours each class's last partly used zspages into free
+    slots of larger classes and trims frames no live slot reaches into (zsmalloc_pour.py), so
+    an object may live in a class up to POUR_SLACK_PERCENT larger than its own; once a pass
+    settles the pool, the tables are packed (zspages renumbered low, handle table cut).
   * Every byte of bookkeeping is in packed arrays, measured by metadata_bytes().
   * Frames are made lazily: a zspage gets its k-th frame only when a slot first reaches into it,
     so the one partly filled zspage per class holds only the frames it uses (the kernel
@@ -35,7 +39,8 @@ Invariants (all verified by check()):
     heads[group_of[inuse]]; `mask` has bit g set iff heads[g] != -1. A zspage whose inuse drops
     to 0 is freed at once, its frames given back to the OS.
   * Slot s of zspage L is allocated iff its word has bit 0; then hloc[handle] decodes to
-    (class, L, s) and the object's size belongs to this class. The free slots form one acyclic
+    (class, L, s) and the object's size belongs to this class, or the class is at most
+    POUR_SLACK_PERCENT larger than the object (it was poured there). The free slots form one acyclic
     list from freeobj[L] of length objs - inuse.
   * Every frame is owned by exactly one live zspage, one huge object, or the arena's free list;
     pages_used counts the owned ones. The frames an allocated slot spans are never NOFRAME.
