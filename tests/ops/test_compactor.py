@@ -11,26 +11,45 @@ import random
 import trio
 import trio.testing
 
-from zfs_ram.daemon.compactor import BUSY_SHARE_DIVISOR, REST_SECONDS, SETTLE_SECONDS, Compactor
-from zfs_ram.pool import create_pool
+from zfs_ram.daemon.compactor import (
+    BUSY_SHARE_DIVISOR,
+    HEAP_RELEASE_BYTES,
+    REST_SECONDS,
+    SETTLE_SECONDS,
+    Compactor,
+)
+from zfs_ram.pool import Pool, ZsmallocPool, create_pool
+from zfs_ram.pool.native import NativeZsmallocPool
+from zfs_ram.pool.zsmalloc import obj_to_location
 
 OBJECTS = 4000  # of 1000 bytes: a pool of 1000 pages, so 1% = 10 pages
 BUSY_PAGES = 1000 // BUSY_SHARE_DIVISOR
 
 
-def fragmented_pool(freed_share: float):  # type: ignore[no-untyped-def]
+def fragmented_pool(freed_share: float, sizes: tuple[int, ...] = (1000,)):  # type: ignore[no-untyped-def]
     pool = create_pool("zsmalloc")
     rng = random.Random(1)
-    handles = [pool.store(bytes([i % 251]) * 1000) for i in range(OBJECTS)]
+    handles = [pool.store(bytes([i % 251]) * sizes[i % len(sizes)]) for i in range(OBJECTS)]
     for handle in rng.sample(handles, int(OBJECTS * freed_share)):
         pool.free(handle)
     return pool
 
 
-def run_with_traffic(freed_share: float, busy_seconds: float) -> tuple[int, int, int]:
+def poured(pool: Pool) -> int:
+    """Objects that live in a larger class than their own (compaction poured them up)."""
+    lay = pool.mirror() if isinstance(pool, NativeZsmallocPool) else pool
+    assert isinstance(lay, ZsmallocPool)
+    locations = [obj_to_location(w) for w in lay.hloc if w & 1]
+    return sum(1 for cid, _, _, size in locations if cid not in (0, lay._cid_of_size[size]))
+
+
+def run_with_traffic(
+    freed_share: float, busy_seconds: float, sizes: tuple[int, ...] = (1000,)
+) -> dict[str, int]:
     """Requests every REST_SECONDS for busy_seconds, then quiet: reclaimable pages when the
-    traffic stops, passes run by then, and reclaimable pages at the end."""
-    pool = fragmented_pool(freed_share)
+    traffic stops (the kernel's count, and with the residue pouring may take), passes run by
+    then, and reclaimable pages at the end."""
+    pool = fragmented_pool(freed_share, sizes)
     requests = 0
     compactor = Compactor(pool, auto=True, min_pages=1, batch=4, activity=lambda: requests)
     seen: dict[str, int] = {}
@@ -44,31 +63,42 @@ def run_with_traffic(freed_share: float, busy_seconds: float) -> tuple[int, int,
             while trio.current_time() < deadline:
                 requests += 1
                 await trio.sleep(REST_SECONDS)
-            seen["reclaimable"] = pool.can_compact()
+            seen["reclaimable"] = pool.can_compact(pour=False)
+            seen["poured"] = poured(pool)
             seen["runs"] = compactor.statistics().runs
             await trio.sleep(10 * SETTLE_SECONDS)
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     pool.check()
-    return seen["reclaimable"], seen["runs"], pool.can_compact()
+    seen["after"] = pool.can_compact()
+    seen["poured_after"] = poured(pool)
+    return seen
 
 
 def test_traffic_defers_a_small_pass_until_quiet() -> None:
-    reclaimable, runs, after = run_with_traffic(0.03, busy_seconds=1.0)
-    assert runs == 0 and 25 <= reclaimable < BUSY_PAGES  # above 1%, below the busy share
-    assert after == 0  # the pass came once the requests stopped
+    seen = run_with_traffic(0.03, busy_seconds=1.0)
+    assert seen["runs"] == 0 and 25 <= seen["reclaimable"] < BUSY_PAGES  # > 1%, < busy share
+    assert seen["after"] == 0  # the pass came once the requests stopped
 
 
 def test_a_large_share_is_compacted_under_traffic() -> None:
-    reclaimable, runs, after = run_with_traffic(2 / BUSY_SHARE_DIVISOR, busy_seconds=1.0)
-    assert runs >= 1 and reclaimable < BUSY_PAGES  # brought under it while requests came
-    assert after == 0
+    seen = run_with_traffic(2 / BUSY_SHARE_DIVISOR, busy_seconds=1.0)
+    assert seen["runs"] >= 1 and seen["reclaimable"] < BUSY_PAGES  # brought under it
+    assert seen["after"] == 0
+
+
+def test_passes_under_traffic_pour_nothing_the_quiet_one_pours() -> None:
+    """The passes while requests come do the kernel's part only; the residue (each class's
+    last partly used zspages) is poured into the larger class once requests pause."""
+    seen = run_with_traffic(0.3, busy_seconds=1.0, sizes=(900, 1500))
+    assert seen["runs"] >= 1 and seen["poured"] == 0
+    assert seen["poured_after"] > 0 and seen["after"] == 0
 
 
 def test_quiet_pool_compacts_a_small_share() -> None:
-    reclaimable, runs, after = run_with_traffic(0.03, busy_seconds=0.0)
-    assert after == 0
+    seen = run_with_traffic(0.03, busy_seconds=0.0)
+    assert seen["after"] == 0
 
 
 def test_warm_frames_go_back_after_a_burst_of_frees() -> None:
@@ -118,3 +148,30 @@ def test_an_emptied_pool_gets_the_c_heap_trimmed_once_things_are_quiet() -> None
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert trims == [0]
     pool.check()
+
+
+def test_a_pass_that_packs_the_tables_has_the_c_heap_trimmed() -> None:
+    """A delete of most objects, the survivors among the oldest: the settled pass packs the
+    handle table (40k entries to 1k) and the zspage arrays, and the C heap is trimmed after
+    it, while objects live."""
+    pool = create_pool("zsmalloc")
+    handles = [pool.store(bytes([i % 251]) * 300) for i in range(40000)]
+    trims: list[int] = []
+    compactor = Compactor(
+        pool, auto=True, min_pages=1, batch=64, release_heap=lambda: trims.append(pool.objects)
+    )
+    peak = pool.metadata_bytes()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(compactor.run)
+            for handle in handles[1000:]:
+                pool.free(handle)
+            compactor.notify_freed()
+            await trio.sleep(20 * SETTLE_SECONDS)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    pool.check()
+    assert trims == [1000]
+    assert peak - pool.metadata_bytes() >= HEAP_RELEASE_BYTES

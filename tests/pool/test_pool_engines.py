@@ -1,7 +1,8 @@
 """The compiled zsmalloc engine against the pure-Python reference: same random steps, same
 results. After every step both pools must hold the same objects (bytes and sizes), have issued
 the same handles, report the same statistics field by field and the same class table, lay their
-tables out identically, and pass check(). A step one engine refuses the other must refuse with
+tables out identically (so the same objects poured into the same slots of larger classes, the
+same frames trimmed), and pass check(). A step one engine refuses the other must refuse with
 the same error, and neither may change.
 """
 
@@ -99,6 +100,20 @@ class EnginesMachine(RuleBasedStateMachine):
         """Many objects of one class: several zspages, so placement and compaction choose."""
         self.store_many([size] * count, seed)
 
+    @rule(
+        low=st.integers(20, 2400),
+        count=st.integers(10, 150),
+        share=st.floats(0.5, 0.95),
+        seed=st.integers(0, 2**16),
+    )
+    def scatter_and_free(self, low: int, count: int, share: float, seed: int) -> None:
+        """Objects over a few neighbouring classes, then most of them freed: partly used
+        zspages in every class, which compaction pours up into the larger ones and trims."""
+        rng = random.Random(seed)
+        sizes = [rng.randint(low, low * 3 // 2) for _ in range(count)]
+        self.store_many(sizes, seed)
+        self.free_many(share, seed + 1, False)
+
     @rule(size=SIZES, seed=st.integers(0, 2**16), head=st.integers(0, PAGE_SIZE))
     def malloc_and_write(self, size: int, seed: int, head: int) -> None:
         h = self.both(lambda p: p.malloc(size))
@@ -137,9 +152,10 @@ class EnginesMachine(RuleBasedStateMachine):
         assert sizes == [len(self.model.pop(h)) for h in victims]
         self.freed.extend(victims)
 
-    @rule(n=st.integers(0, 80))
-    def compact_step(self, n: int) -> None:
-        self.both(lambda p: p.compact_step(n))
+    @rule(n=st.integers(0, 80), pour=st.booleans())
+    def compact_step(self, n: int, pour: bool) -> None:
+        assert self.both(lambda p: p.can_compact(pour)) is not None
+        self.both(lambda p: p.compact_step(n, pour))
 
     @rule()
     def compact(self) -> None:
@@ -188,6 +204,7 @@ class EnginesMachine(RuleBasedStateMachine):
         assert a.arena.frames_created == b.arena.frames_created
         assert a._compact_cursor == b._compact_cursor
         assert a._compaction_debt == b._compaction_debt
+        assert a._settled == b._settled
         for ca, cb in zip(a._classes, b._classes, strict=True):
             for name in ("inuse", "freeobj", "group", "prev", "next", "free_zs", "heads"):
                 assert getattr(ca, name) == getattr(cb, name), (ca.size, name)
@@ -252,7 +269,9 @@ def test_a_second_thread_is_refused_while_a_batch_runs_without_the_gil() -> None
                 refused += 1
         compactor.join()
         assert refused > 0
-        assert pool.statistics().freeable_pages == 0
+        # (a store that got in after the pass may have made a fresh zspage, which unsettles
+        # the pool's own estimate; the kernel's count per class is what the pass finished)
+        assert sum(row.freeable for row in pool.class_statistics()) == 0
         pool.check()
     finally:
         pool.close()

@@ -133,6 +133,41 @@ def test_an_emptied_pool_drops_its_tables_and_still_works(kind: str) -> None:
 
 
 @pytest.mark.parametrize("engine", ["python", "native"])
+def test_a_mass_delete_with_survivors_gives_the_tables_back(engine: str) -> None:
+    """Handles cannot be renumbered, but zspages can: once compaction has settled the pool
+    after a delete of 90 % (the survivors among the older half), the zspage arrays hold only
+    live zspages, the handle table ends at its highest live handle, and low handles are
+    reissued first, so that the table stays as short as the survivors allow."""
+    pool = make(engine)
+    try:
+        fresh = pool.metadata_bytes()
+        sizes = realistic_sizes(20000, 11)
+        handles = fill(pool, sizes, 12)
+        peak = pool.metadata_bytes()
+        rng = random.Random(13)
+        survivors = sorted(rng.sample(handles[:10000], 2000))  # of the older files
+        for handle in set(handles) - set(survivors):
+            pool.free(handle)
+        assert pool.metadata_bytes() >= peak - 64 * 1024  # freeing alone keeps the tables
+        pool.compact()
+        pool.check()
+        lay = layout(pool)
+        assert len(lay.hloc) == survivors[-1] + 1  # cut after the highest live handle
+        assert all(len(c.free_zs) == 0 for c in lay._classes)  # zspages renumbered low
+        assert sum(len(c.inuse) for c in lay._classes) == lay._zspages
+        after = pool.metadata_bytes()
+        assert after - fresh <= (peak - fresh) // 2, (fresh, peak, after)
+        # Low handles first: the next stores fill the lowest free numbers, in order.
+        live = set(survivors)
+        free_low = [h for h in range(1, survivors[-1]) if h not in live][:100]
+        assert [pool.store(b"x" * 300) for _ in range(100)] == free_low
+        assert all(pool.read(h) == b"x" * 300 for h in free_low)
+        pool.check()
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("engine", ["python", "native"])
 def test_rss_is_frames_in_use_plus_warm_after_batches_and_compaction(engine: str) -> None:
     """The batch calls and compaction may give freed frames back in one go at their end, but
     by the time they return, every frame not in use or warm has left the process."""

@@ -132,14 +132,17 @@ class PoolMachine(RuleBasedStateMachine):
     @rule()
     def compact(self) -> None:
         before = self.pool.statistics()
+        # The kernel's own count (per class, whole zspages of free slots) is a promise; the
+        # residue pouring adds to freeable_pages is an estimate that may find no place.
+        whole = sum(row.freeable for row in self.pool.class_statistics())
         freed = self.pool.compact()
         after = self.pool.statistics()
-        if before.freeable_pages:
+        if whole:
             assert after.objects_moved > before.objects_moved
-        assert after.pages_used == before.pages_used - freed
-        if before.freeable_pages:
             assert freed > 0
+        assert after.pages_used == before.pages_used - freed
         assert after.freeable_pages == 0
+        assert after.pages_used <= before.pages_used
 
     @precondition(lambda self: len(self.model) > 0)
     @rule(extra=st.integers(-2, 3))

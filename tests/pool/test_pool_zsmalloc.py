@@ -21,7 +21,7 @@ from zfs_ram.pool import (
 )
 from zfs_ram.pool.classes import NUM_CLASSES, chain_size, class_index
 from zfs_ram.pool.frames import WARM_FRAMES
-from zfs_ram.pool.zsmalloc import fullness_group
+from zfs_ram.pool.zsmalloc import NOFRAME, POUR_SLACK_PERCENT, fullness_group
 
 
 @pytest.fixture(params=ENGINES)
@@ -334,12 +334,20 @@ def test_compaction_frees_the_emptiest_zspages(pool: Pool) -> None:
     for h in hs[0:11] + hs[13:18] + hs[26:30]:  # A: 2 left, B: 8 left, C: 9 left
         pool.free(h)
         del keep[h]
-    assert pool.can_compact() == 5  # 20 free slots: one whole zspage's worth
-    assert class_row(pool, 1568).freeable == 5
+    assert class_row(pool, 1568).freeable == 5  # 20 free slots: one whole zspage's worth
+    # Until compaction settles the pool, its count is the larger of that and the frames held
+    # beyond a dense packing: 19 objects need 19 * 5 / 13 = 7.3 frames and hold 15.
+    assert pool.can_compact() == 7
     freed = pool.compact()
-    assert freed == 5
+    # The kernel's pass frees A (5 frames); then B, whose slots 0-4 are free, gives back its
+    # first frame, which no live slot reaches into (slot 2 starts in it and is free too).
+    assert freed == 6
     s = pool.statistics()
-    assert s.pages_compacted == 5 and s.objects_moved == 2 and s.pages_used == 10
+    assert s.pages_compacted == 6 and s.objects_moved == 2 and s.pages_used == 9
+    # Settled, the class's arrays are packed: C moved into A's number 0, B kept 1.
+    b = layout(pool)._classes[c.cid]
+    assert len(b.inuse) == 2 and list(b.inuse) == [11, 8]
+    assert [b.frames[5 * z] == NOFRAME for z in (1, 0)] == [True, False]
     assert s.bytes_moved == 2 * 1568 and s.freeable_pages == 0
     assert frames_of[0] <= set(layout(pool).arena.free_frames)  # A, the emptiest, is gone
     assert pool.compact() == 0
@@ -372,6 +380,57 @@ def test_compact_step_is_bounded_and_ends_with_zero(pool: Pool) -> None:
     assert after.pages_compacted > 0
     assert pool.compact_step() == 0 and pool.compact_step(0) == 0
     assert all(pool.read(h) == d for h, d in keep.items())
+
+
+def test_compaction_pours_a_sparse_class_into_free_slots_of_a_larger_one(pool: Pool) -> None:
+    """The kernel keeps the last partly used zspage of every class. Here the one 1568-byte
+    object, alone in its zspage's frame, moves into slot 3 of the 1712 class's zspage, whose
+    frame is already made: one frame comes back, none is made, the handle stays valid and
+    names the larger class, and the object keeps its size."""
+    big = [pool.store(payload(1700, i)) for i in range(3)]  # slots 0-2: two frames, 3 is free
+    h = pool.store(payload(1568, 9))
+    assert pool.statistics().pages_used == 3
+    assert class_row(pool, 1568).freeable == 0  # nothing for the kernel's pass
+    assert pool.can_compact() == 1  # the estimate: 1 frame beyond a dense packing
+    assert pool.compact() == 1
+    s = pool.statistics()
+    assert (s.pages_used, s.objects_moved, s.bytes_moved, s.freeable_pages) == (2, 1, 1568, 0)
+    assert pool.object_size(h) == 1568 and pool.read(h) == payload(1568, 9)
+    lay = layout(pool)
+    assert lay.hloc[h] >> 13 & 0xFF == lay._cid_of_size[1700]  # the class field of the word
+    assert class_row(pool, 1712).obj_used == 4 and class_row(pool, 1568).obj_used == 0
+    assert [pool.read(b) for b in big] == [payload(1700, i) for i in range(3)]
+    pool.check()
+    pool.free(big[0])  # a free unsettles the pool: the next pass looks again
+    assert pool.compact_step() == 0 and pool.can_compact() == 0
+    pool.check()
+
+
+def test_pouring_stops_at_twice_the_objects_size(pool: Pool) -> None:
+    """A 700-byte object may not take a 1712-byte slot (more than POUR_SLACK_PERCENT = 100
+    larger): it stays in its own class, and the settled pool counts nothing reclaimable."""
+    assert POUR_SLACK_PERCENT == 100
+    for i in range(3):
+        pool.store(payload(1700, i))
+    h = pool.store(payload(700, 9))
+    assert pool.compact() == 0
+    assert pool.statistics().objects_moved == 0 and pool.can_compact() == 0
+    assert class_row(pool, 704).obj_used == 1 and pool.read(h) == payload(700, 9)
+    pool.check()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_check_refuses_an_object_in_a_class_beyond_the_slack_bound(engine: str) -> None:
+    """check() knows the rule: an object's class is its own or at most twice its size."""
+    p = make(engine)
+    try:
+        h = p.store(payload(100, 1))
+        w = layout(p).hloc[h]
+        poke(p, "hloc", 0, h, w & ~(0xFFF << 1) | (40 - 1) << 1)  # says 40 bytes, in class 112
+        with pytest.raises(PoolCorruptionError, match="not in class"):
+            p.check()
+    finally:
+        p.close()
 
 
 def test_compaction_skips_the_huge_class(pool: Pool) -> None:

@@ -7,7 +7,9 @@ the task yields: each step is one synchronous call, and the pool is consistent b
 
 It wakes when the filesystem says space was freed (unlink, truncate, overwrite); if the pool
 could give back at least `min_pages` pages, it compacts until nothing whole is left to reclaim
-(compact_step finds nothing to move), as one zs_compact() pass would.
+(compact_step finds nothing to move), as one zs_compact() pass would, and then pours what
+the kernel's pass leaves (each class's last partly used zspages) into larger classes; a pass
+that starts while requests keep coming does only the kernel's part.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ SLICE_SECONDS = 50e-6
 REST_SECONDS = 1e-3
 # After a wake-up, the background task waits this long before it looks at the pool.
 SETTLE_SECONDS = 20e-3
+# A pass that shrank the pool's tables by at least this much (they are packed once a pass
+# settles the pool) has the C heap trimmed after it: the shrunk arrays leave holes that glibc
+# gives back only to malloc_trim. Smaller gains are not worth the trim's walk of the heap.
+HEAP_RELEASE_BYTES = 256 * 1024
 # The background compactor leaves up to 1/POOL_SHARE_DIVISOR of the pool reclaimable.
 POOL_SHARE_DIVISOR = 100
 # While requests keep coming (no quiet SETTLE_SECONDS), it waits for 1/BUSY_SHARE_DIVISOR:
@@ -64,7 +70,8 @@ class Compactor:
         self.pool = pool
         self.activity = activity  # a counter of foreground requests: has anyone come by?
         # Gives the C heap's free pages back to the OS (malloc_trim): called when a look finds
-        # the pool empty, since an empty pool has dropped its tables (Pool._release_handle).
+        # the pool empty, since an empty pool has dropped its tables (Pool._release_handle),
+        # and after a pass that packed the tables by HEAP_RELEASE_BYTES or more.
         self.release_heap = release_heap
         self.auto = auto
         self.min_pages = max(1, min_pages)
@@ -100,9 +107,16 @@ class Compactor:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            await self._settle()
-            if self.pool.can_compact() >= self.threshold():
-                await self._compact()
+            # A pass while requests keep coming does only the kernel's part: what pouring
+            # would move up into larger classes then, the next frees would mostly empty again,
+            # and each pour leaves its objects in slots larger than they are (measured in
+            # process, 150 MiB, 75 % deleted: 1.021 mem/compr with pouring in every pass, 1.018
+            # with pouring only once the requests pause).
+            pour = not await self._settle()
+            if self.pool.can_compact(pour) >= self.threshold():
+                await self._compact(pour)
+            if not pour:
+                self._wakeup.set()  # look again once the requests pause, to pour
             else:
                 self.pool.trim()  # no pass needed, but the frames kept warm go back
             if self.pool.objects == 0:
@@ -112,8 +126,9 @@ class Compactor:
                 # so a loop that empties and refills the pool pays it at most ~50 times a second.
                 self.release_heap()
 
-    async def _settle(self) -> None:
-        """Wait until requests pause for SETTLE_SECONDS, or until a busy pass is due.
+    async def _settle(self) -> bool:
+        """Wait until requests pause for SETTLE_SECONDS (False), or until a busy pass is due
+        (True).
 
         A burst of frees (an rm -rf, random overwrites) is better looked at once, after it:
         the look sums over every size class, and later frees empty the same zspages further.
@@ -122,8 +137,10 @@ class Compactor:
         while True:
             seen = self.activity()
             await trio.sleep(SETTLE_SECONDS)
-            if self.activity() == seen or self.pool.can_compact() >= self.threshold(busy=True):
-                return
+            if self.activity() == seen:
+                return False
+            if self.pool.can_compact(pour=False) >= self.threshold(busy=True):
+                return True
 
     def threshold(self, busy: bool = False) -> int:
         """Reclaimable pages that make a background pass worth it: min_pages, or 1% of the
@@ -145,18 +162,19 @@ class Compactor:
             await trio.sleep(REST_SECONDS)
         self._seen_activity = self.activity()
 
-    async def _compact(self) -> int:
+    async def _compact(self, pour: bool = True) -> int:
         async with self._lock:
             self._runs += 1
             pool = self.pool
             before = pool.pages_compacted  # a counter: statistics() would walk everything
+            tables = pool.metadata_bytes()
             moved = 1
             while moved:
                 # One slice: small steps until SLICE_SECONDS are used, then let requests in.
                 started = time.perf_counter()
                 slice_end = started + SLICE_SECONDS
                 while True:
-                    moved = pool.compact_step(self.batch)
+                    moved = pool.compact_step(self.batch, pour)
                     self._moved += moved
                     now = time.perf_counter()
                     if moved == 0 or now >= slice_end:
@@ -166,5 +184,7 @@ class Compactor:
                     await self._give_way()
             freed = pool.pages_compacted - before
             pool.trim()  # the frames kept warm for reuse go back to the OS too
+            if tables - pool.metadata_bytes() >= HEAP_RELEASE_BYTES:
+                self.release_heap()
             self._freed += freed
             return freed

@@ -62,6 +62,11 @@
 #define NOFRAME 0xFFFFFFFFu
 /* compact() takes slices of this many objects, as Pool.compact() does. */
 #define COMPACT_SLICE (1 << 16)
+/* zsmalloc.py's POUR_SLACK_PERCENT: a poured object's class is at most this much larger. */
+#define POUR_SLACK_PERCENT 100
+/* base.py's TABLE_SLACK_DIVISOR and TABLE_MIN_FREE_HANDLES: when the tables are packed. */
+#define TABLE_SLACK_DIVISOR 4
+#define TABLE_MIN_FREE_HANDLES 64
 
 /* -- errors ---------------------------------------------------------------------------- */
 
@@ -466,6 +471,7 @@ typedef struct {
     arena_t arena;
     int64_t mem_limit_pages, pages_used, max_pages_used, objects, bytes_stored, huge_objects;
     int64_t pages_compacted, objects_moved, bytes_moved, compaction_debt, zspages;
+    int settled; /* zsmalloc.py's _settled: no pour or trim left since the last free or new zspage */
 } Engine;
 
 static inline uint64_t
@@ -599,6 +605,7 @@ new_zspage(Engine *e, zclass *c, int32_t *out, zerr *err)
     class_link(c, z, 0);
     c->zspages++;
     e->zspages++;
+    e->settled = 0; /* a fresh zspage is a sparse one, until it fills */
     *out = z;
     return 0;
 }
@@ -780,6 +787,7 @@ free_checked(Engine *e, uint64_t h)
     }
     release_handle(e, h);
     e->bytes_stored -= size;
+    e->settled = 0;
     return size;
 }
 
@@ -893,6 +901,15 @@ copy_pieces(const pieces *dst, const pieces *src)
 
 /* -- compaction (the kernel's __zs_compact / migrate_zspage) ---------------------------- */
 
+/* Count frames compaction freed in pages_compacted, net of those it made. */
+static void
+credit(Engine *e, int64_t freed)
+{
+    int64_t net = freed - e->compaction_debt;
+    e->pages_compacted += net > 0 ? net : 0;
+    e->compaction_debt = net < 0 ? -net : 0;
+}
+
 /* Move objects from src to dst in slot order until dst is full, src is empty or the budget is
  * spent; then regroup both (and free src if emptied). *moved says how many moved, also on an
  * error, after which the lists are regrouped all the same. */
@@ -955,20 +972,284 @@ migrate(Engine *e, zclass *c, int32_t src, int32_t dst, int64_t budget, int64_t 
     }
     e->bytes_moved += nbytes;
     fix_fullness_group(c, dst);
-    if (c->inuse[src] == 0) {
-        int64_t net = free_zspage(e, c, src) - e->compaction_debt;
-        e->pages_compacted += net > 0 ? net : 0;
-        e->compaction_debt = net < 0 ? -net : 0;
-    } else {
+    if (c->inuse[src] == 0)
+        credit(e, free_zspage(e, c, src));
+    else
         fix_fullness_group(c, src);
-    }
     return rc;
+}
+
+/* -- pouring (zsmalloc.py's _pour, _pour_target, _trim: what userspace adds) -------------- */
+
+/* A free slot for an object of `size` bytes from class c: in the nearest larger class within
+ * the slack bound, its fullest partly used zspage first, the first free slot on that zspage's
+ * free list whose frames are made; *prev is the slot before it on the list (-1: the head).
+ * Returns the class or NULL. */
+static zclass *
+pour_target(Engine *e, const zclass *c, uint32_t size, int32_t *dz, int32_t *ds, int32_t *prev)
+{
+    uint64_t limit = (uint64_t)size * (100 + POUR_SLACK_PERCENT) / 100;
+    for (uint32_t cid = c->cid - 1; cid > HUGE_CID; cid--) {
+        zclass *d = &e->classes[cid];
+        if (d->size > limit)
+            break;
+        uint32_t part = d->mask & PARTIAL_MASK;
+        while (part) {
+            int g = top_bit(part);
+            part ^= (uint32_t)1 << g;
+            size_t steps = 0;
+            for (int32_t z = d->heads[g]; z >= 0 && steps <= d->nz; z = d->next[z], steps++) {
+                int32_t p = -1;
+                size_t left = d->objs;
+                for (int32_t sl = d->freeobj[z]; sl >= 0 && (uint32_t)sl < d->objs && left;
+                     left--) {
+                    if (!missing_frames(d, z, (uint32_t)sl)) {
+                        *dz = z;
+                        *ds = sl;
+                        *prev = p;
+                        return d;
+                    }
+                    p = sl;
+                    sl = (int32_t)(d->slots[(size_t)z * d->objs + (size_t)sl] >> 1) - 1;
+                }
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Give back every frame of c's partly used zspages that no live slot reaches into (groups
+ * from the emptiest, each list from its head, frames in chain order). */
+static void
+trim_class(Engine *e, zclass *c)
+{
+    size_t n = c->objs, p = c->pages, size = c->size;
+    int64_t freed = 0;
+    for (int g = 1; g < FULL_GROUP; g++) {
+        size_t steps = 0;
+        for (int32_t z = c->heads[g]; z >= 0 && steps <= c->nz; z = c->next[z], steps++) {
+            for (size_t k = 0; k < p; k++) {
+                uint32_t *fp = &c->frames[(size_t)z * p + k];
+                if (*fp == NOFRAME)
+                    continue;
+                size_t lo = (k << PAGE_SHIFT) / size;
+                size_t hi = (((k + 1) << PAGE_SHIFT) - 1) / size;
+                if (hi > n - 1)
+                    hi = n - 1;
+                const uint32_t *sl = c->slots + (size_t)z * n;
+                int live = 0;
+                for (size_t s = lo; s <= hi && !live; s++)
+                    live = sl[s] & LIVE;
+                if (!live) {
+                    arena_free(&e->arena, *fp);
+                    *fp = NOFRAME;
+                    freed++;
+                }
+            }
+        }
+    }
+    if (freed) {
+        c->frames_used -= freed;
+        e->pages_used -= freed;
+        credit(e, freed);
+    }
+}
+
+/* Pour class c's emptiest zspages, in slot order, into larger classes until no object finds
+ * a place or the budget is spent; then trim c's partly used zspages. *moved as migrate(). */
+static int
+pour(Engine *e, zclass *c, int64_t budget, int64_t *moved, zerr *err)
+{
+    size_t n = c->objs, s = 0;
+    int32_t src = -1;
+    int64_t nbytes = 0;
+    int rc = 0;
+    *moved = 0;
+    while (*moved < budget) {
+        uint32_t part = c->mask & PARTIAL_MASK;
+        if (!part)
+            break;
+        int32_t z = c->heads[__builtin_ctz(part)];
+        if (z != src) {
+            src = z;
+            s = 0;
+        }
+        size_t sbase = (size_t)src * n;
+        while (s < n && !(c->slots[sbase + s] & LIVE))
+            s++;
+        if (s >= n) {
+            rc = fail(err, ZE_CORRUPT, (uint64_t)src, c->size, "inuse counts a slot not used");
+            break;
+        }
+        uint32_t sw = c->slots[sbase + s];
+        uint64_t h = sw >> 1;
+        uint64_t w = live_word(e, h);
+        if (w == 0) {
+            rc = fail(err, ZE_CORRUPT, h, c->size, "slot names a free handle");
+            break;
+        }
+        uint32_t size = obj_size(w);
+        int32_t dz, ds, prev;
+        zclass *d = pour_target(e, c, size, &dz, &ds, &prev);
+        if (d == NULL)
+            break;
+        pieces from, to;
+        if (locate(e, w, size, &from, err) < 0) {
+            rc = -1;
+            break;
+        }
+        uint32_t *dslots = d->slots + (size_t)dz * d->objs;
+        uint32_t link = dslots[ds]; /* take slot ds off dz's free list */
+        if (prev < 0)
+            d->freeobj[dz] = (int16_t)((link >> 1) - 1);
+        else
+            dslots[prev] = link;
+        dslots[ds] = sw;
+        d->inuse[dz]++;
+        d->obj_used++;
+        fix_fullness_group(d, dz);
+        uint64_t nw = location_to_obj((uint64_t)dz, (uint32_t)ds, d->cid, size);
+        if (locate(e, nw, size, &to, err) < 0) { /* cannot fail: its frames are made */
+            rc = -1;
+            break;
+        }
+        copy_pieces(&to, &from);
+        e->hloc[h] = nw; /* the handle now names the new location: the move is complete */
+        c->slots[sbase + s] = (uint32_t)(c->freeobj[src] + 1) << 1;
+        c->freeobj[src] = (int16_t)s;
+        c->inuse[src]--;
+        c->obj_used--;
+        (*moved)++;
+        nbytes += size;
+        s++;
+        if (c->inuse[src] == 0) {
+            credit(e, free_zspage(e, c, src));
+            src = -1;
+        } else {
+            fix_fullness_group(c, src);
+        }
+    }
+    e->bytes_moved += nbytes;
+    if (c->zspages)
+        trim_class(e, c);
+    return rc;
+}
+
+/* -- packing the tables (base.py's pack_handle_table, zsmalloc_pour.py's pack_zspages) ---- */
+
+/* Shrink an array to n elements of `size` bytes; if realloc refuses, the larger one stays. */
+static void
+shrink(void **p, size_t n, size_t size)
+{
+    void *q = realloc(*p, (n ? n : 1) * size);
+    if (q != NULL)
+        *p = q;
+}
+
+/* Cut the handle table's free tail and chain its free handles lowest first. */
+static void
+pack_handles(Engine *e)
+{
+    size_t free_handles = e->hlen - 1 - (size_t)e->objects;
+    if (free_handles < TABLE_MIN_FREE_HANDLES || free_handles * TABLE_SLACK_DIVISOR < e->hlen)
+        return;
+    size_t top = e->hlen - 1;
+    while (top > 0 && !(e->hloc[top] & LIVE))
+        top--;
+    uint64_t head = 0;
+    for (size_t h = top; h-- > 1;) {
+        if (!(e->hloc[h] & LIVE)) {
+            e->hloc[h] = head << 1;
+            head = h;
+        }
+    }
+    e->hlen = top + 1;
+    e->hfree = head;
+    size_t cap = e->hlen < 16 ? 16 : e->hlen;
+    uint64_t *q = realloc(e->hloc, cap * sizeof(uint64_t));
+    if (q != NULL) {
+        e->hloc = q;
+        e->hcap = cap;
+    }
+}
+
+/* Move live zspage z of class c to the free number t (zsmalloc_pour.py's renumber). */
+static void
+renumber(Engine *e, zclass *c, int32_t z, int32_t t)
+{
+    size_t p = c->pages, n = c->objs;
+    memcpy(c->frames + (size_t)t * p, c->frames + (size_t)z * p, p * sizeof(uint32_t));
+    memcpy(c->slots + (size_t)t * n, c->slots + (size_t)z * n, n * sizeof(uint32_t));
+    c->inuse[t] = c->inuse[z];
+    c->freeobj[t] = c->freeobj[z];
+    uint8_t g = c->group[z];
+    c->group[t] = g;
+    int32_t before = c->prev[z], after = c->next[z];
+    c->prev[t] = before;
+    c->next[t] = after;
+    if (before >= 0)
+        c->next[before] = t;
+    else
+        c->heads[g] = t;
+    if (after >= 0)
+        c->prev[after] = t;
+    c->group[z] = UNUSED;
+    const uint64_t keep = ((uint64_t)1 << ZS_SHIFT) - 1;
+    const uint32_t *sl = c->slots + (size_t)t * n;
+    for (size_t s = 0; s < n; s++) {
+        if (sl[s] & LIVE) {
+            uint64_t h = sl[s] >> 1;
+            if (h < e->hlen)
+                e->hloc[h] = (e->hloc[h] & keep) | (uint64_t)t << ZS_SHIFT;
+        }
+    }
+}
+
+static int
+cmp_i32(const void *x, const void *y)
+{
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* Renumber c's live zspages into its lowest numbers and cut its arrays to them. */
+static void
+pack_zspages(Engine *e, zclass *c)
+{
+    if (c->nfree_zs == 0 || c->nfree_zs * TABLE_SLACK_DIVISOR < c->nz)
+        return;
+    qsort(c->free_zs, c->nfree_zs, sizeof(int32_t), cmp_i32);
+    size_t lo = 0;
+    int64_t top = (int64_t)c->nz - 1;
+    while (lo < c->nfree_zs && c->free_zs[lo] < top) {
+        if (c->group[top] == UNUSED) {
+            top--;
+            continue;
+        }
+        renumber(e, c, (int32_t)top, c->free_zs[lo]);
+        lo++;
+        top--;
+    }
+    while (top >= 0 && c->group[top] == UNUSED)
+        top--;
+    size_t nz = (size_t)(top + 1);
+    c->nz = nz;
+    c->nfree_zs = 0;
+    shrink((void **)&c->frames, nz * c->pages, sizeof(uint32_t));
+    shrink((void **)&c->slots, nz * c->objs, sizeof(uint32_t));
+    shrink((void **)&c->inuse, nz, sizeof(uint16_t));
+    shrink((void **)&c->freeobj, nz, sizeof(int16_t));
+    shrink((void **)&c->group, nz, sizeof(uint8_t));
+    shrink((void **)&c->prev, nz, sizeof(int32_t));
+    shrink((void **)&c->next, nz, sizeof(int32_t));
+    shrink((void **)&c->free_zs, nz, sizeof(int32_t));
+    c->zcap = nz; /* every array holds at least nz: a refused shrink left a larger one */
 }
 
 /* One bounded slice of zs_compact(): classes from the largest down, each drained while
  * zs_can_compact() says a whole zspage could be freed; a cursor remembers where it stopped. */
 static int
-compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
+compact_step(Engine *e, int64_t max_objects, int pour_too, int64_t *out, zerr *err)
 {
     int64_t moved = 0;
     int rc = 0;
@@ -999,6 +1280,11 @@ compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
             rc = migrate(e, c, src, dst, max_objects - moved, &k, err);
             moved += k;
         }
+        if (rc == 0 && pour_too && moved < max_objects && !e->settled && c->zspages) {
+            int64_t k;
+            rc = pour(e, c, max_objects - moved, &k, err);
+            moved += k;
+        }
         if (rc < 0 || moved >= max_objects)
             break;
         i = i + 1 < e->ncompact ? i + 1 : 0;
@@ -1007,17 +1293,38 @@ compact_step(Engine *e, int64_t max_objects, int64_t *out, zerr *err)
     }
     e->compact_cursor = i;
     e->objects_moved += moved;
+    if (rc == 0 && moved == 0 && pour_too && !e->settled) {
+        e->settled = 1;
+        /* Settled: the tables' free tails can go. */
+        for (uint32_t k = 0; k < e->ncompact; k++)
+            pack_zspages(e, &e->classes[e->compact_order[k]]);
+        pack_handles(e);
+    }
     *out = moved;
     return rc;
 }
 
+/* zsmalloc.py's can_compact(): per class the kernel's count, or until settled the residue
+ * estimate if more, summed in bytes. */
 static int64_t
-can_compact(const Engine *e)
+can_compact(const Engine *e, int pour_too)
 {
     int64_t total = 0;
-    for (uint32_t i = 0; i < e->ncompact; i++)
-        total += class_can_compact(&e->classes[e->compact_order[i]]);
-    return total;
+    int settled = e->settled || !pour_too;
+    for (uint32_t i = 0; i < e->ncompact; i++) {
+        const zclass *c = &e->classes[e->compact_order[i]];
+        int64_t n = c->objs;
+        int64_t kernel = class_can_compact(c) << PAGE_SHIFT;
+        if (!settled) {
+            /* frames_used - obj_used * pages / objs frames, in bytes (rounded down) */
+            int64_t num = (c->frames_used * n - c->obj_used * (int64_t)c->pages) << PAGE_SHIFT;
+            int64_t residue = num >= 0 ? num / n : -((-num + n - 1) / n);
+            if (residue > kernel)
+                kernel = residue;
+        }
+        total += kernel;
+    }
+    return total >> PAGE_SHIFT;
 }
 
 /* -- Python glue ------------------------------------------------------------------------ */
@@ -1312,6 +1619,7 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
     e->hlen = 1;
     e->hloc[0] = 0;
     e->mem_limit_pages = limit;
+    e->settled = 1;
     e->ready = 1;
     rc = 0;
 out:
@@ -1646,20 +1954,28 @@ out:
 /* -- methods: compaction ------------------------------------------------------------- */
 
 static PyObject *
-Engine_can_compact(Engine *e, PyObject *Py_UNUSED(ignored))
+Engine_can_compact(Engine *e, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"pour", NULL};
+    int pour_too = 1;
     if (!e->ready) { /* a closed pool answers 0, so that statistics() still work */
         PyErr_SetString(PyExc_RuntimeError, "zsmalloc engine not initialised");
         return NULL;
     }
-    return PyLong_FromLongLong(can_compact(e));
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:can_compact", kwlist, &pour_too))
+        return NULL;
+    return PyLong_FromLongLong(can_compact(e, pour_too));
 }
 
 static PyObject *
-Engine_compact_step(Engine *e, PyObject *args)
+Engine_compact_step(Engine *e, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"max_objects", "pour", NULL};
     long long max_objects = 64;
-    if (enter(e) < 0 || !PyArg_ParseTuple(args, "|L:compact_step", &max_objects))
+    int pour_too = 1;
+    if (enter(e) < 0 ||
+        !PyArg_ParseTupleAndKeywords(args, kwds, "|Lp:compact_step", kwlist, &max_objects,
+                                     &pour_too))
         return NULL;
     int64_t moved;
     zerr err;
@@ -1667,7 +1983,7 @@ Engine_compact_step(Engine *e, PyObject *args)
     e->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     arena_defer(&e->arena);
-    rc = compact_step(e, max_objects, &moved, &err);
+    rc = compact_step(e, max_objects, pour_too, &moved, &err);
     arena_undefer(&e->arena);
     Py_END_ALLOW_THREADS
     e->busy = 0;
@@ -1687,7 +2003,7 @@ Engine_compact(Engine *e, PyObject *Py_UNUSED(ignored))
     e->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     arena_defer(&e->arena);
-    while ((rc = compact_step(e, COMPACT_SLICE, &moved, &err)) == 0 && moved)
+    while ((rc = compact_step(e, COMPACT_SLICE, 1, &moved, &err)) == 0 && moved)
         ;
     if (rc == 0)
         arena_trim(&e->arena);
@@ -1863,7 +2179,8 @@ Engine_export(Engine *e, PyObject *Py_UNUSED(ignored))
         put(d, "frames_created", PyLong_FromUnsignedLongLong(e->arena.frames_created)) < 0 ||
         put(d, "compact_cursor", PyLong_FromUnsignedLong(e->compact_cursor)) < 0 ||
         put(d, "compaction_debt", PyLong_FromLongLong(e->compaction_debt)) < 0 ||
-        put(d, "zspages", PyLong_FromLongLong(e->zspages)) < 0)
+        put(d, "zspages", PyLong_FromLongLong(e->zspages)) < 0 ||
+        put(d, "settled", PyBool_FromLong(e->settled)) < 0)
         goto fail;
     classes = PyList_New(e->nclasses);
     if (classes == NULL)
@@ -2076,8 +2393,10 @@ static PyMethodDef Engine_methods[] = {
     {"store_many", (PyCFunction)Engine_store_many, METH_VARARGS,
      "store the objects laid back to back in blob; the handles of a prefix"},
     {"free_many", (PyCFunction)Engine_free_many, METH_O, "free() each handle; their sizes"},
-    {"can_compact", (PyCFunction)Engine_can_compact, METH_NOARGS, "frames compaction could free"},
-    {"compact_step", (PyCFunction)Engine_compact_step, METH_VARARGS,
+    {"can_compact", (PyCFunction)(void (*)(void))Engine_can_compact,
+     METH_VARARGS | METH_KEYWORDS, "frames compaction could free"},
+    {"compact_step", (PyCFunction)(void (*)(void))Engine_compact_step,
+     METH_VARARGS | METH_KEYWORDS,
      "move at most max_objects objects; how many moved"},
     {"compact", (PyCFunction)Engine_compact, METH_NOARGS, "compact to completion; frames freed"},
     {"trim", (PyCFunction)Engine_trim, METH_NOARGS, "give the warm frames back to the OS"},
@@ -2158,7 +2477,8 @@ PyInit__zsmalloc(void)
         PyModule_AddIntConstant(m, "SEGMENT_SHIFT", SEGMENT_SHIFT) < 0 ||
         PyModule_AddIntConstant(m, "WARM_FRAMES", WARM_FRAMES) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HANDLE", (long)MAX_HANDLE) < 0 ||
-        PyModule_AddIntConstant(m, "NR_GROUPS", NR_GROUPS) < 0) {
+        PyModule_AddIntConstant(m, "NR_GROUPS", NR_GROUPS) < 0 ||
+        PyModule_AddIntConstant(m, "POUR_SLACK_PERCENT", POUR_SLACK_PERCENT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -27,6 +27,13 @@ LIVE = 1
 #: Handles are kept below 2**31 so that an out-of-line reverse map fits in 4 bytes per slot
 #: (handle << 1 | LIVE in an array('I')); that is still 8 TiB of 4 KiB objects.
 MAX_HANDLE = (1 << 31) - 1
+#: The tables (handle table, per-zspage arrays) are packed once a compaction pass has settled
+#: the pool and at least this share of their entries is free: a quarter bounds what the
+#: tables keep (about 12 bytes per object ever held) to a third more than the live objects
+#: need, and packing a table that is mostly live would copy it for little.
+TABLE_SLACK_DIVISOR = 4
+#: ... and, for the handle table, at least this many handles are free (half a KiB of table).
+TABLE_MIN_FREE_HANDLES = 64
 
 
 class Pool(ABC):
@@ -87,6 +94,28 @@ class Pool(ABC):
             return
         self.hloc[h] = self.hfree << 1
         self.hfree = h
+
+    def pack_handle_table(self) -> None:
+        """Cut the handle table's free tail and chain its free handles lowest first, if at
+        least 1/TABLE_SLACK_DIVISOR of it (and TABLE_MIN_FREE_HANDLES) is free. Handles cannot
+        be renumbered (the page store holds them), so the table keeps up to the highest live
+        one; reissuing low handles first lets the live ones gather at the bottom, so that the
+        next packing cuts more."""
+        hloc = self.hloc
+        free = len(hloc) - 1 - self.objects
+        if free < TABLE_MIN_FREE_HANDLES or free * TABLE_SLACK_DIVISOR < len(hloc):
+            return
+        top = len(hloc) - 1
+        while not hloc[top] & LIVE:  # objects > 0 here: an empty pool's table was reset
+            top -= 1
+        packed = hloc[: top + 1]  # a copy: an array keeps its capacity when it shrinks
+        head = 0
+        for h in range(top - 1, 0, -1):
+            if not packed[h] & LIVE:
+                packed[h] = head << 1
+                head = h
+        self.hloc = packed
+        self.hfree = head
 
     def _word(self, h: int) -> int:
         """The live table entry of handle `h`, or InvalidHandleError."""
@@ -200,12 +229,15 @@ class Pool(ABC):
         """Free object `h` and return its size (callers that count bytes need no second
         lookup); the handle becomes invalid (and may be reissued later)."""
 
-    def can_compact(self) -> int:
-        """Frames compaction could free now."""
+    def can_compact(self, pour: bool = True) -> int:
+        """Frames compaction could free now (`pour`: counting what compact_step(pour=True)
+        adds to the kernel's pass; see zsmalloc.py)."""
         return 0
 
-    def compact_step(self, max_objects: int = 64) -> int:
-        """Move at most `max_objects` objects; return how many moved (0 = nothing left)."""
+    def compact_step(self, max_objects: int = 64, pour: bool = True) -> int:
+        """Move at most `max_objects` objects; return how many moved (0 = nothing left).
+        `pour=False` does only what the kernel's compaction does (the compactor's passes while
+        requests keep coming: what it would pour then is often freed by the next ones)."""
         return 0
 
     def compact(self) -> int:

@@ -24,7 +24,7 @@ from . import frames
 from .base import MAX_HANDLE, Pool
 from .errors import PoolCorruptionError
 from .stats import ClassStats
-from .zsmalloc import NR_GROUPS, ZsmallocPool, class_table
+from .zsmalloc import NR_GROUPS, POUR_SLACK_PERCENT, ZsmallocPool, class_table
 
 if TYPE_CHECKING:
     from ._zsmalloc import Engine
@@ -50,6 +50,7 @@ def _check_constants() -> None:
         "WARM_FRAMES": frames.WARM_FRAMES,
         "MAX_HANDLE": MAX_HANDLE,
         "NR_GROUPS": NR_GROUPS,
+        "POUR_SLACK_PERCENT": POUR_SLACK_PERCENT,
     }
     got = {name: getattr(_zsmalloc, name) for name in expected}
     if got != expected:
@@ -158,6 +159,7 @@ class NativeZsmallocPool(Engine, Pool):
         m._compact_cursor = state["compact_cursor"]
         m._compaction_debt = state["compaction_debt"]
         m._zspages = state["zspages"]
+        m._settled = state["settled"]
         for c, row in zip(m._classes, state["classes"], strict=True):
             if (c.index, c.size, c.pages, c.objs) != (
                 row["index"],

@@ -18,7 +18,14 @@ if TYPE_CHECKING:
 
 def check_zsmalloc(pool: ZsmallocPool) -> None:
     """Verify every zspage, list, slot and handle; raise PoolCorruptionError if any is off."""
-    from .zsmalloc import HUGE_CID, NOFRAME, NR_GROUPS, UNUSED, obj_to_location
+    from .zsmalloc import (
+        HUGE_CID,
+        NOFRAME,
+        NR_GROUPS,
+        POUR_SLACK_PERCENT,
+        UNUSED,
+        obj_to_location,
+    )
 
     pool._check_common()
     if pool._structures_bytes() != Pool._structures_bytes(pool):
@@ -114,7 +121,12 @@ def check_zsmalloc(pool: ZsmallocPool) -> None:
                     raise PoolCorruptionError(
                         f"class {c.size}: slot ({z},{s}) -> handle {h} does not map back"
                     )
-                if pool._cid_of_size[size] != c.cid:
+                # An object lives in its own class, or was poured up into a larger one at most
+                # POUR_SLACK_PERCENT larger than itself (class ids count from the largest down).
+                own_cid = pool._cid_of_size[size]
+                if own_cid != c.cid and (
+                    own_cid < c.cid or c.size * 100 > size * (100 + POUR_SLACK_PERCENT)
+                ):
                     raise PoolCorruptionError(f"handle {h}: size {size} not in class {c.size}")
                 total_bytes += size
             used += k
