@@ -910,6 +910,44 @@ credit(Engine *e, int64_t freed)
     e->compaction_debt = net < 0 ? -net : 0;
 }
 
+/* The first live slot of zspage src from *s on (at most n slots): its slot word, handle and
+ * handle word. Fails, as PoolCorruptionError, if inuse counted a slot that is not there or
+ * the slot names a free handle. */
+static int
+next_live(Engine *e, zclass *c, int32_t src, size_t *s, uint32_t *sw, uint64_t *h, uint64_t *w,
+          zerr *err)
+{
+    size_t n = c->objs, sbase = (size_t)src * n;
+    while (*s < n && !(c->slots[sbase + *s] & LIVE))
+        (*s)++;
+    if (*s >= n)
+        return fail(err, ZE_CORRUPT, (uint64_t)src, c->size, "inuse counts a slot not used");
+    *sw = c->slots[sbase + *s];
+    *h = *sw >> 1;
+    *w = live_word(e, *h);
+    if (*w == 0)
+        return fail(err, ZE_CORRUPT, *h, c->size, "slot names a free handle");
+    return 0;
+}
+
+/* Complete the move of handle h's object (at `from`) to its new location word nw, whose slot
+ * already holds the handle: copy the bytes, point the handle there, and put slot s of src back
+ * on src's free list. */
+static int
+finish_move(Engine *e, zclass *c, int32_t src, size_t s, uint64_t h, uint64_t nw, uint32_t size,
+            pieces *from, zerr *err)
+{
+    pieces to;
+    if (locate(e, nw, size, &to, err) < 0) /* cannot fail: its frames were made */
+        return -1;
+    copy_pieces(&to, from);
+    e->hloc[h] = nw; /* the handle now names the new location: the move is complete */
+    c->slots[(size_t)src * c->objs + s] = (uint32_t)(c->freeobj[src] + 1) << 1;
+    c->freeobj[src] = (int16_t)s;
+    c->inuse[src]--;
+    return 0;
+}
+
 /* Move objects from src to dst in slot order until dst is full, src is empty or the budget is
  * spent; then regroup both (and free src if emptied). *moved says how many moved, also on an
  * error, after which the lists are regrouped all the same. */
@@ -917,26 +955,18 @@ static int
 migrate(Engine *e, zclass *c, int32_t src, int32_t dst, int64_t budget, int64_t *moved,
         zerr *err)
 {
-    size_t n = c->objs, sbase = (size_t)src * n, dbase = (size_t)dst * n, s = 0;
+    size_t n = c->objs, dbase = (size_t)dst * n, s = 0;
     int64_t nbytes = 0;
     int rc = 0;
     *moved = 0;
     while (*moved < budget && c->inuse[src] && c->inuse[dst] < n) {
-        while (s < n && !(c->slots[sbase + s] & LIVE))
-            s++;
-        if (s >= n) {
-            rc = fail(err, ZE_CORRUPT, (uint64_t)src, c->size, "inuse counts a slot not used");
+        uint32_t sw;
+        uint64_t h, w;
+        rc = next_live(e, c, src, &s, &sw, &h, &w, err);
+        if (rc < 0)
             break;
-        }
-        uint32_t sw = c->slots[sbase + s];
-        uint64_t h = sw >> 1;
-        uint64_t w = live_word(e, h);
-        if (w == 0) {
-            rc = fail(err, ZE_CORRUPT, h, c->size, "slot names a free handle");
-            break;
-        }
         uint32_t size = obj_size(w);
-        pieces from, to;
+        pieces from;
         if (locate(e, w, size, &from, err) < 0) {
             rc = -1;
             break;
@@ -957,15 +987,9 @@ migrate(Engine *e, zclass *c, int32_t src, int32_t dst, int64_t budget, int64_t 
         c->slots[dbase + d] = sw;
         c->inuse[dst]++;
         uint64_t nw = location_to_obj((uint64_t)dst, (uint32_t)d, c->cid, size);
-        if (locate(e, nw, size, &to, err) < 0) { /* cannot fail: its frames were made */
-            rc = -1;
+        rc = finish_move(e, c, src, s, h, nw, size, &from, err);
+        if (rc < 0)
             break;
-        }
-        copy_pieces(&to, &from);
-        e->hloc[h] = nw; /* the handle now names the new location: the move is complete */
-        c->slots[sbase + s] = (uint32_t)(c->freeobj[src] + 1) << 1;
-        c->freeobj[src] = (int16_t)s;
-        c->inuse[src]--;
         (*moved)++;
         nbytes += size;
         s++;
@@ -1060,7 +1084,7 @@ trim_class(Engine *e, zclass *c)
 static int
 pour(Engine *e, zclass *c, int64_t budget, int64_t *moved, zerr *err)
 {
-    size_t n = c->objs, s = 0;
+    size_t s = 0;
     int32_t src = -1;
     int64_t nbytes = 0;
     int rc = 0;
@@ -1074,26 +1098,17 @@ pour(Engine *e, zclass *c, int64_t budget, int64_t *moved, zerr *err)
             src = z;
             s = 0;
         }
-        size_t sbase = (size_t)src * n;
-        while (s < n && !(c->slots[sbase + s] & LIVE))
-            s++;
-        if (s >= n) {
-            rc = fail(err, ZE_CORRUPT, (uint64_t)src, c->size, "inuse counts a slot not used");
+        uint32_t sw;
+        uint64_t h, w;
+        rc = next_live(e, c, src, &s, &sw, &h, &w, err);
+        if (rc < 0)
             break;
-        }
-        uint32_t sw = c->slots[sbase + s];
-        uint64_t h = sw >> 1;
-        uint64_t w = live_word(e, h);
-        if (w == 0) {
-            rc = fail(err, ZE_CORRUPT, h, c->size, "slot names a free handle");
-            break;
-        }
         uint32_t size = obj_size(w);
         int32_t dz, ds, prev;
         zclass *d = pour_target(e, c, size, &dz, &ds, &prev);
         if (d == NULL)
             break;
-        pieces from, to;
+        pieces from;
         if (locate(e, w, size, &from, err) < 0) {
             rc = -1;
             break;
@@ -1109,15 +1124,9 @@ pour(Engine *e, zclass *c, int64_t budget, int64_t *moved, zerr *err)
         d->obj_used++;
         fix_fullness_group(d, dz);
         uint64_t nw = location_to_obj((uint64_t)dz, (uint32_t)ds, d->cid, size);
-        if (locate(e, nw, size, &to, err) < 0) { /* cannot fail: its frames are made */
-            rc = -1;
+        rc = finish_move(e, c, src, s, h, nw, size, &from, err);
+        if (rc < 0)
             break;
-        }
-        copy_pieces(&to, &from);
-        e->hloc[h] = nw; /* the handle now names the new location: the move is complete */
-        c->slots[sbase + s] = (uint32_t)(c->freeobj[src] + 1) << 1;
-        c->freeobj[src] = (int16_t)s;
-        c->inuse[src]--;
         c->obj_used--;
         (*moved)++;
         nbytes += size;
