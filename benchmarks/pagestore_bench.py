@@ -18,7 +18,8 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 
-from zfs_ram.pagestore import FileData, PageStore
+from zfs_ram.pagestore import PageStore
+from zfs_ram.pagetable import FileData
 from zfs_ram.pool import create_pool
 from zfs_ram.pool.base import BytesLike
 

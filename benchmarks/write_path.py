@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fs_bench
 
-from zfs_ram.pagestore import FileData, PageStore
+from zfs_ram.pagestore import PageStore
+from zfs_ram.pagetable import FileData
 from zfs_ram.pool import create_pool
 from zfs_ram.vocabulary import PAGE_SIZE
 

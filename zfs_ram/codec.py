@@ -453,23 +453,18 @@ class Codec:
         if priorities is not None and secondary is None:
             raise ValueError("priorities without a secondary codec")
         if self.compiled is not None:
+            mixed = (
+                ()
+                if secondary is None or priorities is None
+                else (
+                    secondary.algorithm.number,
+                    priorities,
+                )
+            )
             try:
-                if priorities is None:
-                    result: bytes = self.compiled.decode(
-                        self.algorithm.number, blob, sizes, words, skip, length
-                    )
-                else:
-                    assert secondary is not None
-                    result = self.compiled.decode(
-                        self.algorithm.number,
-                        blob,
-                        sizes,
-                        words,
-                        skip,
-                        length,
-                        secondary.algorithm.number,
-                        priorities,
-                    )
+                result: bytes = self.compiled.decode(
+                    self.algorithm.number, blob, sizes, words, skip, length, *mixed
+                )
             except self.compiled.CorruptError as error:
                 raise CorruptPageError(str(error)) from None
             return result

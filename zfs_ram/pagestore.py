@@ -76,20 +76,6 @@ from zfs_ram.pagetable import (
 from zfs_ram.pool import Pool, PoolFullError
 from zfs_ram.vocabulary import PAGE_SIZE
 
-__all__ = [
-    "CHUNK_MASK",
-    "CHUNK_PAGES",
-    "CHUNK_SHIFT",
-    "MAX_FILE_SIZE",
-    "SAME_ENTRY",
-    "FileData",
-    "NoSpaceError",
-    "PageStore",
-    "handles_of",
-    "place",
-    "spread",
-]
-
 # Pending pages the whole store holds at most (256 KiB uncompressed): one per file being
 # appended to, and many more files than that are seldom written at once.
 PENDING_LIMIT_PAGES = 64

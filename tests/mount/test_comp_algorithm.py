@@ -95,6 +95,17 @@ def test_an_empty_mount_may_change_its_algorithm(zfs_ram_mount: Any) -> None:
     assert write_errno(control, "zstd\n") == errno.EBUSY
 
 
+@pytest.mark.timeout(60)
+def test_the_compressor_may_not_become_the_recompressor(zfs_ram_mount: Any) -> None:
+    """An empty mount refuses, with EINVAL and nothing changed, the recomp_algorithm as its
+    comp_algorithm (the two must differ, as at mount time)."""
+    mount = zfs_ram_mount("size=16m,recomp_algorithm=zstd")
+    control = mount.path / CONTROL_DIR / ControlFile.COMP_ALGORITHM
+    assert write_errno(control, "zstd\n") == errno.EINVAL
+    assert control.read_text() == "[lz4] lz4hc zstd\n"
+    assert "Traceback" not in mount.log()
+
+
 @requires_fuse
 @pytest.mark.timeout(60)
 def test_an_unknown_algorithm_is_one_line_and_no_mount(mountpoint: Path) -> None:

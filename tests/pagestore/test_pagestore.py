@@ -18,9 +18,10 @@ from types import ModuleType
 import pytest
 from page_kinds import page_of_kind
 
-from zfs_ram import pagestore
+from zfs_ram import pagetable
 from zfs_ram.codec import encode_page
-from zfs_ram.pagestore import FileData, NoSpaceError, PageStore
+from zfs_ram.pagestore import NoSpaceError, PageStore
+from zfs_ram.pagetable import FileData
 from zfs_ram.pool import InvalidHandleError, create_pool
 from zfs_ram.vocabulary import PAGE_SIZE
 
@@ -159,20 +160,20 @@ def test_a_truncate_at_mem_limit_keeps_the_file() -> None:
     assert left_stale > 0  # some cut pages found no room even after the pages past them went
 
 
-TABLES = [pagestore, importlib.import_module("zfs_ram._codec")]
+TABLES = [pagetable, importlib.import_module("zfs_ram._codec")]
 
 
 @pytest.mark.parametrize("table", TABLES, ids=["python", "native"])
 def test_the_table_loops_of_both_engines(table: ModuleType) -> None:
     """place, handles_of and spread: the per-page loops of a batch, on a chunk with a hole,
     a same-filled page and objects, and refused whole when the handles run short."""
-    chunk = array("Q", [0, pagestore.SAME_ENTRY, 7 << 1 | 1, 0, 9 << 1 | 1])
+    chunk = array("Q", [0, pagetable.SAME_ENTRY, 7 << 1 | 1, 0, 9 << 1 | 1])
     sizes = array("H", [99, 100, 0, 200, 0, 300])
     handles = array("Q", [0, 11, 12, 13])
     olds = array("Q", bytes(8 * 6))
     # Pages 1..5 of the chunk take sizes[1:5]: two objects (handles 11, 12) and two same.
     assert table.place(chunk, 1, sizes, 1, 4, handles, 1, olds, 1, 0) == (1, 1, 2, 2)
-    assert list(chunk) == [0, 11 << 1 | 1, pagestore.SAME_ENTRY, 12 << 1 | 1, pagestore.SAME_ENTRY]
+    assert list(chunk) == [0, 11 << 1 | 1, pagetable.SAME_ENTRY, 12 << 1 | 1, pagetable.SAME_ENTRY]
     assert list(olds[1:3]) == [7, 9]
     before = chunk.tobytes()
     with pytest.raises(ValueError):

@@ -34,8 +34,8 @@ from page_kinds import KINDS, page_of_kind
 
 from zfs_ram import native
 from zfs_ram.codec import DEFAULT_CODEC, Codec
-from zfs_ram.pagestore import SAME_ENTRY, FileData, NoSpaceError, PageStore
-from zfs_ram.pagetable import TRIED_BIT, handle_of, priority_of, stamp_of
+from zfs_ram.pagestore import NoSpaceError, PageStore
+from zfs_ram.pagetable import SAME_ENTRY, TRIED_BIT, FileData, handle_of, priority_of, stamp_of
 from zfs_ram.pool import PAGE_SIZE, Pool, create_pool
 
 SOAK = os.environ.get("ZFS_RAM_SOAK") == "1"

@@ -17,7 +17,7 @@ from page_kinds import page_of_kind
 
 from zfs_ram import native, pagetable
 from zfs_ram.codec import Codec
-from zfs_ram.pagestore import FileData, PageStore
+from zfs_ram.pagestore import PageStore
 from zfs_ram.pagetable import (
     HANDLE_MASK,
     PRIORITY_SHIFT,
@@ -25,6 +25,7 @@ from zfs_ram.pagetable import (
     STAMP_FIELD,
     STAMP_MAX,
     TRIED_BIT,
+    FileData,
     handle_of,
     object_entry,
     priority_of,

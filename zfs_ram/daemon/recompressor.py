@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import trio
 
-from zfs_ram.pagestore import FileData, PageStore
+from zfs_ram.pagestore import PageStore
+from zfs_ram.pagetable import FileData
 
 # The background task looks no more often than this, whatever idle_recompress says.
 MIN_INTERVAL_SECONDS = 1.0

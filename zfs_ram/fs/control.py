@@ -73,7 +73,8 @@ class Recompression(Protocol):
 
     async def mark_idle(self, older_than: float | None) -> int: ...
 
-    async def recompress(self, idle: bool, huge: bool) -> int: ...
+    async def recompress(self, idle: bool, huge: bool) -> int:
+        """Raises ValueError, having changed nothing, without a recomp_algorithm."""
 
     def statistics(self) -> Any: ...
 
@@ -117,13 +118,13 @@ class MountStatistics:
         meter: RequestMeter,
         recompressor: Recompression,
     ) -> None:
-        self.recompressor = recompressor
         self.config = config
         self.pool = pool
         self.store = store
         self.compactor = compactor
         self.namespace = namespace
         self.meter = meter
+        self.recompressor = recompressor
 
     def mm_stat(self) -> dict[str, int]:
         """zram's mm_stat fields, by name. O(1): counters only."""
@@ -405,6 +406,8 @@ class ControlDirectory:
             store.change_codec(Codec(name, engine=store.codec.engine))
         except StoreBusyError:
             raise FsError(errno.EBUSY) from None
+        except ValueError:  # the recomp_algorithm's: the two must differ
+            raise FsError(errno.EINVAL) from None
 
     async def _apply_idle(self, value: bytes) -> None:
         try:
@@ -416,11 +419,10 @@ class ControlDirectory:
     async def _apply_recompress(self, value: bytes) -> None:
         try:
             idle, huge = parse_recompress(value.decode("ascii", "replace"))
+            # Refused before it changes anything without a recomp_algorithm (zram: -EINVAL).
+            await self.statistics.recompressor.recompress(idle, huge)
         except ValueError:
             raise FsError(errno.EINVAL) from None
-        if self.statistics.store.recomp_codec is None:  # zram: -EINVAL, nothing changed
-            raise FsError(errno.EINVAL)
-        await self.statistics.recompressor.recompress(idle, huge)
 
     async def _apply_mem_used_max(self, value: bytes) -> None:
         if value.strip() != b"0":

@@ -14,7 +14,7 @@ import bisect
 import stat
 import time
 
-from zfs_ram.pagestore import FileData
+from zfs_ram.pagetable import FileData
 
 
 def now_ns() -> int:

@@ -40,7 +40,8 @@ from zfs_ram.fs.errors import FsError
 from zfs_ram.fs.inodes import Inode, now_ns
 from zfs_ram.fs.namespace import NAME_MAX, ROOT_INODE, Namespace, check_name
 from zfs_ram.fs.requests import OPCODES, RequestMeter
-from zfs_ram.pagestore import MAX_FILE_SIZE, FileData, NoSpaceError, PageStore
+from zfs_ram.pagestore import MAX_FILE_SIZE, NoSpaceError, PageStore
+from zfs_ram.pagetable import FileData
 from zfs_ram.pool import PoolCorruptionError
 from zfs_ram.vocabulary import PAGE_SIZE
 
