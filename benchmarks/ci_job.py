@@ -65,6 +65,7 @@ from systems import (
     System,
     Tmpfs,
     ZfsRam,
+    ZfsRamReference,
     ZramExt4,
     describe_run,
     is_mounted,
@@ -73,7 +74,8 @@ from systems import (
     warm_memory,
 )
 
-SYSTEMS = ("tmpfs", "zfs_ram", "zram")
+SYSTEMS = ("tmpfs", "zfs_ram", "zram", "zfs_ram_ref")
+DEFAULT_SYSTEMS = ("tmpfs", "zfs_ram", "zram")
 PHASES = ("unpack", "compileall", "git", "sqlite", "grep", "gcc", "rm")
 DEFAULT_REPS = 3  # the median of 3 outvotes one disturbed repetition
 DEFAULT_SIZE_MIB = 100  # the issue's "100 MB source tree"
@@ -452,6 +454,10 @@ def make_systems(
             systems.append(Tmpfs(path, fs_size))
         elif name == "zfs_ram":
             systems.append(ZfsRam(path, fs_size, args.zfs_ram_options))
+        elif name == "zfs_ram_ref":
+            systems.append(
+                ZfsRamReference(path, fs_size, args.zfs_ram_options, tool=args.reference_tool)
+            )
         else:
             systems.append(ZramExt4(path, fs_size))
     return systems
@@ -590,12 +596,12 @@ def summary(report: Report) -> dict[str, dict[str, dict[str, float | None]]]:
     return out
 
 
-def request_medians(report: Report) -> dict[str, Requests]:
-    """zfs_ram's requests per phase (and "total"): the median over repetitions per opcode."""
+def request_medians(report: Report, system: str = "zfs_ram") -> dict[str, Requests]:
+    """A zfs_ram's requests per phase (and "total"): the median over repetitions per opcode."""
     per_phase: dict[str, list[Requests]] = {}
     per_rep_total: dict[int, Requests] = {}
     for s in report.samples:
-        if s.system == "zfs_ram" and s.requests is not None:
+        if s.system == system and s.requests is not None:
             per_phase.setdefault(s.phase, []).append(s.requests)
             per_rep_total[s.rep] = _plus(per_rep_total.get(s.rep, {}), s.requests)
     per_phase["total"] = list(per_rep_total.values())
@@ -614,6 +620,36 @@ def request_medians(report: Report) -> dict[str, Requests]:
 
 def _count(value: float) -> str:
     return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:.0f}"
+
+
+def _against_reference(report: Report) -> list[str]:
+    """zfs_ram / zfs_ram_ref per phase (--reference-tool): the median of the per-repetition
+    ratios of seconds, and each build's median requests."""
+    lines = [
+        "",
+        "against the reference build (--reference-tool): median (range) of per-repetition "
+        "ratios of seconds; requests",
+    ]
+    mine_requests, ref_requests = request_medians(report), request_medians(report, "zfs_ram_ref")
+    for phase in [*report.phases, "total"]:
+        if phase == "total":
+            mine, ref = _totals(report, "zfs_ram"), _totals(report, "zfs_ram_ref")
+        else:
+            mine = _seconds(report, "zfs_ram", phase)
+            ref = _seconds(report, "zfs_ram_ref", phase)
+        ratios = [mine[r] / ref[r] for r in mine if r in ref and ref[r] > 0]
+        counts = [
+            _count(sum(v["count"] for v in table.get(phase, {}).values()))
+            for table in (mine_requests, ref_requests)
+        ]
+        text = f"{phase:<12}"
+        text += (
+            f"{statistics.median(ratios):>6.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            if ratios
+            else f"{'-':>6}"
+        )
+        lines.append(f"{text:<32}requests {counts[0]} / {counts[1]}")
+    return lines
 
 
 def render(report: Report) -> str:
@@ -643,6 +679,8 @@ def render(report: Report) -> str:
             if name != "tmpfs":
                 text += f"{ratio:>9.2f}" if ratio is not None else f"{'-':>9}"
         lines.append(text)
+    if "zfs_ram_ref" in report.systems:
+        lines += _against_reference(report)
     requests = request_medians(report)
     if requests:
         lines += [
@@ -690,8 +728,13 @@ def main(argv: list[str] | None = None) -> int:
         "--systems",
         nargs="+",
         choices=SYSTEMS,
-        default=list(SYSTEMS),
-        help="the systems to run (default all; zram+ext4 only as root where zram exists)",
+        help="the systems to run (default tmpfs, zfs_ram and zram; zram+ext4 only as root where "
+        "zram exists; zfs_ram_ref with --reference-tool)",
+    )
+    parser.add_argument(
+        "--reference-tool",
+        help="the zfs-ram of another checkout (e.g. /work/ref/.venv/bin/zfs-ram): mounted as "
+        "zfs_ram_ref beside this one, and zfs_ram / zfs_ram_ref reported per phase",
     )
     parser.add_argument(
         "--zfs-ram-options", default="", help="extra zfs-ram mount options, e.g. noxattr"
@@ -716,6 +759,10 @@ def main(argv: list[str] | None = None) -> int:
         args.reps = 1 if args.quick else DEFAULT_REPS
     if args.reps < 1 or args.size_mib < 1:
         parser.error("--reps and --size-mib must be at least 1")
+    if args.systems is None:
+        args.systems = [*DEFAULT_SYSTEMS, *(["zfs_ram_ref"] if args.reference_tool else [])]
+    if "zfs_ram_ref" in args.systems and not args.reference_tool:
+        parser.error("zfs_ram_ref needs --reference-tool")
     if "tmpfs" not in args.systems:
         parser.error("tmpfs is the reference of every ratio: keep it in --systems")
     if os.geteuid() != 0:

@@ -108,3 +108,32 @@ def test_quick_run_times_every_phase_and_counts_zfs_rams_requests(tmp_path: Path
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path) not in mountinfo
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("ci_job-")]
+
+
+def test_reference_table_gives_per_phase_ratios_to_the_other_build() -> None:
+    """--reference-tool: zfs_ram / zfs_ram_ref per phase and in total, as the median of the
+    per-repetition ratios, with each build's requests beside it."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import ci_job
+
+    report = ci_job.Report(
+        env={}, systems=["tmpfs", "zfs_ram", "zfs_ram_ref"], phases=["unpack", "rm"]
+    )
+    seconds = {  # rep -> (zfs_ram, zfs_ram_ref) for unpack; rm takes 1 s on both
+        0: (2.0, 4.0),
+        1: (3.0, 3.0),
+        2: (1.0, 4.0),
+    }
+    for rep, (mine, ref) in seconds.items():
+        for system, unpack in (("tmpfs", 0.5), ("zfs_ram", mine), ("zfs_ram_ref", ref)):
+            requests = {"WRITE": {"count": 10.0 if system == "zfs_ram" else 30.0, "seconds": 0}}
+            report.samples.append(ci_job.Sample(rep, system, "unpack", unpack, None, requests))
+            report.samples.append(ci_job.Sample(rep, system, "rm", 1.0, None, requests))
+    lines = ci_job._against_reference(report)
+    table = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert list(table) == ["unpack", "rm", "total"]
+    assert table["unpack"][:2] == ["0.50", "(0.25-1.00)"]  # 0.5, 1.0, 0.25
+    assert table["rm"][:2] == ["1.00", "(1.00-1.00)"]
+    assert table["total"][:2] == ["0.60", "(0.40-1.00)"]  # 3/5, 4/4, 2/5
+    assert table["unpack"][2:] == ["requests", "10", "/", "30"]
+    assert table["total"][2:] == ["requests", "20", "/", "60"]  # per repetition
