@@ -12,6 +12,8 @@ MAX_HANDLE: int
 NR_GROUPS: int
 POUR_SLACK_PERCENT: int
 
+def batch_madvise(enabled: bool = ..., /) -> bool: ...
+
 class Engine:
     # Read-only counters (assigning one raises AttributeError), except mem_limit_pages.
     pages_used: int
