@@ -17,7 +17,9 @@ Each call sends a known set of requests, none of them answered by the kernel's c
 Extended attributes are off on all three (the default of zfs_ram, ENOSYS from floorfs and
 nullfs), so no GETXATTR precedes the writes. The report gives per call the median microseconds
 of each system over the repetitions and the ratios to the floor; "pyfuse3" (nullfs - floorfs)
-and "zfs_ram" (zfs_ram - nullfs) are what each layer adds.
+and "zfs_ram" (zfs_ram - nullfs) are what each layer adds. With --reference-tool, another
+checkout's zfs-ram is mounted beside them (zfs_ram_ref) and zfs_ram / zfs_ram_ref is reported
+per call: a change to the request path, measured in the same run as the code before it.
 
 Run as root (or any user allowed to mount FUSE) with the project's venv, on an idle machine:
   /work/main/.venv/bin/python benchmarks/request_floor.py --reps 5
@@ -39,7 +41,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from systems import CACHE_DIR, HERE, MIB, FuseSystem, NullFs, System, ZfsRam, is_mounted, log
+from systems import (
+    CACHE_DIR,
+    HERE,
+    MIB,
+    FuseSystem,
+    NullFs,
+    System,
+    ZfsRam,
+    ZfsRamReference,
+    is_mounted,
+    log,
+)
 
 DEFAULT_CALLS = 20_000
 DEFAULT_REPS = 5
@@ -117,12 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS)
     parser.add_argument("--calls", type=int, default=DEFAULT_CALLS, help="calls per sample")
+    parser.add_argument(
+        "--reference-tool",
+        help="the zfs-ram of another checkout (e.g. /work/ref/.venv/bin/zfs-ram): mounted as "
+        "zfs_ram_ref beside the others, and zfs_ram / zfs_ram_ref reported per call",
+    )
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="request_floor-"))
     systems: list[System] = []
     for cls in (FloorFs, NullFs, ZfsRam):
         (base / cls.name).mkdir()
         systems.append(cls(base / cls.name, 64 * MIB))
+    if args.reference_tool:
+        (base / ZfsRamReference.name).mkdir()
+        systems.append(
+            ZfsRamReference(base / ZfsRamReference.name, 64 * MIB, tool=args.reference_tool)
+        )
     samples: dict[tuple[str, str], list[float]] = {}
     try:
         for system in systems:
@@ -157,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<12} {floor:8.1f} {null:8.1f} {zfs:8.1f} {null / floor:10.2f} "
             f"{zfs / floor:10.2f} {null - floor:+8.1f} {zfs - null:+8.1f}"
         )
+    if args.reference_tool:
+        print(f"against the reference build ({args.reference_tool}): medians, per-rep ratios")
+        for name in CALLS:
+            mine, ref = samples[("zfs_ram", name)], samples[(ZfsRamReference.name, name)]
+            ratios = sorted(m / r for m, r in zip(mine, ref, strict=True))
+            print(
+                f"{name:<12} zfs_ram {statistics.median(mine):7.1f}  zfs_ram_ref "
+                f"{statistics.median(ref):7.1f}  ratio {statistics.median(ratios):.2f} "
+                f"({ratios[0]:.2f}-{ratios[-1]:.2f})"
+            )
     return 0
 
 
