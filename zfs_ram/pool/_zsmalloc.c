@@ -259,7 +259,7 @@ cmp_frame(const void *x, const void *y)
 #ifndef SYS_process_madvise
 #define SYS_process_madvise 440
 #endif
-/* The calling process, as a pidfd (linux/pidfd.h's PIDFD_SELF_THREAD_GROUP, Linux 6.14+):
+/* The calling process, as a pidfd (PIDFD_SELF_THREAD_GROUP of linux/fcntl.h, Linux 6.14+):
  * unlike a pidfd_open() of our pid, it cannot name the parent after a fork. */
 #define PIDFD_SELF_PROCESS (-10001)
 #define MADVISE_BATCH 1024 /* UIO_MAXIOV: ranges per process_madvise() */
