@@ -411,14 +411,19 @@ def test_a_stopped_experiment_keeps_its_results_and_says_so(
     progress: list[str] = []
     with (
         no_mount_left_behind(),
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc,
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        ) as proc,
     ):
         try:
             assert proc.stderr is not None
             for line in proc.stderr:  # one line per stage
                 progress.append(line)
                 if line.startswith("[run 2 of 2") and " delete " in line:
-                    proc.send_signal(signum)
+                    if signum == signal.SIGINT:  # as Ctrl-C sends it: to the whole group
+                        os.killpg(proc.pid, signum)
+                    else:  # as kill(1) or systemd does
+                        proc.send_signal(signum)
                     break
             stdout, stderr = proc.communicate(timeout=60)
         finally:
