@@ -295,6 +295,26 @@ def test_interruption_keeps_the_runs_so_far(
     assert "b (stopped)" in text and f"INTERRUPTED ({name} in run 2 of 2): 1 of 2 runs" in text
 
 
+def test_a_stop_during_teardown_keeps_the_run_complete(
+    tiny_set: FileSet, tmp_path: os.PathLike[str]
+) -> None:
+    """Every stage measured, then Ctrl-C while the target goes down: the run counts in full."""
+
+    class StoppedOnTheWayOut(DirTarget):
+        def __exit__(self, *exc: object) -> None:
+            super().__exit__(None, None, None)
+            raise KeyboardInterrupt
+
+    target = StoppedOnTheWayOut(str(tmp_path))
+    result = run_experiment(tiny_set, [("a", lambda f: target)], [0.25, 0.5], wait=0.0)
+    assert target.entered == target.exited == 1
+    assert result.interrupted == "SIGINT in run 1 of 2"
+    (run,) = result.runs
+    assert run.error is None and list(run.stages) == ["fill", "delete", "wait", "compact"]
+    assert "(stopped)" not in render_table(result)
+    assert "1 of 2 runs complete, 1 not run." in render_table(result)
+
+
 def test_teardown_holds_back_a_stop_signal_until_done(tmp_path: os.PathLike[str]) -> None:
     """A Ctrl-C during the unmount would leave the mount behind: it waits until after."""
     events: list[str] = []

@@ -440,7 +440,7 @@ def run_experiment(
                 if on_run is not None:
                     on_run(result)
     except (Interrupted, KeyboardInterrupt) as exc:
-        why = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+        why = _signal_name(exc)
         result.interrupted = f"{why} in run {schedule.current} of {schedule.total}"
         complete = sum(1 for r in result.runs if r.error is None)
         progress.stage(
@@ -450,6 +450,12 @@ def run_experiment(
     finally:
         progress.schedule = None
     return result
+
+
+def _signal_name(exc: BaseException) -> str:
+    """The signal that stopped the experiment: Interrupted names it, KeyboardInterrupt is
+    Python's own SIGINT."""
+    return exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
 
 
 def _run_with_retries(
@@ -481,10 +487,10 @@ def _run_with_retries(
             run = RunResult(arm=name, fraction=fraction, target=run.target)
             run.error = errors.pop()
         except (Interrupted, KeyboardInterrupt) as exc:
-            why = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
             stage = unfinished_stage(run, target) if target is not None else "setup"
             run.arm = name
-            run.error = f"interrupted by {why} in stage {stage!r}"
+            if stage != "teardown":  # stopped during teardown: every stage was measured
+                run.error = f"interrupted by {_signal_name(exc)} in stage {stage!r}"
             run.failed_attempts = errors
             runs.append(run)
             raise
