@@ -16,8 +16,15 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from zfs_ram.experiments.arms import ARMS_BY_NAME, Arm
 from zfs_ram.experiments.report import render_table, write_json, write_plot
-from zfs_ram.experiments.runner import DEFAULT_WAIT, Progress, run_experiment
+from zfs_ram.experiments.runner import (
+    DEFAULT_WAIT,
+    ExperimentResult,
+    Interrupted,
+    Progress,
+    run_experiment,
+)
 from zfs_ram.experiments.targets import (
     KernelZramTarget,
     Target,
@@ -30,13 +37,7 @@ from zfs_ram.vocabulary import PAGE_SIZE, mem_total_bytes
 DEFAULT_FRACTIONS = "0.25,0.5,0.75,0.9"
 DEFAULT_SIZE_MIB = 200  # big enough for hundreds of zspages per class, small enough for minutes
 KERNEL_ARM = "kernel"
-# Arm name -> (pool, compact mode) of a zfs_ram mount.
-ZFS_RAM_ARMS = {
-    "zsmalloc-off": ("zsmalloc", "off"),
-    "zsmalloc-auto": ("zsmalloc", "auto"),
-    "zbud": ("zbud", "auto"),
-}
-ALL_ARMS = (*ZFS_RAM_ARMS, KERNEL_ARM)
+ALL_ARMS = (*ARMS_BY_NAME, KERNEL_ARM)  # zfs_ram's arms are in arms.py
 
 _N = TypeVar("_N", int, float)
 
@@ -116,7 +117,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="measure fragmentation: fill, delete a fraction, wait, compact; per allocator",
         description="Fill a fresh filesystem with a seeded mix of real and synthetic files, "
         "delete a random fraction, wait, compact, and compare memory per compressed byte "
-        "across zfs_ram's allocators and the kernel's zram (as root).",
+        "across zfs_ram's allocators, compressors and tiers and the kernel's zram (as root). "
+        "Ctrl-C or SIGTERM stops it with the results so far written and printed.",
     )
     p.add_argument(
         "--fractions",
@@ -167,38 +169,75 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=run_experiment_cli)
 
 
-def _zfs_ram_factory(name: str, size: int, log_dir: str) -> Callable[[float], Target]:
+def _zfs_ram_factory(arm: Arm, size: int, log_dir: str) -> Callable[[float], Target]:
     """A fresh mount per run; the daemon logs to LOG_DIR/ARM-PERCENT.log (kept for failures)."""
-    pool, compact = ZFS_RAM_ARMS[name]
 
     def factory(fraction: float) -> Target:
         os.makedirs(log_dir, exist_ok=True)
-        log = os.path.join(log_dir, f"{name}-{fraction * 100:.0f}.log")
+        log = os.path.join(log_dir, f"{arm.name}-{fraction * 100:.0f}.log")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(log)  # the daemon appends; one run per file
-        return ZfsRamTarget(pool, compact, size, name, log_path=log)
+        return ZfsRamTarget(
+            arm.pool,
+            arm.compact,
+            size,
+            arm.name,
+            extra_options=arm.options,
+            log_path=log,
+            steps=arm.after_fill,
+        )
 
     return factory
+
+
+class _StopRequests:
+    """SIGINT and SIGTERM while the experiment runs.
+
+    The first one raises Interrupted where the runs are (the runner keeps what it has and
+    returns); any later one, or one after the runs, is only remembered, so that the results
+    so far are still written and printed. The exit status is then 128 + the first signal.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.raising = True
+
+    def __call__(self, signum: int, frame: object) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        if first and self.raising:
+            self.raising = False
+            raise Interrupted(signum)
+        print("experiment: stopping, writing the results so far", file=sys.stderr)
 
 
 def run_experiment_cli(args: argparse.Namespace) -> int:
     """Build the file set once, run every arm and fraction, print and save the results.
 
-    SIGTERM unwinds like Ctrl-C, so the current target is still unmounted (or its zram
-    device removed) on the way out.
+    Ctrl-C and SIGTERM stop it: the current target is still unmounted (or its zram device
+    removed), the results so far are written and printed, and the exit status is 128 + the
+    signal's number.
     """
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    stop = _StopRequests()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run_experiment(args)
+        status = _run_experiment(args, stop)
+    except Interrupted as exc:  # before the first run: nothing measured, nothing written
+        print(f"experiment: interrupted by {exc} before the first run", file=sys.stderr)
+        return exc.exit_status
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + stop.signum if stop.signum is not None else status
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    sys.exit(128 + signum)
+def _reference_arm(names: list[str]) -> str | None:
+    """The first arm storing with lz4 and nothing after the fill: the byte ratios' yardstick."""
+    return next((n for n in names if n in ARMS_BY_NAME and ARMS_BY_NAME[n].is_reference), None)
 
 
-def _run_experiment(args: argparse.Namespace) -> int:
+def _run_experiment(args: argparse.Namespace, stop: _StopRequests) -> int:
     progress = Progress(quiet=args.quiet)
     size = round(args.size_mib * MIB)
     log_dir = os.path.join(args.out, "logs")
@@ -212,7 +251,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
                 continue
             arms.append((name, lambda fraction: KernelZramTarget(size)))
         else:
-            arms.append((name, _zfs_ram_factory(name, size, log_dir)))
+            arms.append((name, _zfs_ram_factory(ARMS_BY_NAME[name], size, log_dir)))
     for name, why in skipped.items():
         print(f"experiment: arm {name} skipped: {why}", file=sys.stderr)
     if not arms:
@@ -228,15 +267,23 @@ def _run_experiment(args: argparse.Namespace) -> int:
         f"{summary['synthetic_files']} synthetic), {summary['total_bytes'] / MIB:.1f} MiB, "
         f"built in {time.monotonic() - started:.1f}s"
     )
+    names = [a for a, _ in arms]
     params = {
         "fractions": args.fractions,
         "size_mib": args.size_mib,
-        "arms": [a for a, _ in arms],
+        "arms": names,
         "seed": args.seed,
         "wait": args.wait,
         "order": args.order,
         "kernel": os.uname().release,
+        "reference_arm": _reference_arm(names),
+        "arm_descriptions": {
+            n: ARMS_BY_NAME[n].describe() if n in ARMS_BY_NAME else "ext4 on the kernel's zram"
+            for n in names
+        },
     }
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "experiment.json")
     result = run_experiment(
         file_set,
         arms,
@@ -246,12 +293,18 @@ def _run_experiment(args: argparse.Namespace) -> int:
         progress,
         params,
         retries=args.retries,
+        on_run=lambda so_far: write_json(so_far, json_path),  # kept if we are killed later
     )
+    stop.raising = False  # from here on a signal waits until the results are out
     result.skipped.update(skipped)
+    return _write_results(result, args, json_path, log_dir)
 
+
+def _write_results(
+    result: ExperimentResult, args: argparse.Namespace, json_path: str, log_dir: str
+) -> int:
+    """Print the table, write the JSON and the plot; 1 if a run failed."""
     print(render_table(result, markdown=args.markdown))
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "experiment.json")
     write_json(result, json_path)
     print(f"samples: {json_path}")
     if any(r.error for r in result.runs) and os.path.isdir(log_dir):
@@ -262,6 +315,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
         print(f"plot:    {png_path}")
     except ImportError:
         print("plot:    skipped (matplotlib is not installed)", file=sys.stderr)
+    sys.stdout.flush()
     return 1 if any(r.error for r in result.runs) else 0
 
 

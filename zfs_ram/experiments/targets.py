@@ -4,7 +4,9 @@ A Target is a context manager: entering creates a fresh, empty filesystem (mount
 device) and leaves ``root`` pointing at it; leaving always tears it down, whatever happened.
 While it is up, ``mm_stat()`` reads zram's nine-column memory statistics, ``compact()`` asks
 for compaction now, ``after_delete()`` makes deletions visible to the allocator (fstrim on
-ext4), and ``rss_bytes()`` gives the memory the process holding the data really uses.
+ext4), ``run_step()`` carries out one of the arm's steps after the fill (``steps``: zram's
+idle, recompress, writeback), and ``rss_bytes()`` gives the memory the process holding the data
+really uses.
 
 The kernel arm only ever touches the zram device it created with hot_add.
 """
@@ -14,15 +16,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from types import TracebackType
 from typing import Any
 
 from zfs_ram.client import COMPACT_TIMEOUT, ControlClient
+from zfs_ram.experiments.arms import Step
 from zfs_ram.mounts import locate
 from zfs_ram.vocabulary import MM_STAT_FIELDS, ControlFile, parse_mm_stat
 
@@ -37,6 +43,11 @@ KERNEL_DISK_MIN = 256 * MIB
 # A zfs_ram mount's size= limit, relative to the workload (the fill must never hit ENOSPC).
 ZFS_RAM_SIZE_FACTOR = 2
 ZFS_RAM_SIZE_MIN = 64 * MIB
+# An arm's step after the fill (recompressing or writing back every page) may take minutes on
+# the pure-Python engine at the default 200 MiB: far longer than a compaction.
+STEP_TIMEOUT = 600.0
+# Replaced in an arm's mount options by the run's temporary directory (see arms.py).
+TMPDIR_PLACEHOLDER = "{tmpdir}"
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,40 @@ if tuple(f.name for f in fields(MmStat)) != MM_STAT_FIELDS:
     raise RuntimeError("MmStat's attributes are not vocabulary.MM_STAT_FIELDS in order")
 
 
+# Signals that stop the experiment; held back while a target is taken down (see below).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block is done, then let them through.
+
+    A teardown cut short by Ctrl-C (its umount killed half-way) would leave a mount or a zram
+    device behind. The signals are blocked in this thread, which the commands the block runs
+    inherit (Ctrl-C reaches every process of the terminal's group), and a signal that another
+    thread takes meanwhile is caught by a handler that only notes it; after the block it is
+    raised again for the handler that was there before. Only teardown runs under it: a daemon
+    started with the signals blocked would inherit the mask.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: noted.append(signum)) for sig in STOP_SIGNALS
+    }
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a blocked one is noted now, or
+        for sig, handler in previous.items():  # handled by its own handler once it is back
+            if handler is not None:  # None: not set from Python, cannot be put back
+                signal.signal(sig, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)
+
+
 def _run(cmd: list[str], timeout: float = COMMAND_TIMEOUT) -> None:
     """Run a command, raising with its stderr if it fails."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -105,6 +150,7 @@ class Target:
     name: str = "target"
     direct_io: bool = False  # open files O_DIRECT during the fill
     root: str = ""
+    steps: tuple[Step, ...] = ()  # control-file writes after the fill (runner's "tier" stage)
 
     def __enter__(self) -> Target:
         raise NotImplementedError
@@ -115,7 +161,8 @@ class Target:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._teardown()
+        with stop_signals_deferred():
+            self._teardown()
 
     def _teardown(self) -> None:
         """Take the filesystem down; also called when __enter__ fails half-way."""
@@ -130,6 +177,10 @@ class Target:
     def after_delete(self) -> None:
         """Make deletions reach the allocator (sync; subclasses add fstrim)."""
         os.sync()
+
+    def run_step(self, step: Step) -> None:
+        """Carry out one of ``steps``; only targets that have steps need to."""
+        raise NotImplementedError(f"{self.name} has no control files for {step}")
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the process holding the data (None: kernel memory)."""
@@ -170,12 +221,14 @@ class ZfsRamTarget(Target):
         name: str | None = None,
         extra_options: str = "",
         log_path: str | None = None,
+        steps: tuple[Step, ...] = (),
     ) -> None:
         self.pool = pool
         self.compact_mode = compact
         self.size_bytes = size_bytes
         self.name = name or f"{pool}-{compact}"
         self.extra_options = extra_options
+        self.steps = steps
         self.log_path = log_path  # the daemon's log (-o log=), kept after the run
         self.tmpdir = ""
         self.pid: int | None = None
@@ -186,7 +239,8 @@ class ZfsRamTarget(Target):
         opts = f"size={size},pool={self.pool},compact={self.compact_mode}"
         if self.log_path is not None:
             opts += f",log={os.path.abspath(self.log_path)}"
-        return f"{opts},{self.extra_options}" if self.extra_options else opts
+        extra = self.extra_options.replace(TMPDIR_PLACEHOLDER, self.tmpdir or TMPDIR_PLACEHOLDER)
+        return f"{opts},{extra}" if extra else opts
 
     def __enter__(self) -> ZfsRamTarget:
         self.tmpdir = tempfile.mkdtemp(prefix="zfs_ram-exp-")
@@ -198,7 +252,8 @@ class ZfsRamTarget(Target):
             self.client = ControlClient(self.root)
             self.pid = self.client.pid()
         except BaseException:
-            self._teardown()
+            with stop_signals_deferred():
+                self._teardown()
             raise
         return self
 
@@ -222,11 +277,19 @@ class ZfsRamTarget(Target):
         # after): the compact stage times exactly the compaction.
         self._client().write(ControlFile.COMPACT, "1\n", timeout=COMPACT_TIMEOUT)
 
+    def run_step(self, step: Step) -> None:
+        self._client().write(step.control_file, step.text, timeout=STEP_TIMEOUT)
+
     def rss_bytes(self) -> int | None:
         return None if self.pid is None else _read_rss(self.pid)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "zfs_ram", "options": self.options()}
+        return {
+            "name": self.name,
+            "kind": "zfs_ram",
+            "options": self.options(),
+            "steps": [str(s) for s in self.steps],
+        }
 
 
 def kernel_zram_available() -> str | None:
@@ -281,7 +344,8 @@ class KernelZramTarget(Target):
             os.mkdir(self.root)
             _run(["mount", "-o", "discard", dev, self.root])
         except BaseException:
-            self._teardown()
+            with stop_signals_deferred():
+                self._teardown()
             raise
         return self
 
