@@ -204,8 +204,9 @@ class BackingFile:
         self.count += len(slots)
         return slots
 
-    def free(self, slots: Iterable[int]) -> None:
-        """The slots hold nothing any more: their blocks go back to the disk."""
+    def free(self, slots: Iterable[int], punch: bool = True) -> None:
+        """The slots hold nothing any more: their blocks go back to the disk (unless
+        `punch` is False: nothing was written to them)."""
         runs = _runs(slots)
         used = self._map
         for first, count in runs:
@@ -214,21 +215,26 @@ class BackingFile:
             self.count -= count
         if runs:
             self._lowest_free = min(self._lowest_free, runs[0][0])
-            self._punch(runs)
+            if punch:
+                for first, count in runs:
+                    self._punch(first * PAGE_SIZE, count * PAGE_SIZE)
 
-    def _punch(self, runs: list[tuple[int, int]]) -> None:
+    def _punch(self, offset: int, length: int) -> None:
+        """Give the file's bytes offset..offset+length back to the disk. A file system that
+        cannot (EOPNOTSUPP) is told once and not asked again."""
         if _fallocate is None or self.punch_error is not None:
             return
-        for first, count in runs:
-            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            if _fallocate(self.fd, mode, first * PAGE_SIZE, count * PAGE_SIZE) != 0:
-                self.punch_error = os.strerror(ctypes.get_errno())
-                log.warning(
-                    "backing file %s: freed slots keep their disk space (fallocate: %s)",
-                    self.path,
-                    self.punch_error,
-                )
-                return
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if _fallocate(self.fd, mode, offset, length) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EOPNOTSUPP:
+            self.punch_error = os.strerror(code)
+        log.warning(
+            "backing file %s: freed slots keep their disk space (fallocate: %s)",
+            self.path,
+            os.strerror(code),
+        )
 
     def is_used(self, slot: int) -> bool:
         return slot < len(self._map) and self._map[slot] == 1
@@ -252,14 +258,15 @@ class BackingFile:
                 if size < PAGE_SIZE:
                     pieces.append(bytes(PAGE_SIZE - size))
                 position += size
-            try:
-                self._pwrite_all(b"".join(pieces), first * PAGE_SIZE)
-            except OSError as e:
-                error = e
+            landed, failure = self._pwrite_all(b"".join(pieces), first * PAGE_SIZE)
+            written += landed // PAGE_SIZE  # the slots written whole are kept
+            if failure is not None:
+                if landed % PAGE_SIZE:  # a slot written in part: its blocks go back
+                    self._punch(first * PAGE_SIZE + landed // PAGE_SIZE * PAGE_SIZE, PAGE_SIZE)
+                error = failure
                 break
-            written += count
         if written < len(slots):
-            self.free(slots[written:])  # punched too: a short write may have left blocks
+            self.free(slots[written:], punch=False)  # nothing (else) written to them
             del slots[written:]
         self.writes += written
         if error is None:
@@ -267,14 +274,20 @@ class BackingFile:
         self.failed_writes += 1
         return slots, BackingWriteError(self.path, error, written)
 
-    def _pwrite_all(self, data: bytes, offset: int) -> None:
+    def _pwrite_all(self, data: bytes, offset: int) -> tuple[int, OSError | None]:
+        """`data` at `offset`: (bytes written, the error that stopped it or None). A disk
+        that fills up writes part (a short pwrite), then refuses (ENOSPC)."""
         view = memoryview(data)
-        while view:
-            done = os.pwrite(self.fd, view, offset)
+        landed = 0
+        while landed < len(data):
+            try:
+                done = os.pwrite(self.fd, view[landed:], offset + landed)
+            except OSError as error:
+                return landed, error
             if done <= 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            view = view[done:]
-            offset += done
+                return landed, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            landed += done
+        return landed, None
 
     def read(self, slot: int, size: int) -> bytes:
         """The `size` stored bytes in `slot`. OSError if the file cannot give them."""
@@ -339,6 +352,17 @@ class StoreBacking(StoreTiers):
     def writeback_chunk(
         self, data: FileData, key: int, idle: bool, huge: bool, incompressible: bool = False
     ) -> int:
+        """_writeback_chunk, as a public call: on_free() once if it freed pool objects."""
+        freed = self._freed
+        try:
+            return self._writeback_chunk(data, key, idle, huge, incompressible)
+        finally:
+            if self._freed != freed:
+                self.on_free()
+
+    def _writeback_chunk(
+        self, data: FileData, key: int, idle: bool, huge: bool, incompressible: bool = False
+    ) -> int:
         """zram's writeback for chunk `key` of a file: each object that is idle (if `idle`),
         raw (if `huge`) and was tried by recompress in vain (if `incompressible`) goes to the
         backing file. Returns the pages written back. NoBackingFileError without a file;
@@ -379,7 +403,6 @@ class StoreBacking(StoreTiers):
             data.footprint -= size
             self.huge_pages -= freed.count(PAGE_SIZE)
             self.backed_pages += done
-            self.on_free()
         if error is not None:
             raise error
         return done
@@ -394,7 +417,7 @@ class StoreBacking(StoreTiers):
             for data in list(self._victims()):
                 for key in sorted(data.chunks):
                     try:
-                        done += self.writeback_chunk(data, key, idle, huge)
+                        done += self._writeback_chunk(data, key, idle, huge)
                     except BackingWriteError as error:
                         done += error.written
                         log.warning("writeback=auto: %s", error)
