@@ -310,11 +310,18 @@ def test_written_back_pages_leave_the_pool_and_read_back(engine: str, tmp_path: 
             store.read(data, 599 * PAGE_SIZE + 5, PAGE_SIZE)
             == content[599 * PAGE_SIZE + 5 : 600 * PAGE_SIZE + 5]
         )
+    assert (
+        store.read(files[0], 7 * PAGE_SIZE + 1, 100)
+        == content[7 * PAGE_SIZE + 1 : 7 * PAGE_SIZE + 101]
+    )
     assert backing.reads >= 3 * 603
     store.write(files[0], 10, b"new")  # read, changed, stored in the pool again
+    store.write(files[0], PAGE_SIZE, content[PAGE_SIZE : 5 * PAGE_SIZE])  # a batch over four
+    assert store.same_pages == 0 and store.stored_pages == stored
+    assert store.compr_bytes == pool.bytes_stored > 0
     store.truncate(files[1], 100 * PAGE_SIZE)
     store.release(files[2])
-    assert backing.count == 602 + 100
+    assert backing.count == 598 + 100
     assert backing.allocated_bytes() == backing.count * PAGE_SIZE
     store.check_backing(files)
 
