@@ -159,9 +159,13 @@ class BackingFile:
                 " overwrite them: remove it or name a new file)"
             )
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise BackingFileError(f"backing_file={path}: {e.strerror}") from None
+        opened = os.fstat(self.fd)
+        if not stat.S_ISREG(opened.st_mode) or opened.st_size:  # replaced since the stat
+            os.close(self.fd)
+            raise BackingFileError(f"backing_file={path}: changed while it was opened")
         self.max_slots = max_slots
         self._map = bytearray()  # one byte per slot: 1 used, 0 free
         self._lowest_free = 0  # no slot below it is free
@@ -191,15 +195,16 @@ class BackingFile:
         used = self._map
         at = self._lowest_free
         while len(slots) < count:
-            at = used.find(0, at)
-            if at < 0:
-                if len(used) >= self.max_slots:
-                    break
+            found = used.find(0, at)
+            if found < 0:
                 at = len(used)
-                used.extend(bytes(min(MAP_GROWTH, self.max_slots - len(used))))
-            used[at] = 1
-            slots.append(at)
-            at += 1
+                if at >= self.max_slots:
+                    break
+                found = at
+                used.extend(bytes(min(MAP_GROWTH, self.max_slots - at)))
+            used[found] = 1
+            slots.append(found)
+            at = found + 1
         self._lowest_free = at
         self.count += len(slots)
         return slots

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import shutil
 import tempfile
 from array import array
@@ -28,7 +29,7 @@ from dataclasses import replace
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import event
+from hypothesis import event, given, settings
 from hypothesis.stateful import initialize, invariant, rule
 from test_pagestore_model import PageStoreMachine, _settings
 
@@ -194,6 +195,8 @@ class BackingMachine(PageStoreMachine):
         store, backing = self.store, self.backings[0]
         store.check_backing(self.files)
         self.twin.check_backing(self.twin_files)
+        if store.auto_pages:
+            event("writeback=auto wrote pages back")
         stats = store.backing_statistics()
         assert self.twin.backing_statistics() == replace(stats, backing_file=self.backings[1].path)
         assert stats is not None and stats.bd_count == store.backed_pages == backing.count
@@ -264,9 +267,8 @@ ENGINES = [native.PYTHON, native.NATIVE]
 
 
 def text_pages(count: int) -> bytes:
-    return b"".join(f"page {n} ".encode() * (PAGE_SIZE // 8) for n in range(count))[
-        : count * PAGE_SIZE
-    ]
+    """`count` whole pages of text, each its own (none same-filled)."""
+    return b"".join((f"page {n:05d} ".encode() * PAGE_SIZE)[:PAGE_SIZE] for n in range(count))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -339,3 +341,90 @@ def test_a_backing_file_that_cannot_be_used_is_one_line(tmp_path: str) -> None:
             BackingFile(os.path.join(tmp_path, name))
         assert "\n" not in str(error.value)
     assert os.path.getsize(os.path.join(tmp_path, "full")) == 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_auto_writeback_makes_room_at_mem_limit(engine: str, tmp_path: str) -> None:
+    """writeback=auto: a pool of four frames takes twenty raw pages, the oldest written back
+    to make room; a page overwritten while mem_limit is reached may be the one moved."""
+    pool = create_pool("zsmalloc", mem_limit_pages=4)
+    store = PageStore(pool, codec=Codec(engine=engine))
+    data = FileData()
+    store.attach_backing(BackingFile(os.path.join(tmp_path, "backing")), lambda: [data], True)
+    content = bytearray(os.urandom(20 * PAGE_SIZE))  # raw pages: one frame each
+    store.write(data, 0, bytes(content))
+    assert store.auto_pages > 0 and pool.pages_used <= 4
+    for page in (19, 18, 0):  # in the pool, in the pool, written back
+        fresh = os.urandom(PAGE_SIZE)
+        store.write(data, page * PAGE_SIZE, fresh)
+        content[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = fresh
+        pool.check()
+        store.check_backing([data])
+    assert store.read(data, 0, len(content)) == content
+    assert store.stored_pages == 20 and store.compr_bytes == pool.bytes_stored
+    store.release(data)
+    assert store.backed_pages == 0 and pool.objects == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_full_backing_file_takes_what_fits(engine: str, tmp_path: str) -> None:
+    """zram's backing device has a size: past it, writeback stops with ENOSPC, the pages it
+    wrote stay written back and the others stay in memory; a freed slot is used again."""
+    store = PageStore(create_pool("zsmalloc"), codec=Codec(engine=engine))
+    data = FileData()
+    store.attach_backing(BackingFile(os.path.join(tmp_path, "backing"), max_slots=4))
+    content = text_pages(10)
+    store.write(data, 0, content)
+    with pytest.raises(BackingWriteError) as error:
+        store.writeback_chunk(data, 0, idle=False, huge=False)
+    assert (error.value.errno, error.value.written) == (errno.ENOSPC, 4)
+    assert "\n" not in str(error.value)
+    kinds = [is_backed(data.entry(page)) for page in range(10)]
+    assert kinds == [True] * 4 + [False] * 6 and store.pool.objects == 6
+    store.write(data, 0, content[:PAGE_SIZE])  # slot 0 is free again
+    with pytest.raises(BackingWriteError) as error:
+        store.writeback_chunk(data, 0, idle=False, huge=False)
+    assert error.value.written == 1  # page 0, into slot 0
+    assert [slot_of(data.entry(page)) for page in range(4)] == [0, 1, 2, 3]
+    assert store.backed_pages == 4 and store.read(data, 0, len(content)) == content
+    store.check_backing([data])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    max_slots=st.integers(1, 12),
+    steps=st.lists(
+        st.tuples(st.booleans(), st.integers(1, 6), st.integers(0, 2**16)), min_size=4, max_size=30
+    ),
+)
+def test_slots_go_lowest_first_and_come_back(
+    max_slots: int, steps: list[tuple[bool, int, int]]
+) -> None:
+    """The slot map against a set: a write takes the lowest free slots (as many as there are),
+    a free gives them back and punches their blocks, and each slot holds what was written."""
+    with tempfile.TemporaryDirectory() as directory:
+        backing = BackingFile(os.path.join(directory, "backing"), max_slots=max_slots)
+        held: dict[int, bytes] = {}
+        for write, count, seed in steps:
+            rng = random.Random(seed)
+            if write:
+                sizes = array("H", [rng.randrange(1, PAGE_SIZE + 1) for _ in range(count)])
+                blob = rng.randbytes(sum(sizes))
+                slots, error = backing.write(blob, sizes)
+                free = [slot for slot in range(max_slots) if slot not in held]
+                assert list(slots) == free[:count]
+                assert (error is not None) == (len(free) < count)
+                position = 0
+                for slot, size in zip(slots, sizes, strict=False):
+                    held[slot] = blob[position : position + size]
+                    position += size
+            elif held:
+                gone = rng.sample(sorted(held), min(count, len(held)))
+                backing.free(gone)
+                for slot in gone:
+                    del held[slot]
+            assert backing.count == len(held)
+            assert backing.allocated_bytes() == len(held) * PAGE_SIZE
+            for slot, stored in held.items():
+                assert backing.read(slot, len(stored)) == stored
+        backing.close()
