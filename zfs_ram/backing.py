@@ -84,13 +84,17 @@ class BackingWriteError(Exception):
     """The backing file refused a write; `errno` is its error. ``str()`` is one line."""
 
     def __init__(self, path: str, error: OSError, written: int) -> None:
-        reason = error.strerror or str(error)
-        super().__init__(
-            f"writeback to {path} stopped after {written} pages: {reason}"
+        super().__init__(path, error)
+        self.path = path
+        self.reason = error.strerror or str(error)
+        self.errno = error.errno or errno.EIO
+        self.written = written  # pages written back before it (a walk adds its own)
+
+    def __str__(self) -> str:
+        return (
+            f"writeback to {self.path} stopped after {self.written} pages: {self.reason}"
             " (the other pages stay in memory)"
         )
-        self.errno = error.errno or errno.EIO
-        self.written = written
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:

@@ -367,7 +367,7 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("recomp_algorithm=" + "|".join(ALGORITHMS), "none", "recompresses idle/huge pages"),
     ("idle_recompress=SECONDS", "0 (off)", "recompress pages idle this long on its own"),
     ("backing_file=PATH", "none", "file that writeback moves pages to (zram's backing_dev)"),
-    ("writeback=" + "|".join(WRITEBACK_MODES), _DEFAULTS.writeback, "write back at mem_limit"),
+    ("writeback=" + "|".join(WRITEBACK_MODES), _DEFAULTS.writeback, "write back at mem_limit/PSI"),
     ("fsname=NAME", DEFAULT_FSNAME, "first field of /proc/mounts and df"),
     ("log=PATH", "none", "the daemon's log file"),
     ("xattr|noxattr", "noxattr", "extended attributes (cost: a request per write(2))"),

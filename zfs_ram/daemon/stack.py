@@ -51,15 +51,17 @@ class Filesystem:
     store: PageStore
     compactor: Compactor
     recompressor: Recompressor
+    writeback: Writeback
     namespace: Namespace
     control: ControlDirectory
     operations: ZfsRamOperations
 
     async def run_background(self) -> None:
-        """The mount's background work: the compactor and (idle_recompress) the
-        recompressor. Runs until cancelled."""
+        """The mount's background work: the compactor, (idle_recompress) the recompressor
+        and (writeback=auto) the watch on memory pressure. Runs until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.recompressor.run)
+            nursery.start_soon(self.writeback.run)
             await self.compactor.run()
 
     def shutdown(self) -> None:
@@ -105,7 +107,7 @@ def build(config: FsConfig) -> Filesystem:
     recompressor = Recompressor(store, files, idle_recompress_seconds=config.idle_recompress)
     if backing is not None:
         store.attach_backing(backing, files, auto=config.writeback == "auto")
-    writeback = Writeback(store, files)
+    writeback = Writeback(store, files, auto=config.writeback == "auto")
     statistics = MountStatistics(
         config, pool, store, compactor, namespace, meter, recompressor, writeback
     )
@@ -118,4 +120,6 @@ def build(config: FsConfig) -> Filesystem:
         meter=meter,
         xattrs=config.xattrs,
     )
-    return Filesystem(config, pool, store, compactor, recompressor, namespace, control, operations)
+    return Filesystem(
+        config, pool, store, compactor, recompressor, writeback, namespace, control, operations
+    )

@@ -41,7 +41,8 @@ class FsConfig:
     idle_recompress: int = 0
     # zram's backing_dev: a file (absolute path) that written-back pages go to; "": none.
     backing_file: str = ""
-    # "auto": when mem_limit refuses a page, write pages back (idle, huge, any) before ENOSPC.
+    # "auto": when mem_limit refuses a page, write pages back (idle, huge, any) before ENOSPC,
+    # and under memory pressure (PSI) write back the pages idle for a minute.
     writeback: str = "off"
 
     @property

@@ -96,6 +96,8 @@ class WritebackWalk(Protocol):
         """Raises NoBackingFileError without a backing file, BackingWriteError if it refuses
         a write."""
 
+    def statistics(self) -> Any: ...
+
 
 #: recompress's types, as zram names them -> (only idle pages, only huge pages).
 RECOMPRESS_TYPES = {"idle": (True, False), "huge": (False, True), "huge_idle": (True, True)}
@@ -216,6 +218,7 @@ class MountStatistics:
             "recompress": self.recompressor.statistics(),
             # zram's bd_stat and the backing file's cost on its disk; null without one.
             "backing": store.backing_statistics(),
+            "writeback": self.writeback.statistics(),
             "pid": os.getpid(),
             "classes": self.pool.class_statistics(),
         }
