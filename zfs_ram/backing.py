@@ -324,6 +324,7 @@ class StoreBacking(StoreTiers):
         self.backed_pages = 0  # written-back entries in all tables: 0 skips every hook
         self.auto_writeback = False
         self.auto_pages = 0
+        self._auto_refused: int | None = None  # the errno last logged by _make_room
         self._victims: Callable[[], Iterable[FileData]] = tuple
 
     def attach_backing(
@@ -429,15 +430,20 @@ class StoreBacking(StoreTiers):
                         done += self._writeback_chunk(data, key, idle, huge)
                     except BackingWriteError as error:
                         done += error.written
-                        log.warning("writeback=auto: %s", error)
+                        if error.errno != self._auto_refused:  # once, not on every write
+                            log.warning("writeback=auto: %s", error)
+                            self._auto_refused = error.errno
                         self.auto_pages += done
                         return done > 0
                     if done >= AUTO_WRITEBACK_PAGES:
                         self.auto_pages += done
+                        self._auto_refused = None
                         return True
             if done:
                 break
         self.auto_pages += done
+        if done:
+            self._auto_refused = None
         return done > 0
 
     def _store_object(self, encoded: bytes) -> int:
