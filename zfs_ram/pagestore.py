@@ -21,6 +21,10 @@ Frees are announced, not polled: every public call (write, truncate, release) th
 least one pool object (an overwrite frees the old one) calls on_free() once, as it returns or
 raises, so the compactor can be woken.
 
+Written-back pages (zfs_ram.backing: their bytes in a slot of the backing file, not in the pool)
+are read from the file, and an overwrite, truncate or release frees their slots: the hooks that
+say so cost nothing while no page is written back (backed_pages is 0).
+
 Partial pages. A write that ends inside the file's last page (tar's 10 KiB records end inside
 every other page) leaves that page pending: kept uncompressed in FileData.pending, its table
 entry a hole, its bytes past the end of file zeros, until a write fills it (then it is
@@ -52,8 +56,8 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from zfs_ram.backing import StoreBacking
 from zfs_ram.codec import DEFAULT_CODEC, ZERO_PAGE, Codec, fill_page, same_filled_word
-from zfs_ram.pagestore_tiers import StoreTiers
 from zfs_ram.pagetable import (
     CHUNK_MASK,
     CHUNK_PAGES,
@@ -120,7 +124,7 @@ def _zeros(typecode: str, count: int) -> array[int]:
     return array(typecode, bytes(array(typecode).itemsize * count))
 
 
-class PageStore(StoreTiers):
+class PageStore(StoreBacking):
     """All files' pages over one pool; enforces the logical limit (tmpfs size=, in pages).
 
     `codec` encodes and decodes the pages (default: lz4 on the engine chosen at import); the
@@ -172,6 +176,7 @@ class PageStore(StoreTiers):
         # pending_limit_pages of them (0: every page is compressed as it is written).
         self.pending_limit_pages = pending_limit_pages
         self._pending: dict[FileData, None] = {}
+        self._init_backing()  # none until attach_backing (zfs_ram.backing)
 
     # -- statistics -----------------------------------------------------------------------
 
@@ -251,7 +256,7 @@ class PageStore(StoreTiers):
         if value == SAME_ENTRY:
             words = data.same_words
             return fill_page(words.get(page, 0) if words else 0)
-        return ZERO_PAGE
+        return self._backed_page(value) if value else ZERO_PAGE
 
     def _read_pages(self, data: FileData, first: int, stop: int, skip: int, length: int) -> bytes:
         """`length` bytes from byte `skip` of page `first` (within pages first..stop-1): the
@@ -268,6 +273,8 @@ class PageStore(StoreTiers):
         count = len(entries)
         handles = _zeros("Q", count)
         del handles[self._handles_of(entries, handles) :]
+        if self.backed_pages and self._any_backed(entries, len(handles)):
+            return self._read_mixed(data, first, entries, skip, length)
         blob, object_sizes = self.pool.read_joined(handles)
         if len(handles) == count:  # no holes, no same-filled pages: the common case
             sizes = object_sizes
@@ -315,9 +322,10 @@ class PageStore(StoreTiers):
             new = SAME_ENTRY
         else:
             try:
-                handle = self.pool.store(encoded)  # type: ignore[arg-type]  # not an int
+                handle = self._store_object(encoded)  # type: ignore[arg-type]  # not an int
             except PoolFullError:
                 raise NoSpaceError(0, physical=True) from None
+            old = data.entry(page)  # writeback=auto may have written it back
             huge = len(encoded) == PAGE_SIZE  # type: ignore[arg-type]  # not an int
             new = object_entry(handle, self._stamp(), huge)
         if old:
@@ -357,6 +365,8 @@ class PageStore(StoreTiers):
             self._same_words -= 1
             if data.same_words:
                 data.same_words.pop(page, None)
+        else:
+            self._free_backed((value,))
         data.stored_pages -= 1
         self.stored_pages -= 1
         if data.detached:
@@ -417,7 +427,7 @@ class PageStore(StoreTiers):
             data.footprint += stored_bytes
             position += stored_bytes
             done = landed
-            if done < count and not freed:
+            if done < count and not freed and not self._make_room():
                 return done, True
         return done, False
 
@@ -440,6 +450,7 @@ class PageStore(StoreTiers):
         stamp = self._stamp()
         # The entries replaced, for the second algorithm's counters (only while it has pages).
         replaced = data.entry_array(page, page + count) if self.recompressed_pages else None
+        backed = self._backed_in(data, page, count)  # place() counts them as same-filled
         while done < count:
             key = (page + done) >> CHUNK_SHIFT
             start = (page + done) & CHUNK_MASK
@@ -453,6 +464,7 @@ class PageStore(StoreTiers):
             old_objects += o
             used += u
             done += part
+        old_same -= self._free_backed(backed)
         placed = sizes[first : first + count]
         same_new = count - used
         same_words = data.same_words
@@ -746,6 +758,7 @@ class PageStore(StoreTiers):
             del handles[self._handles_of(cut, handles) :]
             pages += len(cut) - cut.count(0)
             same += cut.count(SAME_ENTRY)
+            self._free_backed(cut)
             if start == 0:
                 del data.chunks[key]
             else:

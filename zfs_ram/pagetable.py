@@ -18,6 +18,17 @@ Entry layout (one word per page, no Python object per page):
         bits 61-62    its priority: 0 the store's comp_algorithm, 1 recomp_algorithm (zram's
                       per-slot priority; one secondary algorithm for now)
         bit 63        HUGE: a raw page of PAGE_SIZE bytes (zram's ZRAM_HUGE)
+    bits 0-1 clear, not 0: written back (zram's ZRAM_WB) to a slot of the backing file
+                      (zfs_ram.backing), with, from the bottom:
+        bits 2-14     the stored object's size in bytes (1..PAGE_SIZE), what a read preads
+        bits 15-46    its slot: the object's bytes start at byte slot * PAGE_SIZE of the file
+        bits 61-62    its priority, as an object's (which algorithm decodes it)
+        bit 63        HUGE, as an object's (a raw page)
+                      No access stamp: a written-back page is served from the file, not
+                      brought back, so it is neither busy nor idle (zram: ZRAM_WB pages are
+                      not marked idle). The size is never 0, so the entry is never a hole
+                      (0) or SAME_ENTRY (2), and every loop that tests `entry & 1` for an
+                      object passes it by as it passes same-filled pages.
 Same-filled entries and holes carry no flags, so `entry == SAME_ENTRY` stays a whole test.
 
 The loops (place, handles_of, spread, touch, priorities_of, mark_idle) are the pure-Python twins of
@@ -45,6 +56,12 @@ TRIED_BIT = 1 << 60
 PRIORITY_SHIFT = 61
 PRIORITY_FIELD = 3 << PRIORITY_SHIFT
 HUGE_BIT = 1 << 63
+BACKED_SIZE_SHIFT = 2
+BACKED_SIZE_MASK = (1 << 13) - 1  # sizes up to PAGE_SIZE (4096) need 13 bits
+BACKED_SLOT_SHIFT = 15
+SLOT_BITS = 32
+SLOT_MASK = (1 << SLOT_BITS) - 1  # 4 G slots: a 16 TiB backing file
+BACKED_KEPT = PRIORITY_FIELD | HUGE_BIT  # what an object entry's write-back keeps of it
 
 
 def handle_of(entry: int) -> int:
@@ -55,6 +72,27 @@ def handle_of(entry: int) -> int:
 def object_entry(handle: int, stamp: int, huge: bool) -> int:
     """A fresh object entry: encoded by the store's comp_algorithm, accessed at `stamp`."""
     return handle << 1 | 1 | stamp << STAMP_SHIFT | (HUGE_BIT if huge else 0)
+
+
+def is_backed(entry: int) -> bool:
+    """Whether an entry is a written-back page: even, and neither a hole nor same-filled."""
+    return entry != 0 and not entry & 3
+
+
+def backed_entry(slot: int, size: int, entry: int) -> int:
+    """The entry of object entry `entry`'s page once its `size` bytes are in `slot`."""
+    assert 0 < size <= PAGE_SIZE and 0 <= slot <= SLOT_MASK, (slot, size)
+    return slot << BACKED_SLOT_SHIFT | size << BACKED_SIZE_SHIFT | entry & BACKED_KEPT
+
+
+def slot_of(entry: int) -> int:
+    """The backing-file slot of a written-back entry."""
+    return entry >> BACKED_SLOT_SHIFT & SLOT_MASK
+
+
+def backed_size_of(entry: int) -> int:
+    """The stored bytes of a written-back entry: what its slot holds."""
+    return entry >> BACKED_SIZE_SHIFT & BACKED_SIZE_MASK
 
 
 def priority_of(entry: int) -> int:

@@ -52,6 +52,12 @@ class ControlFile:
     RECOMP_ALGORITHM = "recomp_algorithm"
     IDLE = "idle"
     RECOMPRESS = "recompress"
+    WRITEBACK = "writeback"
+    BD_STAT = "bd_stat"
+
+
+# zram's bd_stat columns, in its order: pages on the backing file now, read from it, written.
+BD_STAT_FIELDS: tuple[str, ...] = ("bd_count", "bd_reads", "bd_writes")
 
 
 # The largest size a 64-bit kernel could be asked for at all: anything above is a typo.

@@ -256,6 +256,7 @@ def test_the_control_directory_cannot_be_removed_renamed_or_changed(mount: Any) 
         [
             *("mm_stat", "classes", "stats.json", "compact", "mem_limit", "mem_used_max", "pid"),
             *("comp_algorithm", "recomp_algorithm", "idle", "recompress"),
+            *("writeback", "bd_stat"),
         ]
     )
     assert (mnt / "f").read_text() == "f"

@@ -80,6 +80,7 @@ KERNEL_PERMISSIONS = "default_permissions"
 DEFAULT_SIZE_PERCENT = 50  # tmpfs: "The default is half of your physical RAM without swap"
 POOLS = ("zsmalloc", "zbud")
 COMPACT_MODES = ("auto", "off")
+WRITEBACK_MODES = ("auto", "off")
 # Sequential reads come as READ requests of read_ahead_kb: the kernel's 128 KiB default makes
 # a 1 MiB read(2) eight requests, 1024 (FUSE's largest request, max_pages 256) makes it one.
 DEFAULT_READ_AHEAD_KB = 1024
@@ -165,6 +166,12 @@ def _check_recompression(settings: dict[str, object]) -> None:
         raise OptionError(
             f"idle_recompress={settings['idle_recompress']}", "needs recomp_algorithm="
         )
+
+
+def _check_backing(settings: dict[str, object]) -> None:
+    """writeback=auto needs a backing_file to write to."""
+    if settings.get("writeback") == "auto" and not settings.get("backing_file"):
+        raise OptionError("writeback=auto", "needs backing_file=")
 
 
 def _parse_id(option: str, value: str, lookup: Callable[[str], int], what: str) -> int:
@@ -266,6 +273,15 @@ def parse_options(
             settings["recomp_algorithm"] = _parse_algorithm(opt, value)
         elif key == "idle_recompress":
             settings["idle_recompress"] = _parse_int(opt, value, minimum=0)
+        elif key == "backing_file":
+            if not value:
+                raise OptionError(opt, "expected a file path")
+            # Absolute: the daemon leaves the caller's directory before it first writes back.
+            settings["backing_file"] = os.path.abspath(value)
+        elif key == "writeback":
+            if value not in WRITEBACK_MODES:
+                raise OptionError(opt, f"expected one of {', '.join(WRITEBACK_MODES)}")
+            settings["writeback"] = value
         elif key == "fsname":
             if not value:
                 raise OptionError(opt, "expected a non-empty name")
@@ -284,6 +300,7 @@ def parse_options(
             raise OptionError(opt, "unknown option")
 
     _check_recompression(settings)
+    _check_backing(settings)
     if {"allow_other", "allow_root"} <= fuse:
         raise OptionError("allow_root", "cannot be combined with allow_other")
     if not size_given:
@@ -324,7 +341,8 @@ _ATIME_FLAGS = frozenset({"atime", "noatime", "relatime", "norelatime", "stricta
 _VALUED = frozenset(
     (
         "size nr_inodes mode uid gid mem_limit pool compact compact_min_pages compact_batch "
-        "read_ahead_kb fsname subtype log comp_algorithm recomp_algorithm idle_recompress"
+        "read_ahead_kb fsname subtype log comp_algorithm recomp_algorithm idle_recompress "
+        "backing_file writeback"
     ).split()
 )
 
@@ -348,6 +366,8 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("comp_algorithm=" + "|".join(ALGORITHMS), _DEFAULTS.comp_algorithm, "compressor (zram's)"),
     ("recomp_algorithm=" + "|".join(ALGORITHMS), "none", "recompresses idle/huge pages"),
     ("idle_recompress=SECONDS", "0 (off)", "recompress pages idle this long on its own"),
+    ("backing_file=PATH", "none", "file that writeback moves pages to (zram's backing_dev)"),
+    ("writeback=" + "|".join(WRITEBACK_MODES), _DEFAULTS.writeback, "write back at mem_limit/PSI"),
     ("fsname=NAME", DEFAULT_FSNAME, "first field of /proc/mounts and df"),
     ("log=PATH", "none", "the daemon's log file"),
     ("xattr|noxattr", "noxattr", "extended attributes (cost: a request per write(2))"),

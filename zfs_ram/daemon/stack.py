@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import trio
 
+from zfs_ram.backing import BackingFile
 from zfs_ram.codec import Codec
 from zfs_ram.daemon.compactor import Compactor
 from zfs_ram.daemon.heap import release_c_heap
 from zfs_ram.daemon.recompressor import Recompressor
+from zfs_ram.daemon.writeback import Writeback
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.control import (
     CONTROL_DIR_INO,
@@ -35,6 +37,7 @@ from zfs_ram.fs.namespace import Namespace, Reserved
 from zfs_ram.fs.operations import CACHE_TIMEOUT, ZfsRamOperations
 from zfs_ram.fs.requests import RequestMeter
 from zfs_ram.pagestore import PageStore
+from zfs_ram.pagetable import FileData
 from zfs_ram.pool import Pool, create_pool
 from zfs_ram.vocabulary import PAGE_SIZE
 
@@ -48,25 +51,31 @@ class Filesystem:
     store: PageStore
     compactor: Compactor
     recompressor: Recompressor
+    writeback: Writeback
     namespace: Namespace
     control: ControlDirectory
     operations: ZfsRamOperations
 
     async def run_background(self) -> None:
-        """The mount's background work: the compactor and (idle_recompress) the
-        recompressor. Runs until cancelled."""
+        """The mount's background work: the compactor, (idle_recompress) the recompressor
+        and (writeback=auto) the watch on memory pressure. Runs until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.recompressor.run)
+            nursery.start_soon(self.writeback.run)
             await self.compactor.run()
 
     def shutdown(self) -> None:
-        """After unmount: drop every inode and free the pool."""
+        """After unmount: drop every inode, free the pool, empty the backing file."""
         self.namespace.release_all()
         self.pool.close()
+        if self.store.backing is not None:
+            self.store.backing.close()
 
 
 def build(config: FsConfig) -> Filesystem:
-    """A fresh, empty filesystem for `config`."""
+    """A fresh, empty filesystem for `config`. Raises BackingFileError (one line) if the
+    backing file cannot be used: it is opened first, before anything else is built."""
+    backing = BackingFile(config.backing_file) if config.backing_file else None
     meter = RequestMeter()
     pool = create_pool(config.pool, mem_limit_pages=config.mem_limit_pages)
     compactor = Compactor(
@@ -91,12 +100,17 @@ def build(config: FsConfig) -> Filesystem:
         first_ino=FIRST_REGULAR_INO,
         on_shrink=release_c_heap,
     )
-    recompressor = Recompressor(
-        store,
-        lambda: [inode.data for inode in namespace.inodes.values() if inode.data is not None],
-        idle_recompress_seconds=config.idle_recompress,
+
+    def files() -> list[FileData]:
+        return [inode.data for inode in namespace.inodes.values() if inode.data is not None]
+
+    recompressor = Recompressor(store, files, idle_recompress_seconds=config.idle_recompress)
+    if backing is not None:
+        store.attach_backing(backing, files, auto=config.writeback == "auto")
+    writeback = Writeback(store, files, auto=config.writeback == "auto")
+    statistics = MountStatistics(
+        config, pool, store, compactor, namespace, meter, recompressor, writeback
     )
-    statistics = MountStatistics(config, pool, store, compactor, namespace, meter, recompressor)
     control = ControlDirectory(statistics, cache_timeout=CACHE_TIMEOUT)
     operations = ZfsRamOperations(
         namespace=namespace,
@@ -106,4 +120,6 @@ def build(config: FsConfig) -> Filesystem:
         meter=meter,
         xattrs=config.xattrs,
     )
-    return Filesystem(config, pool, store, compactor, recompressor, namespace, control, operations)
+    return Filesystem(
+        config, pool, store, compactor, recompressor, writeback, namespace, control, operations
+    )

@@ -39,6 +39,11 @@ class FsConfig:
     # Pages not accessed for this many seconds are recompressed in the background; 0: only
     # on `echo type=idle > .zfs_ram/recompress`.
     idle_recompress: int = 0
+    # zram's backing_dev: a file (absolute path) that written-back pages go to; "": none.
+    backing_file: str = ""
+    # "auto": when mem_limit refuses a page, write pages back (idle, huge, any) before ENOSPC,
+    # and under memory pressure (PSI) write back the pages idle for a minute.
+    writeback: str = "off"
 
     @property
     def mem_limit_pages(self) -> int:

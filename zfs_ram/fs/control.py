@@ -22,6 +22,11 @@ Files (names in zfs_ram.vocabulary.ControlFile):
     idle          write `all` or SECONDS: mark pages idle (every one, or not accessed that long)
     recompress    write `type=idle|huge|huge_idle`: recompress them with recomp_algorithm
                   (EINVAL without one)
+    writeback     write `idle|huge|huge_idle|incompressible` (or `type=...`): move those pages
+                  to the backing file (ENODEV without one, as zram; the file's errno, e.g.
+                  ENOSPC, if it refuses a write; either way a line in the daemon's log)
+    bd_stat       zram's bd_stat line (vocabulary.BD_STAT_FIELDS, in pages); zeros without
+                  a backing file
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -38,6 +44,7 @@ from typing import Any, Protocol
 import pyfuse3
 
 from zfs_ram import native
+from zfs_ram.backing import BackingWriteError, NoBackingFileError
 from zfs_ram.codec import ALGORITHMS, Codec
 from zfs_ram.fs.config import FsConfig
 from zfs_ram.fs.errors import FsError
@@ -46,6 +53,7 @@ from zfs_ram.fs.requests import RequestMeter
 from zfs_ram.pagestore import PageStore, StoreBusyError
 from zfs_ram.pool import ClassStats, Pool
 from zfs_ram.vocabulary import (
+    BD_STAT_FIELDS,
     CONTROL_DIR,
     MM_STAT_FIELDS,
     PAGE_SIZE,
@@ -53,6 +61,8 @@ from zfs_ram.vocabulary import (
     mem_total_bytes,
     parse_size,
 )
+
+log = logging.getLogger(__name__)
 
 CONTROL_NAME = CONTROL_DIR.encode()
 CONTROL_DIR_INO = 2  # pyfuse3.ROOT_INODE is 1; 2..15 are the control directory and its files
@@ -79,8 +89,25 @@ class Recompression(Protocol):
     def statistics(self) -> Any: ...
 
 
+class WritebackWalk(Protocol):
+    """What the writeback file needs (zfs_ram.daemon.writeback.Writeback)."""
+
+    async def writeback(self, idle: bool, huge: bool, incompressible: bool) -> Any:
+        """Raises NoBackingFileError without a backing file, BackingWriteError if it refuses
+        a write."""
+
+    def statistics(self) -> Any: ...
+
+
 #: recompress's types, as zram names them -> (only idle pages, only huge pages).
 RECOMPRESS_TYPES = {"idle": (True, False), "huge": (False, True), "huge_idle": (True, True)}
+#: writeback's, as zram names them -> (only idle pages, only huge ones, only incompressible).
+WRITEBACK_TYPES = {
+    "idle": (True, False, False),
+    "huge": (False, True, False),
+    "huge_idle": (True, True, False),
+    "incompressible": (False, False, True),
+}
 
 
 def parse_idle(text: str) -> float | None:
@@ -105,6 +132,25 @@ def parse_recompress(text: str) -> tuple[bool, bool]:
     return idle, huge
 
 
+def parse_writeback(text: str) -> tuple[bool, bool, bool]:
+    """`idle` or `type=idle` (zram's older and 6.16 forms) -> (idle, huge, incompressible).
+    zram's page_index= and page_indexes= are not supported: ValueError."""
+    tokens = text.split()
+    value = tokens[0].removeprefix("type=") if len(tokens) == 1 else ""
+    if value not in WRITEBACK_TYPES:
+        raise ValueError(f"writeback: expected {'|'.join(WRITEBACK_TYPES)}")
+    return WRITEBACK_TYPES[value]
+
+
+def bd_stat(store: PageStore) -> dict[str, int]:
+    """zram's bd_stat fields, by name, in pages; zeros without a backing file."""
+    backing = store.backing
+    if backing is None:
+        return dict.fromkeys(BD_STAT_FIELDS, 0)
+    values = {"bd_count": backing.count, "bd_reads": backing.reads, "bd_writes": backing.writes}
+    return {name: values[name] for name in BD_STAT_FIELDS}
+
+
 class MountStatistics:
     """What the control files report, gathered from the parts of one mount."""
 
@@ -117,6 +163,7 @@ class MountStatistics:
         namespace: Namespace,
         meter: RequestMeter,
         recompressor: Recompression,
+        writeback: WritebackWalk,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -125,6 +172,7 @@ class MountStatistics:
         self.namespace = namespace
         self.meter = meter
         self.recompressor = recompressor
+        self.writeback = writeback
 
     def mm_stat(self) -> dict[str, int]:
         """zram's mm_stat fields, by name. O(1): counters only."""
@@ -168,6 +216,9 @@ class MountStatistics:
             "algorithms": store.algorithm_statistics(),
             "compactor": self.compactor.statistics(),
             "recompress": self.recompressor.statistics(),
+            # zram's bd_stat and the backing file's cost on its disk; null without one.
+            "backing": store.backing_statistics(),
+            "writeback": self.writeback.statistics(),
             "pid": os.getpid(),
             "classes": self.pool.class_statistics(),
         }
@@ -185,6 +236,11 @@ def recomp_algorithm_choices(store: PageStore) -> bytes:
     if codec is None:
         return b""
     return b"#1: " + algorithm_choices(codec.algorithm.name)
+
+
+def bd_stat_line(bd: dict[str, int]) -> bytes:
+    """zram's bd_stat format: three right-aligned columns."""
+    return (" ".join(f"{bd[name]:8d}" for name in BD_STAT_FIELDS) + "\n").encode()
 
 
 def mm_stat_line(mm: dict[str, int]) -> bytes:
@@ -289,6 +345,13 @@ class ControlDirectory:
             ),
             (ControlFile.IDLE, 0o200, None, self._apply_idle),
             (ControlFile.RECOMPRESS, 0o200, None, self._apply_recompress),
+            (ControlFile.WRITEBACK, 0o200, None, self._apply_writeback),
+            (
+                ControlFile.BD_STAT,
+                0o444,
+                lambda: bd_stat_line(bd_stat(statistics.store)),
+                None,
+            ),
         ]
         self.files = [
             _File(name.encode(), FIRST_CONTROL_FILE_INO + i, mode, render, apply)
@@ -423,6 +486,20 @@ class ControlDirectory:
             await self.statistics.recompressor.recompress(idle, huge)
         except ValueError:
             raise FsError(errno.EINVAL) from None
+
+    async def _apply_writeback(self, value: bytes) -> None:
+        try:
+            idle, huge, incompressible = parse_writeback(value.decode("ascii", "replace"))
+        except ValueError:
+            raise FsError(errno.EINVAL) from None
+        try:
+            await self.statistics.writeback.writeback(idle, huge, incompressible)
+        except NoBackingFileError as error:
+            log.warning("writeback refused: %s", error)
+            raise FsError(errno.ENODEV) from None  # zram's answer without a backing_dev
+        except BackingWriteError as error:
+            log.warning("%s", error)
+            raise FsError(error.errno) from None
 
     async def _apply_mem_used_max(self, value: bytes) -> None:
         if value.strip() != b"0":
