@@ -57,6 +57,7 @@ def test_arms_are_data_and_the_cli_takes_every_one() -> None:
         "zbud",
         "zstd",
         "lz4-idle-zstd",
+        "lz4-writeback",
     ]
     zstd, tiered = ARMS_BY_NAME["zstd"], ARMS_BY_NAME["lz4-idle-zstd"]
     assert (zstd.algorithm, zstd.is_reference) == ("zstd", False)

@@ -5,10 +5,7 @@ make once the fill is done (zram's second tier: mark pages idle, recompress or w
 back). The runner records the stage "tier" after those steps, so the bytes they save show
 beside the fill's. Adding an arm is one entry in ARMS; ``{tmpdir}`` in its options becomes the
 run's own temporary directory (which holds the mount point and is removed after the run), for
-options that name a file, e.g. a backing file:
-
-    Arm("lz4-writeback", "backing_file={tmpdir}/backing",
-        after_fill=(IDLE_ALL, Step(ControlFile.WRITEBACK, "idle\\n")))
+options that name a file, as the backing file of lz4-writeback.
 
 The kernel's zram is not an arm here: it is not a zfs_ram mount (targets.KernelZramTarget).
 """
@@ -82,6 +79,12 @@ ARMS: tuple[Arm, ...] = (
         "lz4-idle-zstd",
         "recomp_algorithm=zstd",
         after_fill=(IDLE_ALL, Step(ControlFile.RECOMPRESS, "type=idle\n")),
+    ),
+    # zram's third tier: what nobody touched goes out to a file on disk (backing_dev).
+    Arm(
+        "lz4-writeback",
+        "backing_file={tmpdir}/backing",
+        after_fill=(IDLE_ALL, Step(ControlFile.WRITEBACK, "idle\n")),
     ),
 )
 ARMS_BY_NAME = {arm.name: arm for arm in ARMS}

@@ -43,6 +43,8 @@ KERNEL_DISK_MIN = 256 * MIB
 # A zfs_ram mount's size= limit, relative to the workload (the fill must never hit ENOSPC).
 ZFS_RAM_SIZE_FACTOR = 2
 ZFS_RAM_SIZE_MIN = 64 * MIB
+# How long a sample waits for the RELEASEs of the files just closed (ZfsRamTarget.after_delete).
+PENDING_WAIT_SECONDS = 2.0
 # An arm's step after the fill (recompressing or writing back every page) may take minutes on
 # the pure-Python engine at the default 200 MiB: far longer than a compaction.
 STEP_TIMEOUT = 600.0
@@ -279,6 +281,16 @@ class ZfsRamTarget(Target):
 
     def run_step(self, step: Step) -> None:
         self._client().write(step.control_file, step.text, timeout=STEP_TIMEOUT)
+
+    def after_delete(self) -> None:
+        """Also wait (up to PENDING_WAIT_SECONDS) for the pages left pending to be stored: the
+        kernel sends a closed file's RELEASE without waiting for it, so the RELEASEs of the
+        last files written may come after the next request, and their unfinished last pages
+        would then be missing from a sample taken at once."""
+        super().after_delete()
+        deadline = time.monotonic() + PENDING_WAIT_SECONDS
+        while self._client().stats()["store"]["pending_pages"] and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def rss_bytes(self) -> int | None:
         return None if self.pid is None else _read_rss(self.pid)
