@@ -52,6 +52,10 @@
 #define SLOT_MASK 0x3FFu
 #define ZS_SHIFT 31
 #define MAX_HANDLE ((1ull << 31) - 1)
+/* A free word (bit 0 clear): the next free run's first handle << 1, and how many free
+ * handles follow it in its run << RUN_SHIFT (base.py); those words are 0. */
+#define RUN_SHIFT 33
+#define NEXT_MASK 0xFFFFFFFFull
 
 #define HUGE_CID 0
 #define MAX_CLASSES 256
@@ -527,7 +531,13 @@ take_handle(Engine *e, uint64_t word)
     e->objects++;
     uint64_t h = e->hfree;
     if (h) {
-        e->hfree = e->hloc[h] >> 1;
+        uint64_t w = e->hloc[h];
+        if (w >> RUN_SHIFT) { /* the rest of h's run: h + 1 heads it now */
+            e->hloc[h + 1] = w - ((uint64_t)1 << RUN_SHIFT);
+            e->hfree = h + 1;
+        } else {
+            e->hfree = w >> 1 & NEXT_MASK;
+        }
         e->hloc[h] = word;
     } else {
         h = e->hlen++;
@@ -1155,7 +1165,23 @@ shrink(void **p, size_t n, size_t size)
         *p = q;
 }
 
-/* Cut the handle table's free tail and chain its free handles lowest first. */
+/* Give back the whole pages of handle-table words h0..h1-1, which are 0 and stay 0 until a
+ * handle among them is issued (it then faults a zero page in). Advice only: if madvise
+ * refuses, the zeros stay resident and nothing else changes. */
+static void
+release_table_words(Engine *e, size_t h0, size_t h1)
+{
+    uintptr_t lo = (uintptr_t)(e->hloc + h0), hi = (uintptr_t)(e->hloc + h1);
+    lo = (lo + PAGE_SIZE - 1) & ~(uintptr_t)(PAGE_SIZE - 1);
+    hi &= ~(uintptr_t)(PAGE_SIZE - 1);
+    if (hi > lo)
+        (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
+/* Cut the handle table's free tail and chain its free handles lowest first, as runs: after a
+ * mass delete with survivors the free handles come in long runs (a file's pages took
+ * consecutive handles), and a run's words past its first are 0, so their pages go back to
+ * the OS (1 GiB written, 90 % deleted: 0.73 of the table's 2.0 MiB stay resident). */
 static void
 pack_handles(Engine *e)
 {
@@ -1165,21 +1191,30 @@ pack_handles(Engine *e)
     size_t top = e->hlen - 1;
     while (top > 0 && !(e->hloc[top] & LIVE))
         top--;
-    uint64_t head = 0;
-    for (size_t h = top; h-- > 1;) {
-        if (!(e->hloc[h] & LIVE)) {
-            e->hloc[h] = head << 1;
-            head = h;
-        }
-    }
     e->hlen = top + 1;
-    e->hfree = head;
     size_t cap = e->hlen < 16 ? 16 : e->hlen;
     uint64_t *q = realloc(e->hloc, cap * sizeof(uint64_t));
     if (q != NULL) {
         e->hloc = q;
         e->hcap = cap;
     }
+    uint64_t head = 0;
+    size_t h = top; /* handles below h are still to look at; top is live */
+    while (h > 1) {
+        if (e->hloc[h - 1] & LIVE) {
+            h--;
+            continue;
+        }
+        size_t end = h; /* the run is start..end-1 */
+        while (h > 1 && !(e->hloc[h - 1] & LIVE))
+            h--;
+        size_t start = h;
+        memset(e->hloc + start + 1, 0, (end - start - 1) * sizeof(uint64_t));
+        e->hloc[start] = head << 1 | (uint64_t)(end - start - 1) << RUN_SHIFT;
+        release_table_words(e, start + 1, end);
+        head = start;
+    }
+    e->hfree = head;
 }
 
 /* Move live zspage z of class c to the free number t (zsmalloc_pour.py's renumber). */
