@@ -18,6 +18,10 @@ pages (code and data of the libraries).
 Memory figures only (no timing), so it may run on a busy machine:
 
     python benchmarks/rss_after_delete.py [--mib 1024] [--fractions 90,50] [--engines native]
+        [--repeat 3] [--tool OTHER/zfs-ram]
+
+--tool mounts another checkout's zfs-ram instead (the code before a change, say), so that the
+two can be compared on the same machine and data.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -189,12 +194,14 @@ def wait_settled(client: ControlClient) -> float:
     return time.monotonic() - started
 
 
-def measure(engine: str, fraction: float, total: int, seed: int) -> dict[str, object]:
+def measure(
+    engine: str, fraction: float, total: int, seed: int, tool: str | None
+) -> dict[str, object]:
     """One fresh mount: fill, delete `fraction`, settle; the memory figures."""
     os.environ["ZFS_RAM_ENGINE"] = engine
     with tempfile.TemporaryDirectory(prefix="rss_after_delete.") as tmp:
         mountpoint = Path(tmp)
-        system = ZfsRam(mountpoint, 2 * total + 256 * MIB, "compact=auto")
+        system = ZfsRam(mountpoint, 2 * total + 256 * MIB, "compact=auto", tool=tool)
         system.mount()
         try:
             pid = system.pid()
@@ -249,21 +256,34 @@ def main() -> None:
     parser.add_argument("--fractions", default="90,50", help="delete shares in percent")
     parser.add_argument("--engines", default="native", help="native,python")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="fresh mounts per setting")
+    parser.add_argument("--tool", help="another checkout's zfs-ram to mount instead")
     args = parser.parse_args()
-    print(json.dumps(describe_run("rss_after_delete.py", sys.argv[1:], {})))
+    print(json.dumps(describe_run("rss_after_delete.py", sys.argv[1:], {"tool": args.tool})))
+    summary: list[str] = []
     for engine in args.engines.split(","):
         mib = args.mib if engine == "native" else args.python_mib
         for percent in args.fractions.split(","):
-            log(f"{engine}: {mib} MiB, {percent} % deleted")
-            result = measure(engine, int(percent) / 100, mib * MIB, args.seed)
-            print(json.dumps(result), flush=True)
-            log(
-                f"  residue {result['residue_mib']} MiB = {result['residue_per_target']}x the "
-                f"4 MiB target (rss {result['rss_mib']}, pool {result['pool_mib']}, fresh "
-                f"{result['fresh_rss_mib']}; growth: heap {result['growth_heap_mib']}, anon "
-                f"{result['growth_anon_mib']}, arena-pool {result['growth_arena_minus_pool_mib']}, "
-                f"files {result['growth_files_mib']})"
+            residues: list[float] = []
+            for rep in range(args.repeat):
+                log(f"{engine}: {mib} MiB, {percent} % deleted, run {rep + 1}")
+                result = measure(engine, int(percent) / 100, mib * MIB, args.seed, args.tool)
+                print(json.dumps(result), flush=True)
+                residues.append(float(str(result["residue_mib"])))
+                log(
+                    f"  residue {result['residue_mib']} MiB = {result['residue_per_target']}x "
+                    f"the 4 MiB target (rss {result['rss_mib']}, pool {result['pool_mib']}, "
+                    f"fresh {result['fresh_rss_mib']}; growth: heap {result['growth_heap_mib']}"
+                    f", anon {result['growth_anon_mib']}, arena-pool "
+                    f"{result['growth_arena_minus_pool_mib']}, files {result['growth_files_mib']})"
+                )
+            median = statistics.median(residues)
+            summary.append(
+                f"{engine} {mib} MiB, {percent} % deleted: residue median {median:.2f} MiB "
+                f"({min(residues):.2f}-{max(residues):.2f}) = {median * MIB / TARGET_BYTES:.2f}x "
+                f"the 4 MiB target"
             )
+    print("\n".join(["", *summary]))
 
 
 if __name__ == "__main__":
