@@ -276,9 +276,15 @@ class _Helper:
         while True:
             task = self.tasks.get()
             try:
-                self.results.put((True, task()))
+                result: tuple[bool, object] = (True, task())
             except BaseException as error:  # handed back, raised in the caller's thread
-                self.results.put((False, error))
+                result = (False, error)
+            # Let go of the task before waiting for the next: its closure holds the caller's
+            # pages (a write's whole buffer, up to 1 MiB), which stayed alive until the next
+            # batch came (0.84 MiB of RSS after a 1 GiB write, in the heap).
+            del task
+            self.results.put(result)
+            del result
 
 
 _helper: _Helper | None = None

@@ -11,6 +11,7 @@ import random
 import trio
 import trio.testing
 
+from zfs_ram.daemon import compactor as compactor_module
 from zfs_ram.daemon.compactor import (
     BUSY_SHARE_DIVISOR,
     HEAP_RELEASE_BYTES,
@@ -175,3 +176,37 @@ def test_a_pass_that_packs_the_tables_has_the_c_heap_trimmed() -> None:
     pool.check()
     assert trims == [1000]
     assert peak - pool.metadata_bytes() >= HEAP_RELEASE_BYTES
+
+
+def test_a_quiet_look_far_below_the_peak_settles_the_pool_and_trims_the_c_heap(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """A mass delete that leaves too little reclaimable for a pass of its own (here whole
+    zspages emptied, and min_pages high) still left the tables sized for the peak and their
+    holes in the C heap: the first quiet look that finds the pool HEAP_RELEASE_PAGES below
+    its peak runs one pass, which settles the pool and packs the tables, then has the heap
+    trimmed; once, not again on the next look."""
+    monkeypatch.setattr(compactor_module, "HEAP_RELEASE_PAGES", 300, raising=False)
+    pool = ZsmallocPool()
+    handles = [pool.store(bytes([i % 251]) * 3000) for i in range(1000)]
+    trims: list[int] = []
+    compactor = Compactor(
+        pool, auto=True, min_pages=10**6, batch=64, release_heap=lambda: trims.append(pool.objects)
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(compactor.run)
+            for handle in handles[:950]:  # the oldest go: whole zspages, nothing to move
+                pool.free(handle)
+            compactor.notify_freed()
+            await trio.sleep(5 * SETTLE_SECONDS)
+            compactor.notify_freed()  # nothing new freed: no second pass, no second trim
+            await trio.sleep(5 * SETTLE_SECONDS)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    pool.check()
+    assert pool.statistics().max_pages_used - pool.pages_used >= 300
+    assert compactor.statistics().runs == 1 and pool._settled
+    assert trims == [50]

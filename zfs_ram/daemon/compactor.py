@@ -37,6 +37,13 @@ SETTLE_SECONDS = 20e-3
 # settles the pool) has the C heap trimmed after it: the shrunk arrays leave holes that glibc
 # gives back only to malloc_trim. Smaller gains are not worth the trim's walk of the heap.
 HEAP_RELEASE_BYTES = 256 * 1024
+# A quiet look that finds the pool this many pages (64 MiB) below its peak since the heap was
+# last trimmed settles the pool with one pass even if too little is reclaimable for a pass
+# of its own (the pass ends by packing the tables), then has the heap trimmed: a mass delete
+# freed page tables, inodes and table entries in it. 1 GiB written, 50 % deleted: the busy
+# passes during the unlinks never packed, the quiet look found under 1 % reclaimable, and
+# the heap kept 4.1 MiB of free pages resident. At most once per 64 MiB deleted.
+HEAP_RELEASE_PAGES = 16384
 # The background compactor leaves up to 1/POOL_SHARE_DIVISOR of the pool reclaimable.
 POOL_SHARE_DIVISOR = 100
 # While requests keep coming (no quiet SETTLE_SECONDS), it waits for 1/BUSY_SHARE_DIVISOR:
@@ -83,6 +90,10 @@ class Compactor:
         self._freed = 0
         self._seconds = 0.0
         self._seen_activity = 0
+        # The pool's pages_used at its peak since the heap was last trimmed, as far as the
+        # looks see it (max_pages_used catches the growth between two looks).
+        self._heap_mark = 0
+        self._seen_max_pages = 0
 
     def statistics(self) -> CompactorStats:
         return CompactorStats(
@@ -113,7 +124,8 @@ class Compactor:
             # process, 150 MiB, 75 % deleted: 1.021 mem/compr with pouring in every pass, 1.018
             # with pouring only once the requests pause).
             pour = not await self._settle()
-            if self.pool.can_compact(pour) >= self.threshold():
+            shrunk = pour and self._heap_peak() - self.pool.pages_used >= HEAP_RELEASE_PAGES
+            if shrunk or self.pool.can_compact(pour) >= self.threshold():
                 await self._compact(pour)
             if not pour:
                 self._wakeup.set()  # look again once the requests pause, to pour
@@ -124,7 +136,23 @@ class Compactor:
                 # and the old ones (about 12 bytes per object ever held) are holes in the C
                 # heap until it is trimmed. Once per look at most, after a quiet SETTLE_SECONDS,
                 # so a loop that empties and refills the pool pays it at most ~50 times a second.
-                self.release_heap()
+                self._release_heap()
+            elif shrunk and self._heap_peak() - self.pool.pages_used >= HEAP_RELEASE_PAGES:
+                self._release_heap()  # the pass did not trim it (its tables shrank less)
+
+    def _heap_peak(self) -> int:
+        """The pool's peak pages_used since the heap was last trimmed (see _heap_mark)."""
+        high = self.pool.max_pages_used
+        if high != self._seen_max_pages:  # a new peak since the last look (or a reset)
+            self._seen_max_pages = high
+            self._heap_mark = max(self._heap_mark, high)
+        self._heap_mark = max(self._heap_mark, self.pool.pages_used)
+        return self._heap_mark
+
+    def _release_heap(self) -> None:
+        self.release_heap()
+        self._heap_peak()
+        self._heap_mark = self.pool.pages_used
 
     async def _settle(self) -> bool:
         """Wait until requests pause for SETTLE_SECONDS (False), or until a busy pass is due
@@ -185,6 +213,6 @@ class Compactor:
             freed = pool.pages_compacted - before
             pool.trim()  # the frames kept warm for reuse go back to the OS too
             if tables - pool.metadata_bytes() >= HEAP_RELEASE_BYTES:
-                self.release_heap()
+                self._release_heap()
             self._freed += freed
             return freed

@@ -1,9 +1,12 @@
 """What every pool shares: the frame arena, the handle table, mem_limit and the counters.
 
 The handle table `hloc` is one `array('Q')` indexed by handle. A live entry has bit 0 set and
-encodes where the object is (the layout belongs to the subclass). A free entry has bit 0 clear
-and holds the next free handle shifted left by one, forming an intrusive LIFO free list whose
-head is `hfree` (0 = empty). Entry 0 is never used, so handle 0 is always invalid.
+encodes where the object is (the layout belongs to the subclass). The free handles form an
+intrusive LIFO list of runs whose head is `hfree` (0 = empty): a run's first entry has bit 0
+clear and holds the next run's first handle << 1 and, << RUN_SHIFT, how many free handles
+follow it in its run, whose entries are 0. A freed handle is a run of one; packing chains
+the free handles lowest first in maximal runs, and the compiled engine gives the whole pages
+of a run's zero entries back to the OS. Entry 0 is never used, so handle 0 is always invalid.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ MAX_HANDLE = (1 << 31) - 1
 TABLE_SLACK_DIVISOR = 4
 #: ... and, for the handle table, at least this many handles are free (half a KiB of table).
 TABLE_MIN_FREE_HANDLES = 64
+#: A free run's first entry: next run's first handle << 1 | the run's further handles << this.
+RUN_SHIFT = 33
+RUN_ONE = 1 << RUN_SHIFT
+NEXT_MASK = (1 << 32) - 1
 
 
 class Pool(ABC):
@@ -76,7 +83,12 @@ class Pool(ABC):
         h = self.hfree
         hloc = self.hloc
         if h:
-            self.hfree = hloc[h] >> 1
+            w = hloc[h]
+            if w >= RUN_ONE:  # the rest of h's run: h + 1 heads it now
+                hloc[h + 1] = w - RUN_ONE
+                self.hfree = h + 1
+            else:
+                self.hfree = w >> 1
             hloc[h] = word
         else:
             h = len(hloc)
@@ -110,10 +122,17 @@ class Pool(ABC):
             top -= 1
         packed = hloc[: top + 1]  # a copy: an array keeps its capacity when it shrinks
         head = 0
-        for h in range(top - 1, 0, -1):
-            if not packed[h] & LIVE:
-                packed[h] = head << 1
-                head = h
+        h = top  # handles below h are still to look at; top is live
+        while h > 1:
+            if packed[h - 1] & LIVE:
+                h -= 1
+                continue
+            end = h  # the run is start..end-1
+            while h > 1 and not packed[h - 1] & LIVE:
+                h -= 1
+            packed[h + 1 : end] = array("Q", bytes(8 * (end - h - 1)))
+            packed[h] = head << 1 | (end - h - 1) << RUN_SHIFT
+            head = h
         self.hloc = packed
         self.hfree = head
 
@@ -137,10 +156,18 @@ class Pool(ABC):
         while h:
             if h in seen or not 0 < h < len(hloc):
                 raise PoolCorruptionError(f"free-handle list broken at {h}")
-            if hloc[h] & LIVE:
+            w = hloc[h]
+            if w & LIVE:
                 raise PoolCorruptionError(f"live handle {h} on the free-handle list")
+            further = w >> RUN_SHIFT
+            if h + further >= len(hloc):
+                raise PoolCorruptionError(f"free-handle run at {h} broken")
+            for k in range(h + 1, h + further + 1):
+                if hloc[k] or k in seen:
+                    raise PoolCorruptionError(f"free-handle run at {h} broken at {k}")
+                seen.add(k)
             seen.add(h)
-            h = hloc[h] >> 1
+            h = w >> 1 & NEXT_MASK
         live = sum(1 for w in hloc if w & LIVE)
         if live + len(seen) + 1 != len(hloc):
             raise PoolCorruptionError(

@@ -139,6 +139,13 @@ class FrameArena:
             self._release(warm.pop())
         return count
 
+    def pack(self) -> None:
+        """Sort the free frames so that the lowest is reused first: the order the compiled
+        engine's packed free stack keeps (runs of adjacent frames, two entries each, its
+        pages past the top given back to the OS; _zsmalloc.c's arena_pack). Done when a
+        compaction pass settles the pool, as the tables are packed."""
+        self.free_frames = array("I", sorted(self.free_frames, reverse=True))
+
     def _grow(self) -> None:
         try:
             m = mmap.mmap(

@@ -636,10 +636,12 @@ class ZsmallocPool(Pool):
         self.objects_moved += moved
         if moved == 0 and pour and not self._settled:
             self._settled = True
-            # Settled: the tables' free tails can go (pack_zspages, pack_handle_table).
+            # Settled: the tables' free tails can go (pack_zspages, pack_handle_table), and
+            # the free frames are sorted to be reused lowest first (FrameArena.pack).
             for c in order:
                 pack_zspages(self, c)
             self.pack_handle_table()
+            self.arena.pack()
         return moved
 
     # Pouring and packing (what userspace adds to compaction) live in zsmalloc_pour.py.
