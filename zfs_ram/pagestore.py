@@ -325,7 +325,8 @@ class PageStore(StoreBacking):
                 handle = self._store_object(encoded)  # type: ignore[arg-type]  # not an int
             except PoolFullError:
                 raise NoSpaceError(0, physical=True) from None
-            old = data.entry(page)  # writeback=auto may have written it back
+            if self.auto_writeback:  # making room may have written this very page back
+                old = data.entry(page)
             huge = len(encoded) == PAGE_SIZE  # type: ignore[arg-type]  # not an int
             new = object_entry(handle, self._stamp(), huge)
         if old:
