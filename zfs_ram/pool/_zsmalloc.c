@@ -276,13 +276,6 @@ arena_release(arena_t *a, uint32_t f)
         a->madvise_failures++;
 }
 
-static int
-cmp_frame(const void *x, const void *y)
-{
-    uint32_t a = *(const uint32_t *)x, b = *(const uint32_t *)y;
-    return (a > b) - (a < b);
-}
-
 #ifndef SYS_process_madvise
 #define SYS_process_madvise 440
 #endif
@@ -318,44 +311,76 @@ dontneed_runs(arena_t *a, const struct iovec *runs, size_t n)
             a->madvise_failures++;
 }
 
-/* Give the pending frames back to the OS: sorted, one range per run of adjacent frames in
- * one segment (without memory for sorting, one by one), MADVISE_BATCH ranges per call. */
+/* Frames are distinct numbers below frames_created, so a bitmap of them sorts in one pass
+ * over frames_created / 64 words (qsort's comparisons were a fifth of a compaction pass).
+ * NULL without memory. */
+static uint64_t *
+frame_bitmap(const arena_t *a, size_t *nwords)
+{
+    *nwords = (size_t)((a->frames_created + 63) / 64);
+    return calloc(*nwords ? *nwords : 1, sizeof(uint64_t));
+}
+
+static inline void
+mark_frame(uint64_t *bits, uint32_t f)
+{
+    bits[f >> 6] |= 1ull << (f & 63);
+}
+
+/* Collects ranges for dontneed_runs(), MADVISE_BATCH per call. */
+typedef struct {
+    struct iovec runs[MADVISE_BATCH];
+    size_t n;
+} run_batch;
+
+static void
+batch_add(arena_t *a, run_batch *b, uint32_t first, uint32_t count)
+{
+    b->runs[b->n].iov_base = frame_ptr(a, first);
+    b->runs[b->n].iov_len = (size_t)count * PAGE_SIZE;
+    if (++b->n == MADVISE_BATCH) {
+        dontneed_runs(a, b->runs, b->n);
+        b->n = 0;
+    }
+}
+
+/* Give the pending frames back to the OS: in frame order, one range per run of adjacent
+ * frames in one segment (without memory for the bitmap, one by one). */
 static void
 arena_flush(arena_t *a)
 {
-    size_t n = a->npending;
+    size_t n = a->npending, nwords;
     const uint32_t *top = a->free_frames + (a->nfree - n);
-    uint32_t *sorted = n > 1 ? malloc(n * sizeof(uint32_t)) : NULL;
-    if (sorted != NULL) {
-        memcpy(sorted, top, n * sizeof(uint32_t));
-        qsort(sorted, n, sizeof(uint32_t), cmp_frame);
-        top = sorted;
-    }
-    struct iovec runs[MADVISE_BATCH];
-    size_t nruns = 0;
-    for (size_t i = 0; i < n;) {
-        size_t j = i + 1;
-        if (sorted != NULL)
-            while (j < n && top[j] == top[j - 1] + 1 && (top[j] >> SEGMENT_SHIFT) == (top[i] >> SEGMENT_SHIFT))
-                j++;
-        runs[nruns].iov_base = frame_ptr(a, top[i]);
-        runs[nruns].iov_len = (j - i) * PAGE_SIZE;
-        if (++nruns == MADVISE_BATCH) {
-            dontneed_runs(a, runs, nruns);
-            nruns = 0;
+    uint64_t *bits = n > 1 ? frame_bitmap(a, &nwords) : NULL;
+    run_batch b;
+    b.n = 0;
+    if (bits == NULL) {
+        for (size_t i = 0; i < n; i++)
+            batch_add(a, &b, top[i], 1);
+    } else {
+        for (size_t i = 0; i < n; i++)
+            mark_frame(bits, top[i]);
+        uint32_t first = 0, count = 0;
+        for (size_t wi = 0; wi < nwords; wi++) {
+            for (uint64_t word = bits[wi]; word; word &= word - 1) {
+                uint32_t f = (uint32_t)(wi * 64 + (size_t)__builtin_ctzll(word));
+                if (count && f == first + count && (f >> SEGMENT_SHIFT) == (first >> SEGMENT_SHIFT)) {
+                    count++;
+                    continue;
+                }
+                if (count)
+                    batch_add(a, &b, first, count);
+                first = f;
+                count = 1;
+            }
         }
-        i = j;
+        if (count)
+            batch_add(a, &b, first, count);
+        free(bits);
     }
-    if (nruns)
-        dontneed_runs(a, runs, nruns);
-    free(sorted);
+    if (b.n)
+        dontneed_runs(a, b.runs, b.n);
     a->npending = 0;
-}
-
-static int
-cmp_frame_down(const void *x, const void *y)
-{
-    return cmp_frame(y, x);
 }
 
 /* The free stack's frames, bottom to top as a flat stack would hold them (a run's highest
@@ -382,28 +407,57 @@ arena_free_list(const arena_t *a, uint32_t *out)
  * (1 GiB written, 90 % deleted: 0.55 MiB), and the stack's pages past its top go back to
  * the OS. Only outside a batch's pending frames (flushed first); without memory for the
  * sort nothing changes. */
+/* Entry m of the packed stack: the run's lowest frame, and a RUN_TAG entry with its length if
+ * it has more than one frame. */
+static inline void
+push_run(arena_t *a, size_t *m, uint32_t low, uint32_t count)
+{
+    a->free_frames[(*m)++] = low;
+    if (count > 1)
+        a->free_frames[(*m)++] = RUN_TAG | count;
+}
+
 static void
 arena_pack(arena_t *a)
 {
     arena_flush(a);
-    size_t n = a->free_count;
-    uint32_t *flat = n > 1 ? malloc(n * sizeof(uint32_t)) : NULL;
-    if (flat == NULL)
+    size_t nwords;
+    uint64_t *bits = a->free_count > 1 ? frame_bitmap(a, &nwords) : NULL;
+    if (bits == NULL)
         return;
-    arena_free_list(a, flat);
-    qsort(flat, n, sizeof(uint32_t), cmp_frame_down);
-    size_t m = 0;
-    for (size_t i = 0; i < n;) {
-        size_t j = i + 1;
-        while (j < n && flat[j] + 1 == flat[j - 1])
-            j++;
-        a->free_frames[m++] = flat[j - 1]; /* the run's lowest frame */
-        if (j - i > 1)
-            a->free_frames[m++] = RUN_TAG | (uint32_t)(j - i);
-        i = j;
+    for (size_t i = 0; i < a->nfree; i++) {
+        uint32_t f = a->free_frames[i];
+        if (i + 1 < a->nfree && (a->free_frames[i + 1] & RUN_TAG)) {
+            uint32_t n = a->free_frames[++i] & ~RUN_TAG;
+            for (uint32_t j = 0; j < n; j++)
+                mark_frame(bits, f + j);
+        } else {
+            mark_frame(bits, f);
+        }
     }
+    /* Highest frames at the bottom, so that the lowest is popped first. */
+    size_t m = 0;
+    uint32_t low = 0, count = 0;
+    for (size_t wi = nwords; wi-- > 0;) {
+        for (uint64_t word = bits[wi]; word;) {
+            int bit = 63 - __builtin_clzll(word);
+            word &= ~(1ull << bit);
+            uint32_t f = (uint32_t)(wi * 64 + (size_t)bit);
+            if (count && f + 1 == low) {
+                low = f;
+                count++;
+                continue;
+            }
+            if (count)
+                push_run(a, &m, low, count);
+            low = f;
+            count = 1;
+        }
+    }
+    if (count)
+        push_run(a, &m, low, count);
+    free(bits);
     a->nfree = m;
-    free(flat);
     uintptr_t lo = (uintptr_t)(a->free_frames + m), hi = (uintptr_t)(a->free_frames + a->freecap);
     lo = (lo + PAGE_SIZE - 1) & ~(uintptr_t)(PAGE_SIZE - 1);
     hi &= ~(uintptr_t)(PAGE_SIZE - 1);
